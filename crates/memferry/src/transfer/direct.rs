@@ -1,0 +1,365 @@
+//! `direct`: O_DIRECT through io_uring, one submitter thread per root.
+//!
+//! Each root gets its own ring and a ring of `queue_depth` page-aligned
+//! staging slots registered once. Loads read into a slot, verify its
+//! checksums there and only then copy into the destination region; stores
+//! copy into a slot, checksum, zero-pad to 4096 and write. Short transfers
+//! are resubmitted for the remainder. When the filesystem refuses O_DIRECT
+//! or io_uring cannot be set up or register buffers (EPERM, ENOSYS, ENOMEM
+//! under a small memlock limit), that root runs `buffered` instead and the
+//! report says why.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::Instant;
+
+use super::buffered::{open_error, run_ops};
+use super::job::TransferJob;
+use super::plan::Direction;
+use super::uring::Ring;
+use super::{Backend, IO_ALIGN, TransferStats, Tuning};
+use crate::memory::AlignedBuf;
+use crate::units::align_up;
+use crate::{Error, Result};
+
+/// The O_DIRECT + io_uring backend.
+pub struct DirectBackend {
+    tuning: Tuning,
+}
+
+impl DirectBackend {
+    /// A direct backend with these settings.
+    pub fn new(tuning: Tuning) -> Self {
+        Self { tuning }
+    }
+}
+
+/// What one root did.
+struct RootRun {
+    fallback: Option<String>,
+    staging: u64,
+}
+
+impl Backend for DirectBackend {
+    fn name(&self) -> &'static str {
+        "direct"
+    }
+
+    fn run(&self, job: &TransferJob<'_>) -> Result<TransferStats> {
+        job.validate()?;
+        let start = Instant::now();
+        let mut per_root: Vec<Vec<usize>> = vec![Vec::new(); job.plan.root_count()];
+        for (i, op) in job.plan.ops.iter().enumerate() {
+            per_root[job.plan.files[op.file].root].push(i);
+        }
+        per_root.retain(|ops| !ops.is_empty());
+        let results: Vec<Result<RootRun>> = std::thread::scope(|s| {
+            let handles: Vec<_> = per_root
+                .iter()
+                .map(|ops| s.spawn(|| run_root(job, ops, &self.tuning)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("root worker panicked"))
+                .collect()
+        });
+        let mut stats = TransferStats {
+            bytes: job.plan.bytes(),
+            ..Default::default()
+        };
+        let (mut direct_roots, mut fallback_roots) = (0, 0);
+        for r in results {
+            let r = r?;
+            stats.peak_staging_bytes += r.staging;
+            match r.fallback {
+                Some(reason) => {
+                    fallback_roots += 1;
+                    if !stats.fallbacks.contains(&reason) {
+                        stats.fallbacks.push(reason);
+                    }
+                }
+                None => direct_roots += 1,
+            }
+        }
+        stats.mode = match (direct_roots, fallback_roots) {
+            (_, 0) => "odirect-uring".into(),
+            (0, _) => "buffered-fallback".into(),
+            (d, f) => format!("odirect-uring({d} roots)+buffered-fallback({f} roots)"),
+        };
+        stats.seconds = start.elapsed().as_secs_f64();
+        stats.checksum_cpu_seconds = job.checksum_seconds();
+        Ok(stats)
+    }
+}
+
+fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<RootRun> {
+    match Engine::setup(job, ops, tuning)? {
+        Ok(mut engine) => {
+            let staging = engine.staging.len() as u64;
+            engine.run(job, ops)?;
+            Ok(RootRun {
+                fallback: None,
+                staging,
+            })
+        }
+        Err(reason) => {
+            tracing::warn!("direct I/O unavailable, using buffered: {reason}");
+            let staging = run_ops(job, ops, tuning)?;
+            Ok(RootRun {
+                fallback: Some(reason),
+                staging,
+            })
+        }
+    }
+}
+
+/// Per-slot bookkeeping of an in-flight request.
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    op: usize,
+    done: u64,
+    want: u64,
+}
+
+/// One root's ring, staging slots and open files.
+struct Engine {
+    ring: Ring,
+    /// Registered with `ring`: must outlive every in-flight request.
+    staging: AlignedBuf,
+    slot_size: usize,
+    slots: Vec<Slot>,
+    files: Vec<Option<File>>,
+    /// Bytes the kernel may move per request (test hook), multiple of 4096.
+    cap: u64,
+}
+
+impl Engine {
+    /// Opens files with O_DIRECT, builds the ring and registers staging.
+    /// `Ok(Err(reason))` means "fall back to buffered"; `Err` is fatal.
+    fn setup(
+        job: &TransferJob<'_>,
+        ops: &[usize],
+        tuning: &Tuning,
+    ) -> Result<std::result::Result<Self, String>> {
+        let plan = job.plan;
+        let mut files: Vec<Option<File>> = (0..plan.files.len()).map(|_| None).collect();
+        for &i in ops {
+            let f = plan.ops[i].file;
+            if files[f].is_some() {
+                continue;
+            }
+            let path = &plan.files[f].path;
+            let mut oo = OpenOptions::new();
+            match plan.direction {
+                Direction::Load => oo.read(true),
+                Direction::Store => oo.write(true),
+            };
+            match oo.custom_flags(libc::O_DIRECT).open(path) {
+                Ok(file) => files[f] = Some(file),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    return Ok(Err(format!(
+                        "the filesystem holding {} refuses O_DIRECT (EINVAL)",
+                        path.display()
+                    )));
+                }
+                Err(e) => return Err(open_error(path, e)),
+            }
+        }
+        let largest = ops.iter().map(|&i| plan.ops[i].len).max().unwrap_or(0);
+        let slot_size = align_up(largest.max(1), IO_ALIGN) as usize;
+        let depth = tuning.queue_depth.min(ops.len()).clamp(1, u16::MAX as usize);
+        let ring = match Ring::new(depth as u32) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(format!("io_uring setup failed: {e}"))),
+        };
+        let mut staging = AlignedBuf::new(slot_size * depth)?;
+        let base = staging.as_mut_ptr();
+        let bufs: Vec<(*mut u8, usize)> = (0..depth)
+            // SAFETY: slot `i` lies inside the staging allocation.
+            .map(|i| (unsafe { base.add(i * slot_size) }, slot_size))
+            .collect();
+        // SAFETY: `staging` is owned by the engine together with the ring and
+        // is declared after it, so it is dropped after the ring.
+        if let Err(e) = unsafe { ring.register(&bufs) } {
+            let hint = match e.raw_os_error() {
+                Some(libc::ENOMEM) => format!(
+                    " (the memlock limit is too small for {} of staging: raise `ulimit -l`, lower --queue-depth or --chunk-size, or grant CAP_IPC_LOCK)",
+                    crate::units::format_bytes((slot_size * depth) as u64)
+                ),
+                Some(libc::EPERM) => " (not permitted: io_uring may be disabled by policy)".into(),
+                _ => String::new(),
+            };
+            return Ok(Err(format!("io_uring buffer registration failed: {e}{hint}")));
+        }
+        let cap = tuning
+            .max_bytes_per_call
+            .map_or(u64::MAX, |c| align_up(c.max(1), IO_ALIGN));
+        Ok(Ok(Self {
+            ring,
+            staging,
+            slot_size,
+            slots: vec![Slot::default(); depth],
+            files,
+            cap,
+        }))
+    }
+
+    fn slot_ptr(&mut self, slot: usize) -> *mut u8 {
+        // SAFETY: slot < depth, so the offset stays inside the staging buffer.
+        unsafe { self.staging.as_mut_ptr().add(slot * self.slot_size) }
+    }
+
+    /// Queues the not yet transferred part of `slot`'s request.
+    fn submit_rest(&mut self, job: &TransferJob<'_>, slot: usize) {
+        let s = self.slots[slot];
+        let op = &job.plan.ops[s.op];
+        let fd = self.files[op.file].as_ref().expect("opened in setup").as_fd();
+        let len = (s.want - s.done) as u32;
+        // SAFETY: `done < want <= slot_size`, so the range is inside slot
+        // `slot` of the staging buffer.
+        let ptr = unsafe { self.staging.as_mut_ptr().add(slot * self.slot_size + s.done as usize) };
+        let offset = op.file_offset + s.done;
+        // SAFETY: the slot is not in flight (we only resubmit after its
+        // completion) and is not touched again until its next completion;
+        // `staging` and `files` outlive the ring's requests because `run`
+        // returns only once nothing is in flight.
+        unsafe {
+            match job.plan.direction {
+                Direction::Load => {
+                    self.ring
+                        .push_read(fd, ptr, len, offset, slot as u16, slot as u64)
+                }
+                Direction::Store => {
+                    self.ring
+                        .push_write(fd, ptr, len, offset, slot as u16, slot as u64)
+                }
+            }
+        }
+    }
+
+    fn run(&mut self, job: &TransferJob<'_>, ops: &[usize]) -> Result<()> {
+        let plan = job.plan;
+        let mut free: Vec<usize> = (0..self.slots.len()).rev().collect();
+        let mut next = 0;
+        let mut in_flight = 0usize;
+        let mut error: Option<Error> = None;
+        loop {
+            if error.is_none() && job.cancelled() {
+                error = Some(Error::Cancelled);
+            }
+            while error.is_none() && next < ops.len() {
+                let Some(slot) = free.pop() else { break };
+                let op = &plan.ops[ops[next]];
+                next += 1;
+                let (len, want) = (op.len as usize, align_up(op.len, IO_ALIGN));
+                if plan.direction == Direction::Store {
+                    let ptr = self.slot_ptr(slot);
+                    // SAFETY: the slot is free (not in flight) and `want` is
+                    // at most the slot size.
+                    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, want as usize) };
+                    if let Err(e) = job.fetch_for_store(op, &mut buf[..len]) {
+                        error = Some(e);
+                        free.push(slot);
+                        break;
+                    }
+                    buf[len..].fill(0);
+                }
+                self.slots[slot] = Slot {
+                    op: ops[next - 1],
+                    done: 0,
+                    want,
+                };
+                self.submit_rest(job, slot);
+                in_flight += 1;
+            }
+            if in_flight == 0 {
+                break;
+            }
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                // The kernel may still own staging slots: never free them.
+                std::mem::forget(std::mem::take(&mut self.files));
+                let staging = std::mem::replace(&mut self.staging, AlignedBuf::new(0)?);
+                std::mem::forget(staging);
+                return Err(Error::io("waiting for io_uring completions", e));
+            }
+            for (user_data, res) in self.ring.completions() {
+                in_flight -= 1;
+                let slot = user_data as usize;
+                let s = self.slots[slot];
+                let op = &plan.ops[s.op];
+                let path = &plan.files[op.file].path;
+                if error.is_some() {
+                    free.push(slot);
+                    continue;
+                }
+                if res < 0 {
+                    let e = std::io::Error::from_raw_os_error(-res);
+                    error = Some(if crate::error::is_no_space(&e) {
+                        Error::NoSpace {
+                            path: path.clone(),
+                            needed: s.want - s.done,
+                        }
+                    } else {
+                        Error::io(
+                            format!(
+                                "{} {} at offset {}, length {}",
+                                if plan.direction == Direction::Load { "reading" } else { "writing" },
+                                path.display(),
+                                op.file_offset + s.done,
+                                s.want - s.done
+                            ),
+                            e,
+                        )
+                    });
+                    free.push(slot);
+                    continue;
+                }
+                let n = (res as u64).min(self.cap);
+                let done = s.done + n;
+                self.slots[slot].done = done;
+                if done < s.want {
+                    let at_eof = n == 0 || done % 512 != 0;
+                    if !at_eof {
+                        self.submit_rest(job, slot);
+                        in_flight += 1;
+                        continue;
+                    }
+                    if plan.direction == Direction::Store || done < op.len {
+                        let file_size = self.files[op.file]
+                            .as_ref()
+                            .and_then(|f| f.metadata().ok())
+                            .map_or(0, |m| m.len());
+                        error = Some(match plan.direction {
+                            Direction::Load => Error::Truncated {
+                                path: path.clone(),
+                                offset: op.file_offset,
+                                length: op.len,
+                                file_size,
+                            },
+                            Direction::Store => Error::io(
+                                format!("writing {} at offset {}", path.display(), op.file_offset + done),
+                                std::io::ErrorKind::WriteZero.into(),
+                            ),
+                        });
+                        free.push(slot);
+                        continue;
+                    }
+                }
+                if plan.direction == Direction::Load {
+                    let ptr = self.slot_ptr(slot);
+                    // SAFETY: the request for this slot has completed, so the
+                    // kernel no longer writes it; `op.len <= slot_size`.
+                    let data = unsafe { std::slice::from_raw_parts(ptr, op.len as usize) };
+                    if let Err(e) = job.accept_loaded(op, data) {
+                        error = Some(e);
+                    }
+                } else {
+                    job.op_done(op);
+                }
+                free.push(slot);
+            }
+        }
+        error.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,166 @@
+//! A transfer job (plan + memory + checksum policy) and the per-operation
+//! steps every backend shares: verify-then-copy on load, copy-then-checksum
+//! on store.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+
+use super::plan::{IoOp, TransferPlan};
+use crate::integrity;
+use crate::memory::Region;
+use crate::{Error, Result};
+
+/// What to do with checksums.
+#[derive(Clone, Copy)]
+pub enum Checksums<'a> {
+    /// Neither compute nor check (`--no-verify` on load).
+    Skip,
+    /// Check loaded bytes against this table before accepting them.
+    Verify(&'a [u32]),
+    /// Compute checksums of stored bytes into this table.
+    Record(&'a [AtomicU32]),
+}
+
+/// Everything a backend needs to run a plan.
+pub struct TransferJob<'a> {
+    /// The operations.
+    pub plan: &'a TransferPlan,
+    /// Memory regions, indexed by [`IoOp::region`].
+    pub regions: &'a [&'a dyn Region],
+    /// Checksum policy.
+    pub checksums: Checksums<'a>,
+    /// Incremented by payload bytes as operations complete.
+    pub progress: Option<&'a AtomicU64>,
+    /// Set to request cancellation; backends stop issuing I/O, drain what
+    /// is in flight and return [`Error::Cancelled`].
+    pub cancel: Option<&'a AtomicBool>,
+    /// CPU nanoseconds spent in checksums (accumulated by backends).
+    pub checksum_nanos: AtomicU64,
+}
+
+impl<'a> TransferJob<'a> {
+    /// A job with no progress counter or cancellation flag.
+    pub fn new(
+        plan: &'a TransferPlan,
+        regions: &'a [&'a dyn Region],
+        checksums: Checksums<'a>,
+    ) -> Self {
+        Self {
+            plan,
+            regions,
+            checksums,
+            progress: None,
+            cancel: None,
+            checksum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Checks the plan against the regions and checksum table, so backends
+    /// can rely on every range being in bounds.
+    pub fn validate(&self) -> Result<()> {
+        for op in &self.plan.ops {
+            let region = self.regions.get(op.region).ok_or_else(|| {
+                Error::InvalidInput(format!("plan names region {} that does not exist", op.region))
+            })?;
+            crate::memory::check_range(region.len(), op.mem_offset, op.len as usize)?;
+            if op.file >= self.plan.files.len() {
+                return Err(Error::InvalidInput(format!(
+                    "plan names file {} that does not exist",
+                    op.file
+                )));
+            }
+            let sums = self.plan.checksums_of(op);
+            let table = match self.checksums {
+                Checksums::Skip => usize::MAX,
+                Checksums::Verify(t) => t.len(),
+                Checksums::Record(t) => t.len(),
+            };
+            if sums.end > table {
+                return Err(Error::InvalidInput(
+                    "checksum table is shorter than the plan".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// True once cancellation was requested.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+
+    /// Checks loaded bytes of `op` (`data.len() == op.len`) against the
+    /// recorded checksums.
+    pub fn verify_loaded(&self, op: &IoOp, data: &[u8]) -> Result<()> {
+        let Checksums::Verify(table) = self.checksums else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let expected = &table[self.plan.checksums_of(op)];
+        let outcome = integrity::verify_chunks(data, self.plan.checksum_chunk, expected);
+        self.add_checksum_time(t);
+        outcome.map_err(|(i, found)| {
+            let chunk = self.plan.checksum_chunk;
+            let start = i as u64 * chunk;
+            Error::ChecksumMismatch {
+                path: self.plan.files[op.file].path.clone(),
+                offset: op.file_offset + start,
+                length: chunk.min(op.len - start),
+                expected: expected[i],
+                found,
+            }
+        })
+    }
+
+    /// Records the checksums of bytes about to be stored for `op`.
+    pub fn record_stored(&self, op: &IoOp, data: &[u8]) {
+        let Checksums::Record(table) = self.checksums else {
+            return;
+        };
+        let t = Instant::now();
+        let range = self.plan.checksums_of(op);
+        for (slot, piece) in table[range]
+            .iter()
+            .zip(data.chunks(self.plan.checksum_chunk as usize))
+        {
+            slot.store(integrity::crc32c(piece), Ordering::Relaxed);
+        }
+        self.add_checksum_time(t);
+    }
+
+    /// Verifies `data` and copies it into the op's region.
+    pub fn accept_loaded(&self, op: &IoOp, data: &[u8]) -> Result<()> {
+        self.verify_loaded(op, data)?;
+        // SAFETY: plans never overlap in a region (validated by the snapshot
+        // layer), so this op has exclusive use of its destination range.
+        unsafe { self.regions[op.region].copy_in(op.mem_offset, data)? };
+        self.op_done(op);
+        Ok(())
+    }
+
+    /// Copies the op's source bytes into `buf` (`buf.len() == op.len`) and
+    /// records their checksums.
+    pub fn fetch_for_store(&self, op: &IoOp, buf: &mut [u8]) -> Result<()> {
+        // SAFETY: nobody writes source regions during a store.
+        unsafe { self.regions[op.region].copy_out(op.mem_offset, buf)? };
+        self.record_stored(op, buf);
+        Ok(())
+    }
+
+    /// Counts a finished op towards progress.
+    pub fn op_done(&self, op: &IoOp) {
+        if let Some(p) = self.progress {
+            p.fetch_add(op.len, Ordering::Relaxed);
+        }
+    }
+
+    /// CPU seconds spent in checksums so far.
+    pub fn checksum_seconds(&self) -> f64 {
+        self.checksum_nanos.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    fn add_checksum_time(&self, since: Instant) {
+        self.checksum_nanos
+            .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,112 @@
+//! The io_uring fence: every unsafe io_uring call lives here.
+//!
+//! Contract for callers: a buffer handed to [`Ring::push_read`] or
+//! [`Ring::push_write`] belongs to the kernel until its completion has been
+//! returned by [`Ring::completions`]; the caller must neither touch nor free
+//! it before then, and must not drop the ring while requests are in flight.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use io_uring::{IoUring, opcode, types};
+
+/// A ring with registered staging buffers.
+pub(crate) struct Ring {
+    ring: IoUring,
+}
+
+impl Ring {
+    /// Creates a ring with room for `entries` requests in flight.
+    pub fn new(entries: u32) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(entries.next_power_of_two())
+            .or_else(|_| IoUring::new(entries.next_power_of_two()))?;
+        Ok(Self { ring })
+    }
+
+    /// Registers `bufs` as fixed buffers `0..bufs.len()`.
+    ///
+    /// # Safety
+    /// Every buffer must stay allocated and unmoved until the ring is dropped.
+    pub unsafe fn register(&self, bufs: &[(*mut u8, usize)]) -> io::Result<()> {
+        let iovecs: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|&(ptr, len)| libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            })
+            .collect();
+        // SAFETY: forwarded to the caller: the buffers outlive the ring.
+        unsafe { self.ring.submitter().register_buffers(&iovecs) }
+    }
+
+    /// Queues a read of `len` bytes at `offset` into registered buffer
+    /// `buf_index` at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must lie inside registered buffer `buf_index`, and the
+    /// caller gives up access to it until the completion for `user_data`.
+    pub unsafe fn push_read(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        ptr: *mut u8,
+        len: u32,
+        offset: u64,
+        buf_index: u16,
+        user_data: u64,
+    ) {
+        let entry = opcode::ReadFixed::new(types::Fd(fd.as_raw_fd()), ptr, len, buf_index)
+            .offset(offset)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the caller keeps the buffer and the fd alive and untouched
+        // until the completion arrives; the queue has room because at most
+        // `entries` requests are ever outstanding.
+        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
+    }
+
+    /// Queues a write of `len` bytes at `offset` from registered buffer
+    /// `buf_index` at `ptr`.
+    ///
+    /// # Safety
+    /// As for [`Ring::push_read`].
+    pub unsafe fn push_write(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        ptr: *const u8,
+        len: u32,
+        offset: u64,
+        buf_index: u16,
+        user_data: u64,
+    ) {
+        let entry = opcode::WriteFixed::new(types::Fd(fd.as_raw_fd()), ptr, len, buf_index)
+            .offset(offset)
+            .build()
+            .user_data(user_data);
+        // SAFETY: as in `push_read`.
+        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
+    }
+
+    /// Submits queued requests and waits for at least `want` completions.
+    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => return Ok(()),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Takes the available completions as `(user_data, result)` pairs.
+    pub fn completions(&mut self) -> Vec<(u64, i32)> {
+        self.ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect()
+    }
+}
