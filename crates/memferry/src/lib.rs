@@ -14,3 +14,4 @@ pub mod transfer;
 pub mod units;
 
 pub use error::{Error, Result};
+pub mod snapshot;

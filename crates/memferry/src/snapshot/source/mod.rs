@@ -1,0 +1,78 @@
+//! What a snapshot is saved from: a layout plus one memory region per
+//! allocation. Sources: `synthetic:SIZE` and `safetensors:PATH[,PATH...]`.
+
+mod safetensors;
+mod synthetic;
+
+pub use safetensors::{SAFETENSORS_FILE_KEY, SAFETENSORS_TENSOR_KEY, TensorMeta, open_safetensors};
+pub use synthetic::{SyntheticModel, synthetic};
+
+use super::layout::Layout;
+use crate::memory::Region;
+use crate::{Error, Result};
+
+/// Memory to save: `regions[i]` holds the bytes of `layout.allocations[i]`.
+pub struct SnapshotSource {
+    /// How the source was named (recorded in the manifest).
+    pub description: String,
+    /// Allocations and metadata.
+    pub layout: Layout,
+    /// One region per allocation, same order, `regions[i].len() == size`.
+    pub regions: Vec<Box<dyn Region>>,
+}
+
+impl SnapshotSource {
+    /// Checks that the regions match the layout.
+    pub fn validate(&self) -> Result<()> {
+        self.layout.validate().map_err(Error::InvalidInput)?;
+        if self.regions.len() != self.layout.allocations.len() {
+            return Err(Error::InvalidInput(format!(
+                "source has {} regions for {} allocations",
+                self.regions.len(),
+                self.layout.allocations.len()
+            )));
+        }
+        for (a, r) in self.layout.allocations.iter().zip(&self.regions) {
+            if r.len() != a.size {
+                return Err(Error::InvalidInput(format!(
+                    "allocation {} is {} bytes but its region holds {}",
+                    a.id,
+                    a.size,
+                    r.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens a source from its command-line spelling.
+pub fn open_source(spec: &str) -> Result<SnapshotSource> {
+    let (kind, arg) = spec.split_once(':').unwrap_or((spec, ""));
+    match kind {
+        "synthetic" => {
+            let size = if arg.is_empty() {
+                1 << 30
+            } else {
+                crate::units::parse_size(arg)?
+            };
+            Ok(synthetic(size, 0)?.into_source())
+        }
+        "safetensors" => {
+            let paths: Vec<std::path::PathBuf> = arg
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(Into::into)
+                .collect();
+            if paths.is_empty() {
+                return Err(Error::InvalidInput(
+                    "safetensors source needs at least one file: safetensors:PATH[,PATH...]".into(),
+                ));
+            }
+            open_safetensors(&paths)
+        }
+        _ => Err(Error::InvalidInput(format!(
+            "unknown source {spec:?}: use synthetic:SIZE (e.g. synthetic:1GiB) or safetensors:PATH[,PATH...]"
+        ))),
+    }
+}
