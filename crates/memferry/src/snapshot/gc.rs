@@ -1,0 +1,180 @@
+//! Garbage collection of interrupted and superseded saves.
+//!
+//! `gc` deletes only what it can prove belongs to the snapshot: directories
+//! that carry the snapshot's naming pattern *and* an owner marker naming the
+//! snapshot and a lineage it has used, and inside them only file names a
+//! save creates. Paths claimed by a manifest are never trusted for deletion.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::manifest::Manifest;
+use super::ownership::{LOCAL_SHARDS, Owner, SnapshotPaths, is_owned_file_name};
+use crate::storage::durable::LockFile;
+use crate::Result;
+
+/// What gc removed and what it left, with reasons.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Directories removed.
+    pub removed: Vec<PathBuf>,
+    /// Directories that looked like leftovers but were kept, with the reason.
+    pub kept: Vec<String>,
+}
+
+/// Removes leftovers of crashed or superseded saves of the snapshot at
+/// `target`. `roots` adds places to search besides those recorded in the
+/// committed manifest and in staging markers.
+pub fn gc(target: &Path, roots: &[PathBuf]) -> Result<GcReport> {
+    let paths = SnapshotPaths::new(target)?;
+    if !paths.parent.is_dir() {
+        return Err(crate::Error::InvalidInput(format!(
+            "{} does not exist: nothing to collect",
+            paths.parent.display()
+        )));
+    }
+    let _lock = LockFile::acquire(&paths.lock(), &paths.target)?;
+    let committed = Manifest::load(&paths.target).ok();
+    let mut report = GcReport::default();
+    collect(&paths, committed.as_ref(), roots, &mut report)?;
+    Ok(report)
+}
+
+/// The collection itself; the caller holds the snapshot's lock.
+pub(crate) fn collect(
+    paths: &SnapshotPaths,
+    committed: Option<&Manifest>,
+    extra_roots: &[PathBuf],
+    report: &mut GcReport,
+) -> Result<()> {
+    let mut lineages = BTreeSet::new();
+    let mut roots: BTreeSet<PathBuf> = extra_roots.iter().cloned().collect();
+    let committed_save = committed.map(|m| m.identity.save_id.clone());
+    if let Some(m) = committed {
+        lineages.insert(m.identity.lineage.clone());
+        for r in &m.roots {
+            if r.recorded_path != "." {
+                roots.insert(paths.target.join(&r.recorded_path));
+            }
+        }
+    }
+    if let Some(o) = Owner::read(&paths.target) {
+        lineages.insert(o.lineage);
+    }
+    let stage_prefix = paths.stage_prefix();
+    let mut stages = Vec::new();
+    for dir in dirs_with_prefix(&paths.parent, &stage_prefix) {
+        match Owner::read(&dir) {
+            Some(o) if o.name == paths.name => {
+                lineages.insert(o.lineage.clone());
+                roots.extend(o.roots.iter().cloned());
+                stages.push(dir);
+            }
+            _ => stages.push(dir),
+        }
+    }
+    // Shard directories on roots first, stages last: a stage marker is what
+    // lets an interrupted gc find the shard directories again.
+    let prefix = paths.shard_dir_prefix();
+    for root in &roots {
+        for dir in dirs_with_prefix(root, &prefix) {
+            let Some(o) = Owner::read(&dir) else {
+                remove_if_empty(&dir, report, "no owner marker");
+                continue;
+            };
+            let name_ok = dir.file_name().and_then(|n| n.to_str())
+                == Some(paths.shard_dir_name(&o.save_id).as_str());
+            if o.name != paths.name || !lineages.contains(&o.lineage) || !name_ok {
+                report.kept.push(format!(
+                    "{}: owner marker names another snapshot or lineage",
+                    dir.display()
+                ));
+                continue;
+            }
+            if committed_save.as_deref() == Some(o.save_id.as_str()) {
+                continue;
+            }
+            remove_owned_tree(&dir, report);
+        }
+    }
+    for dir in stages {
+        match Owner::read(&dir) {
+            Some(o) if o.name == paths.name => remove_owned_tree(&dir, report),
+            Some(_) => report.kept.push(format!(
+                "{}: owner marker names another snapshot",
+                dir.display()
+            )),
+            None => remove_if_empty(&dir, report, "no owner marker"),
+        }
+    }
+    Ok(())
+}
+
+fn dirs_with_prefix(parent: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(prefix)))
+        .map(|e| e.path())
+        .collect()
+}
+
+fn remove_if_empty(dir: &Path, report: &mut GcReport, why: &str) {
+    if fs::remove_dir(dir).is_ok() {
+        report.removed.push(dir.to_path_buf());
+    } else {
+        report.kept.push(format!("{}: {why}, not empty", dir.display()));
+    }
+}
+
+/// Removes the files a save creates in `dir` (and its `shards/`), then the
+/// directory if nothing else is left. Unknown entries are kept and reported.
+pub(crate) fn remove_owned_tree(dir: &Path, report: &mut GcReport) {
+    let mut unknown = Vec::new();
+    remove_owned_files(dir, &mut unknown, true);
+    if unknown.is_empty() && fs::remove_dir(dir).is_ok() {
+        report.removed.push(dir.to_path_buf());
+    } else {
+        report.kept.push(format!(
+            "{}: holds files memferry did not create ({}); remove them by hand",
+            dir.display(),
+            unknown.join(", ")
+        ));
+    }
+}
+
+fn remove_owned_files(dir: &Path, unknown: &mut Vec<String>, top: bool) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut owner = None;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && top && name == LOCAL_SHARDS {
+            remove_owned_files(&e.path(), unknown, false);
+            if fs::remove_dir(e.path()).is_err() {
+                unknown.push(name);
+            }
+        } else if !is_dir && is_owned_file_name(&name) {
+            if name == super::ownership::OWNER_NAME {
+                owner = Some(e.path()); // removed last: it is the proof
+            } else if fs::remove_file(e.path()).is_err() {
+                unknown.push(name);
+            }
+        } else {
+            unknown.push(name);
+        }
+    }
+    if let Some(o) = owner
+        && unknown.is_empty()
+    {
+        let _ = fs::remove_file(o);
+    }
+}

@@ -1,0 +1,203 @@
+//! Restoring a snapshot into memory, and verifying one without restoring.
+//!
+//! Both stream every shard through the chosen backend; checksums are
+//! checked as each request completes (before its bytes are accepted), so a
+//! corrupt, truncated or missing shard fails the operation with the file,
+//! offset and length named.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Instant;
+
+use super::manifest::Manifest;
+use super::open::OpenedSnapshot;
+use super::report::{Phases, Report};
+use crate::memory::{DiscardRegion, Device, HostRegion, Region};
+use crate::transfer::{BackendKind, Checksums, TransferJob, TransferStats, Tuning, backend};
+use crate::{Error, Result};
+
+/// How to read a snapshot.
+#[derive(Clone)]
+pub struct LoadOptions {
+    /// Root directories overriding the recorded ones.
+    pub roots: Option<Vec<PathBuf>>,
+    /// Backend to run.
+    pub backend: BackendKind,
+    /// Backend settings.
+    pub tuning: Tuning,
+    /// Verify checksums in the same pass (default true).
+    pub verify: bool,
+    /// Where to restore to (only `cpu` in this build).
+    pub device: Device,
+    /// Written atomically after a successful restore.
+    pub complete_file: Option<PathBuf>,
+    /// Bytes moved so far.
+    pub progress: Option<Arc<AtomicU64>>,
+    /// Set to cancel.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            roots: None,
+            backend: BackendKind::Auto,
+            tuning: Tuning::default(),
+            verify: true,
+            device: Device::Cpu,
+            complete_file: None,
+            progress: None,
+            cancel: None,
+        }
+    }
+}
+
+/// A restored snapshot: the manifest and one host region per allocation,
+/// in layout order.
+pub struct RestoredSnapshot {
+    /// The manifest that was restored.
+    pub manifest: Manifest,
+    /// `regions[i]` holds allocation `i`.
+    pub regions: Vec<HostRegion>,
+}
+
+impl RestoredSnapshot {
+    /// The regions as trait objects (e.g. for export).
+    pub fn region_refs(&self) -> Vec<&dyn Region> {
+        self.regions.iter().map(|r| r as &dyn Region).collect()
+    }
+}
+
+/// Restores the snapshot at `dir` into host memory.
+pub fn restore(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Report)> {
+    if let Device::Cuda(n) = opts.device {
+        return Err(Error::Unsupported(format!(
+            "cannot restore to cuda:{n}: this build of memferry has no CUDA support and restores into host memory only; use --device cpu"
+        )));
+    }
+    let save_id = || Manifest::load(dir).ok().map(|m| m.identity.save_id);
+    let before = save_id();
+    match restore_once(dir, opts) {
+        // A concurrent save may have replaced the snapshot between reading
+        // the manifest and opening its shards: retry once on the new one.
+        Err(Error::MissingShard { .. }) if before.is_some() && save_id() != before => {
+            restore_once(dir, opts)
+        }
+        other => other,
+    }
+}
+
+fn restore_once(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Report)> {
+    let t = Instant::now();
+    let mut phases = Phases::default();
+    opts.tuning.validate()?;
+    let snap = OpenedSnapshot::open(dir, opts.roots.as_deref())?;
+    let (plan, sums) = snap.load_plan(opts.tuning.chunk_size)?;
+    phases.plan = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let regions = snap
+        .manifest
+        .allocations
+        .iter()
+        .map(|a| HostRegion::new(a.allocation.size))
+        .collect::<Result<Vec<_>>>()?;
+    phases.allocate = t.elapsed().as_secs_f64();
+
+    let refs: Vec<&dyn Region> = regions.iter().map(|r| r as &dyn Region).collect();
+    let stats = run_load(&plan, &refs, &sums, opts, &mut phases)?;
+
+    let t = Instant::now();
+    if let Some(c) = &opts.complete_file {
+        super::save::write_complete_file(c, "restore", dir)?;
+    }
+    phases.commit = t.elapsed().as_secs_f64();
+    let report = make_report("restore", &snap, opts, phases, &stats);
+    Ok((
+        RestoredSnapshot {
+            manifest: snap.manifest,
+            regions,
+        },
+        report,
+    ))
+}
+
+/// Checks every byte of the snapshot at `dir` against its checksums
+/// without keeping it in memory.
+pub fn verify(dir: &Path, opts: &LoadOptions) -> Result<Report> {
+    let t = Instant::now();
+    let mut phases = Phases::default();
+    opts.tuning.validate()?;
+    let snap = OpenedSnapshot::open(dir, opts.roots.as_deref())?;
+    let (plan, sums) = snap.load_plan(opts.tuning.chunk_size)?;
+    phases.plan = t.elapsed().as_secs_f64();
+    let sinks: Vec<DiscardRegion> = snap
+        .manifest
+        .allocations
+        .iter()
+        .map(|a| DiscardRegion::new(a.allocation.size))
+        .collect();
+    let refs: Vec<&dyn Region> = sinks.iter().map(|r| r as &dyn Region).collect();
+    let opts = LoadOptions {
+        verify: true,
+        ..opts.clone()
+    };
+    let stats = run_load(&plan, &refs, &sums, &opts, &mut phases)?;
+    Ok(make_report("verify", &snap, &opts, phases, &stats))
+}
+
+fn run_load(
+    plan: &crate::transfer::TransferPlan,
+    regions: &[&dyn Region],
+    sums: &[u32],
+    opts: &LoadOptions,
+    phases: &mut Phases,
+) -> Result<TransferStats> {
+    let t = Instant::now();
+    let checks = if opts.verify {
+        Checksums::Verify(sums)
+    } else {
+        Checksums::Skip
+    };
+    let mut job = TransferJob::new(plan, regions, checks);
+    job.progress = opts.progress.as_deref();
+    job.cancel = opts.cancel.as_deref();
+    let stats = backend(opts.backend, opts.tuning.clone()).run(&job)?;
+    phases.transfer = t.elapsed().as_secs_f64();
+    // Verification ran in-line during the transfer: no separate pass.
+    phases.verify = 0.0;
+    Ok(stats)
+}
+
+fn make_report(
+    op: &str,
+    snap: &OpenedSnapshot,
+    opts: &LoadOptions,
+    phases: Phases,
+    stats: &TransferStats,
+) -> Report {
+    let mut r = Report {
+        op: op.into(),
+        backend: opts.backend.name().into(),
+        mode: String::new(),
+        bytes: 0,
+        seconds: 0.0,
+        gib_per_s: 0.0,
+        transfer_gib_per_s: 0.0,
+        verified: opts.verify,
+        fallbacks: Vec::new(),
+        phases,
+        peak_staging_bytes: 0,
+        checksum_cpu_seconds: 0.0,
+        snapshot: snap.dir.display().to_string(),
+        allocations: snap.manifest.allocations.len(),
+        shards: snap.manifest.shards.len(),
+        roots: snap.roots.len(),
+        workers: opts.tuning.workers,
+        queue_depth: opts.tuning.queue_depth,
+        chunk_size: opts.tuning.chunk_size,
+    };
+    r.finish(stats);
+    r
+}
