@@ -67,7 +67,8 @@ impl View for RegionView<'_> {
 ///   and must not be written during the call), never copied into one buffer;
 /// - `to` is replaced atomically: the data goes to a temporary file in the
 ///   same directory, is fsynced, renamed over `to` and the directory is
-///   fsynced; on error the temporary file is removed and `to` is untouched.
+///   fsynced; on an error before the rename the temporary file is removed
+///   and `to` is untouched.
 pub fn export_safetensors(
     layout: &Layout,
     regions: &[&dyn Region],

@@ -1,0 +1,163 @@
+//! Raw command-line arguments (clap). Every flag can also come from a
+//! `MEMFERRY_*` environment variable; the flag wins.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use memferry::memory::Device;
+use memferry::transfer::{BackendKind, Tuning};
+
+fn size(s: &str) -> Result<u64, String> {
+    memferry::units::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// memferry: move model weights between memory and storage, fast and safely.
+#[derive(Parser, Debug)]
+#[command(name = "memferry", version, about, long_about = None)]
+pub struct Cli {
+    /// Print exactly one JSON object on stdout instead of text.
+    #[arg(long, global = true, env = "MEMFERRY_JSON")]
+    pub json: bool,
+
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Save a snapshot from a source (synthetic:SIZE or safetensors:PATH,...).
+    Save(SaveArgs),
+    /// Restore a snapshot into host memory and report how fast it went.
+    Restore(RestoreArgs),
+    /// Check every byte of a snapshot against its checksums, without restoring.
+    Verify(ReadArgs),
+    /// Show what a snapshot holds.
+    Inspect(InspectArgs),
+    /// Restore a snapshot and write it as a safetensors file.
+    Export(ExportArgs),
+    /// Remove leftovers of interrupted or superseded saves.
+    Gc(GcArgs),
+    /// Save, restore with every backend, verify and clean up a built-in model.
+    Quickstart(QuickstartArgs),
+}
+
+/// Settings shared by every command that moves bytes.
+#[derive(Args, Debug, Clone)]
+pub struct TransferArgs {
+    /// Backend: auto (direct where it works), buffered or direct.
+    #[arg(long, env = "MEMFERRY_BACKEND", default_value = "auto")]
+    pub backend: BackendKind,
+    /// Worker threads of the buffered backend.
+    #[arg(long, env = "MEMFERRY_WORKERS", default_value_t = 4)]
+    pub workers: usize,
+    /// Requests in flight per root (direct backend).
+    #[arg(long, env = "MEMFERRY_QUEUE_DEPTH", default_value_t = 16)]
+    pub queue_depth: usize,
+    /// Largest single I/O request, e.g. 4MiB.
+    #[arg(long, env = "MEMFERRY_CHUNK_SIZE", default_value = "4MiB", value_parser = size)]
+    pub chunk_size: u64,
+    /// Storage roots (comma-separated directories, usually one per disk).
+    #[arg(long, env = "MEMFERRY_ROOTS", value_delimiter = ',')]
+    pub roots: Option<Vec<PathBuf>>,
+}
+
+impl TransferArgs {
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
+            workers: self.workers,
+            queue_depth: self.queue_depth,
+            chunk_size: self.chunk_size,
+            max_bytes_per_call: None,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct SaveArgs {
+    /// What to save: synthetic:SIZE or safetensors:PATH[,PATH...].
+    #[arg(long, env = "MEMFERRY_SOURCE")]
+    pub source: String,
+    /// Snapshot directory to create or replace atomically.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Largest shard file, e.g. 1GiB.
+    #[arg(long, env = "MEMFERRY_SHARD_SIZE", default_value = "1GiB", value_parser = size)]
+    pub shard_size: u64,
+    /// Write this file atomically once the save is committed.
+    #[arg(long, env = "MEMFERRY_COMPLETE_FILE")]
+    pub complete_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ReadArgs {
+    /// Snapshot directory.
+    pub snapshot: PathBuf,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// Skip checksum verification (not recommended).
+    #[arg(long, env = "MEMFERRY_NO_VERIFY")]
+    pub no_verify: bool,
+    /// Device to restore to: cpu (CUDA comes with GPU support).
+    #[arg(long, env = "MEMFERRY_DEVICE", default_value = "cpu")]
+    pub device: Device,
+    /// Write this file atomically once the restore is complete.
+    #[arg(long, env = "MEMFERRY_COMPLETE_FILE")]
+    pub complete_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Snapshot directory.
+    pub snapshot: PathBuf,
+    /// Also list every allocation.
+    #[arg(long)]
+    pub allocations: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// safetensors file to write (replaced atomically).
+    #[arg(long)]
+    pub to: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// Snapshot directory.
+    pub snapshot: PathBuf,
+    /// Extra roots to search for leftover shard directories.
+    #[arg(long, env = "MEMFERRY_ROOTS", value_delimiter = ',')]
+    pub roots: Option<Vec<PathBuf>>,
+}
+
+#[derive(Args, Debug)]
+pub struct QuickstartArgs {
+    /// Size of the built-in synthetic model.
+    #[arg(long, default_value = "1GiB", value_parser = size)]
+    pub size: u64,
+    /// Working directory (default: a new directory under the system temp dir).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Keep the snapshot instead of cleaning up.
+    #[arg(long)]
+    pub keep: bool,
+    /// Largest shard file.
+    #[arg(long, env = "MEMFERRY_SHARD_SIZE", default_value = "256MiB", value_parser = size)]
+    pub shard_size: u64,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
+}

@@ -1,0 +1,239 @@
+//! One function per subcommand: validated arguments in, report out.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use memferry::snapshot::export::export_safetensors;
+use memferry::snapshot::source::open_source;
+use memferry::snapshot::{self, LoadOptions, Manifest, Report, SaveOptions};
+use memferry::units::format_bytes;
+
+use crate::args::{Cli, Command, ExportArgs, GcArgs, InspectArgs, ReadArgs, RestoreArgs, SaveArgs};
+use crate::progress::Progress;
+
+/// The op name used in JSON errors.
+pub fn op_name(c: &Command) -> &'static str {
+    match c {
+        Command::Save(_) => "save",
+        Command::Restore(_) => "restore",
+        Command::Verify(_) => "verify",
+        Command::Inspect(_) => "inspect",
+        Command::Export(_) => "export",
+        Command::Gc(_) => "gc",
+        Command::Quickstart(_) => "quickstart",
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Command::Save(a) => save(a, json),
+        Command::Restore(a) => restore(a, json),
+        Command::Verify(a) => verify(a, json),
+        Command::Inspect(a) => inspect(a, json),
+        Command::Export(a) => export(a, json),
+        Command::Gc(a) => gc(a, json),
+        Command::Quickstart(a) => crate::quickstart::run(a, json),
+    }
+}
+
+/// Prints a report as JSON or as the summary and phase lines.
+pub fn print_report(r: &Report, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).expect("report serialises"));
+    } else {
+        println!("{}", r.summary_line());
+        println!("{}", r.phases_line());
+    }
+}
+
+fn load_options(a: &ReadArgs) -> LoadOptions {
+    LoadOptions {
+        roots: a.transfer.roots.clone(),
+        backend: a.transfer.backend,
+        tuning: a.transfer.tuning(),
+        ..LoadOptions::default()
+    }
+}
+
+/// Total payload bytes of a snapshot, for the progress bar (0 if unknown).
+fn snapshot_bytes(dir: &Path) -> u64 {
+    Manifest::load(dir).map_or(0, |m| m.total_bytes)
+}
+
+fn save(a: SaveArgs, json: bool) -> Result<()> {
+    let source = open_source(&a.source)?;
+    let progress = Progress::start("save", source.layout.total_bytes(), json);
+    let opts = SaveOptions {
+        roots: a.transfer.roots.clone(),
+        shard_size: a.shard_size,
+        backend: a.transfer.backend,
+        tuning: a.transfer.tuning(),
+        complete_file: a.complete_file,
+        progress: Some(progress.counter()),
+        ..SaveOptions::default()
+    };
+    let report = snapshot::save(&source, &a.to, &opts)
+        .with_context(|| format!("saving {} to {}", a.source, a.to.display()))?;
+    drop(progress);
+    print_report(&report, json);
+    Ok(())
+}
+
+fn restore(a: RestoreArgs, json: bool) -> Result<()> {
+    let progress = Progress::start("restore", snapshot_bytes(&a.read.snapshot), json);
+    let opts = LoadOptions {
+        verify: !a.no_verify,
+        device: a.device,
+        complete_file: a.complete_file,
+        progress: Some(progress.counter()),
+        ..load_options(&a.read)
+    };
+    let (_restored, report) = snapshot::restore(&a.read.snapshot, &opts)
+        .with_context(|| format!("restoring {}", a.read.snapshot.display()))?;
+    drop(progress);
+    print_report(&report, json);
+    Ok(())
+}
+
+fn verify(a: ReadArgs, json: bool) -> Result<()> {
+    let progress = Progress::start("verify", snapshot_bytes(&a.snapshot), json);
+    let opts = LoadOptions {
+        progress: Some(progress.counter()),
+        ..load_options(&a)
+    };
+    let report = snapshot::verify(&a.snapshot, &opts)
+        .with_context(|| format!("verifying {}", a.snapshot.display()))?;
+    drop(progress);
+    print_report(&report, json);
+    Ok(())
+}
+
+fn export(a: ExportArgs, json: bool) -> Result<()> {
+    let progress = Progress::start("export", snapshot_bytes(&a.read.snapshot), json);
+    let opts = LoadOptions {
+        progress: Some(progress.counter()),
+        ..load_options(&a.read)
+    };
+    let (restored, mut report) = snapshot::restore(&a.read.snapshot, &opts)
+        .with_context(|| format!("restoring {}", a.read.snapshot.display()))?;
+    drop(progress);
+    let t = std::time::Instant::now();
+    let layout = restored.manifest.layout();
+    let summary = export_safetensors(&layout, &restored.region_refs(), &a.to)
+        .with_context(|| format!("exporting to {}", a.to.display()))?;
+    report.op = "export".into();
+    report.phases.commit += t.elapsed().as_secs_f64();
+    let p = &report.phases;
+    report.seconds = p.plan + p.allocate + p.transfer + p.verify + p.commit;
+    report.gib_per_s = memferry::units::gib_per_s(report.bytes, report.seconds);
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["export"] = serde_json::to_value(&summary)?;
+        v["to"] = a.to.display().to_string().into();
+        println!("{v}");
+    } else {
+        print_report(&report, false);
+        println!(
+            "wrote {} tensors ({}) to {}",
+            summary.tensors,
+            format_bytes(summary.file_bytes),
+            a.to.display()
+        );
+    }
+    Ok(())
+}
+
+fn gc(a: GcArgs, json: bool) -> Result<()> {
+    let report = snapshot::gc(&a.snapshot, a.roots.as_deref().unwrap_or(&[]))
+        .with_context(|| format!("collecting leftovers of {}", a.snapshot.display()))?;
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["op"] = "gc".into();
+        println!("{v}");
+    } else {
+        for r in &report.removed {
+            println!("removed {}", r.display());
+        }
+        for k in &report.kept {
+            println!("kept {k}");
+        }
+        println!(
+            "gc: removed {} leftover(s), kept {}",
+            report.removed.len(),
+            report.kept.len()
+        );
+    }
+    Ok(())
+}
+
+fn inspect(a: InspectArgs, json: bool) -> Result<()> {
+    let snap = snapshot::OpenedSnapshot::open(&a.snapshot, None)
+        .with_context(|| format!("inspecting {}", a.snapshot.display()))?;
+    let m = &snap.manifest;
+    let per_root: Vec<(usize, u64)> = (0..m.roots.len())
+        .map(|r| {
+            let shards = m.shards.iter().filter(|s| s.root == r);
+            (shards.clone().count(), shards.map(|s| s.size).sum())
+        })
+        .collect();
+    if json {
+        let mut v = serde_json::json!({
+            "op": "inspect",
+            "snapshot": snap.dir.display().to_string(),
+            "format_version": m.format_version,
+            "identity": m.identity,
+            "created_unix_ms": m.created_unix_ms,
+            "source": m.source,
+            "total_bytes": m.total_bytes,
+            "allocations": m.allocations.len(),
+            "metadata_entries": m.metadata.len(),
+            "shards": m.shards.len(),
+            "checksum": m.checksum,
+            "roots": m.roots.iter().zip(&per_root).map(|(r, (n, b))| serde_json::json!({
+                "index": r.index, "recorded_path": r.recorded_path,
+                "resolved_path": snap.roots[r.index].display().to_string(),
+                "shards": n, "bytes": b,
+            })).collect::<Vec<_>>(),
+        });
+        if a.allocations {
+            v["allocation_list"] = serde_json::to_value(
+                m.allocations.iter().map(|x| &x.allocation).collect::<Vec<_>>(),
+            )?;
+        }
+        println!("{v}");
+        return Ok(());
+    }
+    println!("snapshot   {}", snap.dir.display());
+    println!("format     v{} ({})", m.format_version, m.kind);
+    println!("save       {} (lineage {})", m.identity.save_id, m.identity.lineage);
+    println!("source     {}", m.source);
+    println!("bytes      {} ({})", m.total_bytes, format_bytes(m.total_bytes));
+    println!(
+        "layout     {} allocations, {} metadata entries",
+        m.allocations.len(),
+        m.metadata.len()
+    );
+    println!(
+        "checksums  {} per {}",
+        m.checksum.algorithm,
+        format_bytes(m.checksum.chunk_bytes)
+    );
+    for (r, (n, b)) in m.roots.iter().zip(&per_root) {
+        println!(
+            "root {}     {} shard(s), {} at {}",
+            r.index,
+            n,
+            format_bytes(*b),
+            snap.roots[r.index].display()
+        );
+    }
+    if a.allocations {
+        println!("{:>8} {:>14} {:>8} tag", "id", "bytes", "device");
+        for x in &m.allocations {
+            let al = &x.allocation;
+            println!("{:>8} {:>14} {:>8} {}", al.id, al.size, al.device.to_string(), al.tag);
+        }
+    }
+    Ok(())
+}
