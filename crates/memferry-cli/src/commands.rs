@@ -198,7 +198,10 @@ fn inspect(a: InspectArgs, json: bool) -> Result<()> {
         });
         if a.allocations {
             v["allocation_list"] = serde_json::to_value(
-                m.allocations.iter().map(|x| &x.allocation).collect::<Vec<_>>(),
+                m.allocations
+                    .iter()
+                    .map(|x| &x.allocation)
+                    .collect::<Vec<_>>(),
             )?;
         }
         println!("{v}");
@@ -206,9 +209,16 @@ fn inspect(a: InspectArgs, json: bool) -> Result<()> {
     }
     println!("snapshot   {}", snap.dir.display());
     println!("format     v{} ({})", m.format_version, m.kind);
-    println!("save       {} (lineage {})", m.identity.save_id, m.identity.lineage);
+    println!(
+        "save       {} (lineage {})",
+        m.identity.save_id, m.identity.lineage
+    );
     println!("source     {}", m.source);
-    println!("bytes      {} ({})", m.total_bytes, format_bytes(m.total_bytes));
+    println!(
+        "bytes      {} ({})",
+        m.total_bytes,
+        format_bytes(m.total_bytes)
+    );
     println!(
         "layout     {} allocations, {} metadata entries",
         m.allocations.len(),
@@ -232,7 +242,13 @@ fn inspect(a: InspectArgs, json: bool) -> Result<()> {
         println!("{:>8} {:>14} {:>8} tag", "id", "bytes", "device");
         for x in &m.allocations {
             let al = &x.allocation;
-            println!("{:>8} {:>14} {:>8} {}", al.id, al.size, al.device.to_string(), al.tag);
+            println!(
+                "{:>8} {:>14} {:>8} {}",
+                al.id,
+                al.size,
+                al.device.to_string(),
+                al.tag
+            );
         }
     }
     Ok(())

@@ -43,8 +43,7 @@ pub fn run(a: QuickstartArgs, json: bool) -> Result<()> {
         )),
         keep: a.keep,
     };
-    std::fs::create_dir(&work.path)
-        .with_context(|| format!("creating {}", work.path.display()))?;
+    std::fs::create_dir(&work.path).with_context(|| format!("creating {}", work.path.display()))?;
     let snap = work.path.join("model.snapshot");
     let say = |s: String| {
         if !json {
@@ -52,7 +51,10 @@ pub fn run(a: QuickstartArgs, json: bool) -> Result<()> {
         }
     };
 
-    say(format!("building a {} synthetic model in memory...", format_bytes(a.size)));
+    say(format!(
+        "building a {} synthetic model in memory...",
+        format_bytes(a.size)
+    ));
     let model = synthetic(a.size, 42)?;
     let source = model.into_source();
     let mut rows = Vec::new();

@@ -3,8 +3,8 @@
 use std::ptr::NonNull;
 
 use super::{Device, Region};
-use crate::error::IoContext;
 use crate::Result;
+use crate::error::IoContext;
 
 /// A page-aligned block of host memory owned by memferry.
 ///

@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use super::manifest::Manifest;
 use super::ownership::{LOCAL_SHARDS, Owner, SnapshotPaths, is_owned_file_name};
-use crate::storage::durable::LockFile;
 use crate::Result;
+use crate::storage::durable::LockFile;
 
 /// What gc removed and what it left, with reasons.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -120,7 +120,11 @@ fn dirs_with_prefix(parent: &Path, prefix: &str) -> Vec<PathBuf> {
     entries
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(prefix)))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(prefix))
+        })
         .map(|e| e.path())
         .collect()
 }
@@ -129,7 +133,9 @@ fn remove_if_empty(dir: &Path, report: &mut GcReport, why: &str) {
     if fs::remove_dir(dir).is_ok() {
         report.removed.push(dir.to_path_buf());
     } else {
-        report.kept.push(format!("{}: {why}, not empty", dir.display()));
+        report
+            .kept
+            .push(format!("{}: {why}, not empty", dir.display()));
     }
 }
 

@@ -126,7 +126,11 @@ impl Manifest {
     /// The layout this manifest describes.
     pub fn layout(&self) -> Layout {
         Layout {
-            allocations: self.allocations.iter().map(|a| a.allocation.clone()).collect(),
+            allocations: self
+                .allocations
+                .iter()
+                .map(|a| a.allocation.clone())
+                .collect(),
             metadata: self.metadata.clone(),
         }
     }
@@ -188,14 +192,22 @@ impl Manifest {
             return Err(format!("kind is {:?}, expected {KIND:?}", self.kind));
         }
         if self.alignment < 512 || !self.alignment.is_power_of_two() {
-            return Err(format!("alignment {} is not a power of two >= 512", self.alignment));
+            return Err(format!(
+                "alignment {} is not a power of two >= 512",
+                self.alignment
+            ));
         }
         if self.checksum.algorithm != "crc32c" {
-            return Err(format!("unknown checksum algorithm {:?}", self.checksum.algorithm));
+            return Err(format!(
+                "unknown checksum algorithm {:?}",
+                self.checksum.algorithm
+            ));
         }
         let chunk = self.checksum.chunk_bytes;
-        if chunk == 0 || chunk % self.alignment != 0 {
-            return Err(format!("checksum chunk_bytes {chunk} is not a multiple of the alignment"));
+        if chunk == 0 || !chunk.is_multiple_of(self.alignment) {
+            return Err(format!(
+                "checksum chunk_bytes {chunk} is not a multiple of the alignment"
+            ));
         }
         for (i, r) in self.roots.iter().enumerate() {
             if r.index != i {
@@ -208,14 +220,20 @@ impl Manifest {
                 return Err(format!("shard {i} has index {}", s.index));
             }
             if s.root >= self.roots.len() {
-                return Err(format!("shard {i} names root {} which does not exist", s.root));
+                return Err(format!(
+                    "shard {i} names root {} which does not exist",
+                    s.root
+                ));
             }
             check_relative(&s.path).map_err(|e| format!("shard {i} path {:?}: {e}", s.path))?;
             if s.size % self.alignment != 0 {
                 return Err(format!("shard {i} size {} is not aligned", s.size));
             }
             if !seen.insert((s.root, normalise(&s.path))) {
-                return Err(format!("shard path {:?} appears twice on root {}", s.path, s.root));
+                return Err(format!(
+                    "shard path {:?} appears twice on root {}",
+                    s.path, s.root
+                ));
             }
         }
         let mut used: Vec<(usize, u64, u64)> = Vec::new();
@@ -224,15 +242,22 @@ impl Manifest {
             let id = a.allocation.id;
             let mut next = 0u64;
             for e in &a.extents {
-                let shard = self
-                    .shards
-                    .get(e.shard)
-                    .ok_or_else(|| format!("allocation {id} names shard {} which does not exist", e.shard))?;
+                let shard = self.shards.get(e.shard).ok_or_else(|| {
+                    format!(
+                        "allocation {id} names shard {} which does not exist",
+                        e.shard
+                    )
+                })?;
                 if e.alloc_offset != next || e.length == 0 {
-                    return Err(format!("allocation {id}: extents do not tile the allocation"));
+                    return Err(format!(
+                        "allocation {id}: extents do not tile the allocation"
+                    ));
                 }
                 if e.offset % self.alignment != 0 {
-                    return Err(format!("allocation {id}: extent offset {} is not aligned", e.offset));
+                    return Err(format!(
+                        "allocation {id}: extent offset {} is not aligned",
+                        e.offset
+                    ));
                 }
                 let end = e
                     .offset
@@ -245,7 +270,9 @@ impl Manifest {
                     ));
                 }
                 if e.crc32c.len() != chunk_count(e.length, chunk) {
-                    return Err(format!("allocation {id}: wrong number of checksums in an extent"));
+                    return Err(format!(
+                        "allocation {id}: wrong number of checksums in an extent"
+                    ));
                 }
                 used.push((e.shard, e.offset, end));
                 next += e.length;
@@ -259,7 +286,10 @@ impl Manifest {
             total += a.allocation.size;
         }
         if total != self.total_bytes {
-            return Err(format!("total_bytes {} disagrees with the allocations ({total})", self.total_bytes));
+            return Err(format!(
+                "total_bytes {} disagrees with the allocations ({total})",
+                self.total_bytes
+            ));
         }
         used.sort_unstable();
         for w in used.windows(2) {

@@ -91,7 +91,8 @@ impl SnapshotPaths {
 
     /// The staging directory of save `save_id`.
     pub fn stage(&self, save_id: &str) -> PathBuf {
-        self.parent.join(format!("{}{save_id}", self.stage_prefix()))
+        self.parent
+            .join(format!("{}{save_id}", self.stage_prefix()))
     }
 
     /// Prefix of shard directory names on striped roots.

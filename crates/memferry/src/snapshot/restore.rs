@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::manifest::Manifest;
 use super::open::OpenedSnapshot;
 use super::report::{Phases, Report};
-use crate::memory::{DiscardRegion, Device, HostRegion, Region};
+use crate::memory::{Device, DiscardRegion, HostRegion, Region};
 use crate::transfer::{BackendKind, Checksums, TransferJob, TransferStats, Tuning, backend};
 use crate::{Error, Result};
 

@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use super::gc::{GcReport, collect, remove_owned_tree};
 use super::manifest::{
-    AllocationEntry, ChecksumSpec, Extent, FORMAT_VERSION, KIND, MANIFEST_NAME, Manifest, RootEntry,
-    SaveIdentity, ShardEntry,
+    AllocationEntry, ChecksumSpec, Extent, FORMAT_VERSION, KIND, MANIFEST_NAME, Manifest,
+    RootEntry, SaveIdentity, ShardEntry,
 };
 use super::ownership::{LOCAL_SHARDS, OWNER_NAME, Owner, SnapshotPaths, shard_file_name};
 use super::placement::place;
@@ -33,7 +33,8 @@ use crate::storage::durable::{
 };
 use crate::storage::roots::{absolute, check_writable_root};
 use crate::transfer::{
-    BackendKind, Checksums, Direction, FileTarget, IO_ALIGN, PlanBuilder, TransferJob, Tuning, backend,
+    BackendKind, Checksums, Direction, FileTarget, IO_ALIGN, PlanBuilder, TransferJob, Tuning,
+    backend,
 };
 use crate::{Error, Result};
 
@@ -89,7 +90,12 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
     let _lock = LockFile::acquire(&paths.lock(), &paths.target)?;
     let previous = super::manifest::Manifest::load(&paths.target).ok();
     let mut leftovers = GcReport::default();
-    collect(&paths, previous.as_ref(), roots.as_deref().unwrap_or(&[]), &mut leftovers)?;
+    collect(
+        &paths,
+        previous.as_ref(),
+        roots.as_deref().unwrap_or(&[]),
+        &mut leftovers,
+    )?;
     for r in &leftovers.removed {
         tracing::info!("removed leftover of an earlier save: {}", r.display());
     }
@@ -145,7 +151,11 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
             dirs
         }
     };
-    let mut builder = PlanBuilder::new(Direction::Store, opts.checksum_chunk, opts.tuning.chunk_size);
+    let mut builder = PlanBuilder::new(
+        Direction::Store,
+        opts.checksum_chunk,
+        opts.tuning.chunk_size,
+    );
     let mut shards = Vec::new();
     let mut files = Vec::new();
     for (i, &size) in placement.shard_sizes.iter().enumerate() {
@@ -181,14 +191,22 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
     let mut extent_sums = Vec::new();
     for (region, list) in placement.extents.iter().enumerate() {
         for e in list {
-            extent_sums.push(builder.add_extent(e.shard, e.offset, e.length, region, e.alloc_offset));
+            extent_sums.push(builder.add_extent(
+                e.shard,
+                e.offset,
+                e.length,
+                region,
+                e.alloc_offset,
+            ));
         }
     }
     let plan = builder.build();
     phases.allocate = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    let sums: Vec<AtomicU32> = (0..plan.checksum_count).map(|_| AtomicU32::new(0)).collect();
+    let sums: Vec<AtomicU32> = (0..plan.checksum_count)
+        .map(|_| AtomicU32::new(0))
+        .collect();
     let regions: Vec<&dyn Region> = source.regions.iter().map(|r| r.as_ref()).collect();
     let mut job = TransferJob::new(&plan, &regions, Checksums::Record(&sums));
     job.progress = opts.progress.as_deref();
@@ -278,9 +296,9 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
         allocations,
         metadata: source.layout.metadata.clone(),
     };
-    manifest
-        .validate()
-        .map_err(|e| Error::InvalidInput(format!("internal error: built an invalid manifest: {e}")))?;
+    manifest.validate().map_err(|e| {
+        Error::InvalidInput(format!("internal error: built an invalid manifest: {e}"))
+    })?;
     write_new_file(&stage.join(MANIFEST_NAME), &manifest.to_json())?;
     fsync_dir(&stage)?;
     fault_point("before-publish");
@@ -291,7 +309,12 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
     if swapped {
         let mut report = GcReport::default();
         remove_owned_tree(&stage, &mut report);
-        collect(&paths, Some(&manifest), roots.as_deref().unwrap_or(&[]), &mut report)?;
+        collect(
+            &paths,
+            Some(&manifest),
+            roots.as_deref().unwrap_or(&[]),
+            &mut report,
+        )?;
         for k in &report.kept {
             tracing::warn!("kept after commit: {k}");
         }
@@ -340,7 +363,7 @@ fn validate(
             opts.shard_size
         )));
     }
-    if opts.checksum_chunk == 0 || opts.checksum_chunk % IO_ALIGN != 0 {
+    if opts.checksum_chunk == 0 || !opts.checksum_chunk.is_multiple_of(IO_ALIGN) {
         return Err(Error::InvalidInput(
             "the checksum chunk must be a multiple of 4096".into(),
         ));
@@ -361,7 +384,8 @@ fn validate(
                 paths.target.display()
             )));
         }
-        let is_snapshot = paths.target.join(MANIFEST_NAME).exists() || Owner::read(&paths.target).is_some();
+        let is_snapshot =
+            paths.target.join(MANIFEST_NAME).exists() || Owner::read(&paths.target).is_some();
         let empty = fs::read_dir(&paths.target)
             .ctx(|| format!("listing {}", paths.target.display()))?
             .next()
@@ -391,7 +415,10 @@ fn validate(
                 paths.target.display()
             )));
         }
-        if out.iter().any(|o: &PathBuf| o.canonicalize().unwrap_or(o.clone()) == canon) {
+        if out
+            .iter()
+            .any(|o: &PathBuf| o.canonicalize().unwrap_or(o.clone()) == canon)
+        {
             return Err(Error::InvalidInput(format!(
                 "root {} is listed twice in --roots",
                 r.display()
@@ -466,4 +493,3 @@ fn fault_point(name: &str) {
         std::thread::sleep(std::time::Duration::from_secs(30));
     }
 }
-

@@ -79,7 +79,10 @@ pub fn preallocate(file: &File, path: &Path, len: u64) -> Result<()> {
         Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => file
             .set_len(len)
             .ctx(|| format!("sizing {}", path.display())),
-        Err(e) => Err(Error::io(format!("allocating {len} bytes for {}", path.display()), e.into())),
+        Err(e) => Err(Error::io(
+            format!("allocating {len} bytes for {}", path.display()),
+            e.into(),
+        )),
     }
 }
 

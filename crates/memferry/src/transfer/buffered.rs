@@ -108,7 +108,9 @@ pub(crate) fn run_ops(job: &TransferJob<'_>, subset: &[usize], tuning: &Tuning) 
                         return;
                     }
                     let i = cursor.fetch_add(1, Ordering::Relaxed);
-                    let Some(&op_index) = order.get(i) else { return };
+                    let Some(&op_index) = order.get(i) else {
+                        return;
+                    };
                     let op = &job.plan.ops[op_index];
                     let file = files[op.file].as_ref().expect("opened above");
                     if let Err(e) = run_op(job, op, file, tuning, &mut scratch, &staged) {
@@ -119,7 +121,10 @@ pub(crate) fn run_ops(job: &TransferJob<'_>, subset: &[usize], tuning: &Tuning) 
             });
         }
     });
-    match first_error.into_inner().expect("no panics while holding the lock") {
+    match first_error
+        .into_inner()
+        .expect("no panics while holding the lock")
+    {
         Some(e) => Err(e),
         None => Ok(staged.load(Ordering::Relaxed) as u64),
     }
@@ -185,7 +190,8 @@ fn run_op(
             if let Some(base) = region.host_ptr() {
                 // SAFETY: in bounds (validated); sources are not written
                 // during a store.
-                let src = unsafe { std::slice::from_raw_parts(base.add(op.mem_offset as usize), len) };
+                let src =
+                    unsafe { std::slice::from_raw_parts(base.add(op.mem_offset as usize), len) };
                 job.record_stored(op, src);
                 write_all_at(file, path, src, op.file_offset, limit)?;
             } else {

@@ -168,7 +168,10 @@ impl Engine {
         }
         let largest = ops.iter().map(|&i| plan.ops[i].len).max().unwrap_or(0);
         let slot_size = align_up(largest.max(1), IO_ALIGN) as usize;
-        let depth = tuning.queue_depth.min(ops.len()).clamp(1, u16::MAX as usize);
+        let depth = tuning
+            .queue_depth
+            .min(ops.len())
+            .clamp(1, u16::MAX as usize);
         let ring = match Ring::new(depth as u32) {
             Ok(r) => r,
             Err(e) => return Ok(Err(format!("io_uring setup failed: {e}"))),
@@ -190,7 +193,9 @@ impl Engine {
                 Some(libc::EPERM) => " (not permitted: io_uring may be disabled by policy)".into(),
                 _ => String::new(),
             };
-            return Ok(Err(format!("io_uring buffer registration failed: {e}{hint}")));
+            return Ok(Err(format!(
+                "io_uring buffer registration failed: {e}{hint}"
+            )));
         }
         let cap = tuning
             .max_bytes_per_call
@@ -214,11 +219,18 @@ impl Engine {
     fn submit_rest(&mut self, job: &TransferJob<'_>, slot: usize) {
         let s = self.slots[slot];
         let op = &job.plan.ops[s.op];
-        let fd = self.files[op.file].as_ref().expect("opened in setup").as_fd();
+        let fd = self.files[op.file]
+            .as_ref()
+            .expect("opened in setup")
+            .as_fd();
         let len = (s.want - s.done) as u32;
         // SAFETY: `done < want <= slot_size`, so the range is inside slot
         // `slot` of the staging buffer.
-        let ptr = unsafe { self.staging.as_mut_ptr().add(slot * self.slot_size + s.done as usize) };
+        let ptr = unsafe {
+            self.staging
+                .as_mut_ptr()
+                .add(slot * self.slot_size + s.done as usize)
+        };
         let offset = op.file_offset + s.done;
         // SAFETY: the slot is not in flight (we only resubmit after its
         // completion) and is not touched again until its next completion;
@@ -304,7 +316,11 @@ impl Engine {
                         Error::io(
                             format!(
                                 "{} {} at offset {}, length {}",
-                                if plan.direction == Direction::Load { "reading" } else { "writing" },
+                                if plan.direction == Direction::Load {
+                                    "reading"
+                                } else {
+                                    "writing"
+                                },
                                 path.display(),
                                 op.file_offset + s.done,
                                 s.want - s.done
@@ -319,7 +335,7 @@ impl Engine {
                 let done = s.done + n;
                 self.slots[slot].done = done;
                 if done < s.want {
-                    let at_eof = n == 0 || done % 512 != 0;
+                    let at_eof = n == 0 || !done.is_multiple_of(512);
                     if !at_eof {
                         self.submit_rest(job, slot);
                         in_flight += 1;
@@ -338,7 +354,11 @@ impl Engine {
                                 file_size,
                             },
                             Direction::Store => Error::io(
-                                format!("writing {} at offset {}", path.display(), op.file_offset + done),
+                                format!(
+                                    "writing {} at offset {}",
+                                    path.display(),
+                                    op.file_offset + done
+                                ),
                                 std::io::ErrorKind::WriteZero.into(),
                             ),
                         });

@@ -60,7 +60,10 @@ impl<'a> TransferJob<'a> {
     pub fn validate(&self) -> Result<()> {
         for op in &self.plan.ops {
             let region = self.regions.get(op.region).ok_or_else(|| {
-                Error::InvalidInput(format!("plan names region {} that does not exist", op.region))
+                Error::InvalidInput(format!(
+                    "plan names region {} that does not exist",
+                    op.region
+                ))
             })?;
             crate::memory::check_range(region.len(), op.mem_offset, op.len as usize)?;
             if op.file >= self.plan.files.len() {

@@ -118,7 +118,7 @@ impl Tuning {
             )));
         }
         if self.chunk_size < IO_ALIGN
-            || self.chunk_size % IO_ALIGN != 0
+            || !self.chunk_size.is_multiple_of(IO_ALIGN)
             || self.chunk_size > (1 << 30)
         {
             return Err(Error::InvalidInput(format!(

@@ -88,7 +88,7 @@ pub struct PlanBuilder {
 impl PlanBuilder {
     /// A builder; `io_chunk` is rounded up to a multiple of `checksum_chunk`.
     pub fn new(direction: Direction, checksum_chunk: u64, io_chunk: u64) -> Self {
-        assert!(checksum_chunk > 0 && checksum_chunk % IO_ALIGN == 0);
+        assert!(checksum_chunk > 0 && checksum_chunk.is_multiple_of(IO_ALIGN));
         let io_chunk = io_chunk.div_ceil(checksum_chunk).max(1) * checksum_chunk;
         Self {
             plan: TransferPlan {

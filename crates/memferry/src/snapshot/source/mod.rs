@@ -5,7 +5,7 @@ mod safetensors;
 mod synthetic;
 
 pub use safetensors::{SAFETENSORS_FILE_KEY, SAFETENSORS_TENSOR_KEY, TensorMeta, open_safetensors};
-pub use synthetic::{SyntheticModel, synthetic};
+pub use synthetic::{SyntheticModel, fill_bytes, synthetic};
 
 use super::layout::Layout;
 use crate::memory::Region;

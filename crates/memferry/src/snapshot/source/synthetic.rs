@@ -6,9 +6,9 @@
 //! any run can regenerate and compare them.
 
 use super::SnapshotSource;
+use crate::Result;
 use crate::memory::{Device, HostRegion, Region};
 use crate::snapshot::layout::{Allocation, Layout, MetadataEntry};
-use crate::Result;
 
 /// A synthetic model held in host memory.
 pub struct SyntheticModel {
@@ -109,7 +109,9 @@ pub fn synthetic(size: u64, seed: u64) -> Result<SyntheticModel> {
         regions.push(HostRegion::new(s)?);
     }
     // Generate in parallel: the bytes of allocation i depend only on (seed, i).
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let cells: Vec<std::sync::Mutex<&mut HostRegion>> =
         regions.iter_mut().map(std::sync::Mutex::new).collect();

@@ -1,0 +1,391 @@
+//! One conformance suite that every backend configuration passes: each case
+//! below runs through every entry of `configs()`, with a label per path.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use memferry::Error;
+use memferry::memory::{Device, HostRegion, Region};
+use memferry::snapshot::layout::{Allocation, Layout, MetadataEntry};
+use memferry::snapshot::source::{SnapshotSource, fill_bytes};
+use memferry::snapshot::{LoadOptions, SaveOptions, restore, save, verify};
+use memferry::transfer::{BackendKind, Tuning};
+
+/// A backend configuration under test.
+struct Config {
+    label: &'static str,
+    backend: BackendKind,
+    tuning: Tuning,
+}
+
+fn configs() -> Vec<Config> {
+    let t = |workers, queue_depth, chunk_size, max: Option<u64>| Tuning {
+        workers,
+        queue_depth,
+        chunk_size,
+        max_bytes_per_call: max,
+    };
+    vec![
+        Config {
+            label: "buffered",
+            backend: BackendKind::Buffered,
+            tuning: t(4, 16, 1 << 20, None),
+        },
+        Config {
+            label: "buffered-1worker-big-chunks",
+            backend: BackendKind::Buffered,
+            tuning: t(1, 1, 8 << 20, None),
+        },
+        Config {
+            label: "direct",
+            backend: BackendKind::Direct,
+            tuning: t(4, 16, 1 << 20, None),
+        },
+        Config {
+            label: "direct-qd1",
+            backend: BackendKind::Direct,
+            tuning: t(1, 1, 2 << 20, None),
+        },
+        Config {
+            label: "direct-short-4k",
+            backend: BackendKind::Direct,
+            tuning: t(4, 8, 1 << 20, Some(4096)),
+        },
+        Config {
+            label: "auto",
+            backend: BackendKind::Auto,
+            tuning: t(2, 4, 1 << 20, None),
+        },
+    ]
+}
+
+/// A source with allocations of exactly `sizes`, bytes from `seed`.
+fn source(sizes: &[u64], seed: u64) -> SnapshotSource {
+    let mut layout = Layout::default();
+    let mut regions: Vec<Box<dyn Region>> = Vec::new();
+    for (i, &s) in sizes.iter().enumerate() {
+        let id = 1000 + i as u64;
+        layout.allocations.push(Allocation {
+            id,
+            size: s,
+            device: Device::Cpu,
+            tag: format!("t{i}"),
+        });
+        layout.metadata.push(MetadataEntry {
+            key: format!("k{i}"),
+            allocation_id: id,
+            offset: s / 2,
+            value: vec![i as u8; i % 7],
+        });
+        let mut r = HostRegion::new(s).unwrap();
+        fill_bytes(seed, i as u64, r.as_mut_slice());
+        regions.push(Box::new(r));
+    }
+    SnapshotSource {
+        description: format!("test:{seed}"),
+        layout,
+        regions,
+    }
+}
+
+fn roots(dir: &Path, n: usize) -> Option<Vec<PathBuf>> {
+    (n > 1).then(|| {
+        (0..n)
+            .map(|i| {
+                let p = dir.join(format!("root{i}"));
+                std::fs::create_dir_all(&p).unwrap();
+                p
+            })
+            .collect()
+    })
+}
+
+/// Saves with `cfg`, restores with every config and compares every byte
+/// and the layout; also verifies.
+fn round_trip(case: &str, sizes: &[u64], shard_size: u64, nroots: usize) {
+    for save_cfg in configs() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let snap = dir.path().join("snap");
+        let src = source(sizes, 7);
+        let roots = roots(dir.path(), nroots);
+        let opts = SaveOptions {
+            roots: roots.clone(),
+            shard_size,
+            backend: save_cfg.backend,
+            tuning: save_cfg.tuning.clone(),
+            ..SaveOptions::default()
+        };
+        let rep = save(&src, &snap, &opts)
+            .unwrap_or_else(|e| panic!("{case}: save with {}: {e}", save_cfg.label));
+        assert_eq!(
+            rep.bytes,
+            sizes.iter().sum::<u64>(),
+            "{case}/{}",
+            save_cfg.label
+        );
+        assert!(rep.shards >= 1 || sizes.iter().all(|&s| s == 0));
+        for load_cfg in configs() {
+            let label = format!(
+                "{case}: saved with {}, loaded with {}",
+                save_cfg.label, load_cfg.label
+            );
+            let lo = LoadOptions {
+                backend: load_cfg.backend,
+                tuning: load_cfg.tuning.clone(),
+                ..LoadOptions::default()
+            };
+            let (restored, report) = restore(&snap, &lo).unwrap_or_else(|e| panic!("{label}: {e}"));
+            assert!(report.verified, "{label}");
+            assert_eq!(restored.manifest.layout(), src.layout, "{label}: layout");
+            for (i, (a, b)) in src.regions.iter().zip(&restored.regions).enumerate() {
+                // SAFETY: nothing writes the source regions during the test.
+                let want = unsafe { memferry::memory::host_bytes(a.as_ref()) }.unwrap();
+                assert!(want == b.as_slice(), "{label}: allocation {i} differs");
+            }
+            verify(&snap, &lo).unwrap_or_else(|e| panic!("{label}: verify: {e}"));
+        }
+    }
+}
+
+#[test]
+fn many_allocations_with_tails_and_a_zero_size_one() {
+    let sizes = [
+        0,
+        1,
+        4095,
+        4096,
+        4097,
+        (1 << 20) + 3,
+        3 << 20,
+        (5 << 20) - 1,
+        12345,
+        0,
+        65537,
+    ];
+    round_trip("tails", &sizes, 4 << 20, 1);
+}
+
+#[test]
+fn one_huge_allocation_split_across_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s");
+    let src = source(&[(9 << 20) + 17], 3);
+    save(
+        &src,
+        &snap,
+        &SaveOptions {
+            shard_size: 1 << 20,
+            ..SaveOptions::default()
+        },
+    )
+    .unwrap();
+    let m = memferry::snapshot::Manifest::load(&snap).unwrap();
+    assert!(m.shards.len() >= 9, "split into {} shards", m.shards.len());
+    assert!(m.allocations[0].extents.len() >= 9);
+    round_trip("huge", &[(9 << 20) + 17], 1 << 20, 1);
+}
+
+#[test]
+fn thousands_of_tiny_allocations() {
+    let sizes: Vec<u64> = (0..3000).map(|i| (i * 37 % 300) as u64).collect();
+    round_trip("tiny", &sizes, 2 << 20, 2);
+}
+
+#[test]
+fn several_roots_stripe_evenly() {
+    let sizes = [3 << 20, 5000, 7 << 20, 1, (2 << 20) + 9];
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s");
+    let r = roots(dir.path(), 3).unwrap();
+    save(
+        &source(&sizes, 1),
+        &snap,
+        &SaveOptions {
+            roots: Some(r.clone()),
+            shard_size: 1 << 20,
+            ..SaveOptions::default()
+        },
+    )
+    .unwrap();
+    let m = memferry::snapshot::Manifest::load(&snap).unwrap();
+    let per_root: Vec<u64> = (0..3)
+        .map(|i| {
+            m.shards
+                .iter()
+                .filter(|s| s.root == i)
+                .map(|s| s.size)
+                .sum()
+        })
+        .collect();
+    let (lo, hi) = (
+        per_root.iter().min().unwrap(),
+        per_root.iter().max().unwrap(),
+    );
+    assert!(hi - lo <= 2 << 20, "uneven striping: {per_root:?}");
+    for s in &m.shards {
+        assert!(!Path::new(&s.path).is_absolute(), "relative shard paths");
+        assert!(r[s.root].join(&s.path).is_file());
+    }
+    round_trip("roots", &sizes, 1 << 20, 3);
+}
+
+#[test]
+fn restore_with_moved_roots_is_portable() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s");
+    let r = roots(dir.path(), 2).unwrap();
+    let src = source(&[3 << 20, 777], 5);
+    save(
+        &src,
+        &snap,
+        &SaveOptions {
+            roots: Some(r.clone()),
+            shard_size: 1 << 20,
+            ..SaveOptions::default()
+        },
+    )
+    .unwrap();
+    let moved: Vec<PathBuf> = r
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let to = dir.path().join(format!("moved{i}"));
+            std::fs::rename(p, &to).unwrap();
+            to
+        })
+        .collect();
+    assert!(
+        restore(&snap, &LoadOptions::default()).is_err(),
+        "recorded roots are gone"
+    );
+    let (restored, _) = restore(
+        &snap,
+        &LoadOptions {
+            roots: Some(moved),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(restored.regions[1].as_slice().len(), 777);
+}
+
+/// A storage layer that moves one byte per call: every read and write comes
+/// back short and must be resumed (buffered path, both directions).
+#[test]
+fn one_byte_per_call_storage() {
+    let sizes = [0, 1, 4097, 70_000, 5];
+    let one_byte = Tuning {
+        workers: 3,
+        queue_depth: 4,
+        chunk_size: 1 << 20,
+        max_bytes_per_call: Some(1),
+    };
+    for (label, backend) in [
+        ("buffered", BackendKind::Buffered),
+        ("direct", BackendKind::Direct),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("s");
+        let src = source(&sizes, 9);
+        save(
+            &src,
+            &snap,
+            &SaveOptions {
+                backend,
+                tuning: one_byte.clone(),
+                ..SaveOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let (restored, _) = restore(
+            &snap,
+            &LoadOptions {
+                backend,
+                tuning: one_byte.clone(),
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        for (a, b) in src.regions.iter().zip(&restored.regions) {
+            // SAFETY: no writers.
+            assert!(unsafe { memferry::memory::host_bytes(a.as_ref()) }.unwrap() == b.as_slice());
+        }
+    }
+}
+
+#[test]
+fn cancellation_commits_nothing() {
+    for cfg in configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("s");
+        let cancel = Arc::new(AtomicBool::new(true));
+        let err = save(
+            &source(&[2 << 20, 3], 1),
+            &snap,
+            &SaveOptions {
+                backend: cfg.backend,
+                tuning: cfg.tuning.clone(),
+                cancel: Some(cancel.clone()),
+                ..SaveOptions::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Cancelled), "{}: {err}", cfg.label);
+        assert!(!snap.exists(), "{}: nothing committed", cfg.label);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert!(
+            leftovers.is_empty(),
+            "{}: staging removed: {leftovers:?}",
+            cfg.label
+        );
+    }
+}
+
+#[test]
+fn every_backend_detects_a_flipped_bit_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s");
+    save(&source(&[3 << 20, 10], 2), &snap, &SaveOptions::default()).unwrap();
+    let m = memferry::snapshot::Manifest::load(&snap).unwrap();
+    let e = &m.allocations[0].extents[0];
+    let shard = snap.join(&m.shards[e.shard].path);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let at = e.offset + (1 << 20) + 100; // inside the second checksum chunk
+    bytes[at as usize] ^= 0x10;
+    std::fs::write(&shard, bytes).unwrap();
+    for cfg in configs() {
+        let lo = LoadOptions {
+            backend: cfg.backend,
+            tuning: cfg.tuning.clone(),
+            ..LoadOptions::default()
+        };
+        for (op, err) in [
+            ("restore", restore(&snap, &lo).err()),
+            ("verify", verify(&snap, &lo).err()),
+        ] {
+            match err {
+                Some(Error::ChecksumMismatch {
+                    path,
+                    offset,
+                    length,
+                    ..
+                }) => {
+                    assert_eq!(path, shard, "{}/{op}", cfg.label);
+                    assert_eq!(offset, e.offset + (1 << 20), "{}/{op}", cfg.label);
+                    assert_eq!(length, 1 << 20, "{}/{op}", cfg.label);
+                }
+                other => panic!(
+                    "{}/{op}: expected a checksum mismatch, got {other:?}",
+                    cfg.label
+                ),
+            }
+        }
+    }
+    let skip = LoadOptions {
+        verify: false,
+        ..LoadOptions::default()
+    };
+    let (_, rep) = restore(&snap, &skip).expect("--no-verify skips checksums");
+    assert!(!rep.verified);
+}
