@@ -476,7 +476,11 @@ pub fn seed() -> u64 {
 /// Parses a safetensors file: (header JSON, header length, file length).
 pub fn read_safetensors(path: &Path) -> (Value, u64, u64) {
     let bytes = fs::read(path).expect("reading the exported file");
-    assert!(bytes.len() >= 8, "{} is shorter than 8 bytes", path.display());
+    assert!(
+        bytes.len() >= 8,
+        "{} is shorter than 8 bytes",
+        path.display()
+    );
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
     assert!(
         8 + n <= bytes.len() as u64,

@@ -85,4 +85,7 @@ impl Region for HostRegion {
     fn host_ptr_mut(&self) -> Option<*mut u8> {
         Some(self.ptr.as_ptr())
     }
+    fn host_capacity(&self) -> u64 {
+        self.mapped as u64
+    }
 }

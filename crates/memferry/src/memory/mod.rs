@@ -42,6 +42,12 @@ pub trait Region: Send + Sync {
     /// Host address of byte 0 when the bytes can be written directly by the CPU.
     fn host_ptr_mut(&self) -> Option<*mut u8>;
 
+    /// Bytes writable at `host_ptr_mut` (at least `len`): the slack lets
+    /// direct I/O land whole aligned blocks at the region's tail.
+    fn host_capacity(&self) -> u64 {
+        self.len()
+    }
+
     /// Copies `src` into the region at `offset`.
     ///
     /// # Safety

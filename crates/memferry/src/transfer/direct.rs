@@ -1,10 +1,13 @@
 //! `direct`: O_DIRECT through io_uring, one submitter thread per root.
 //!
-//! Each root gets its own ring and a ring of `queue_depth` page-aligned
-//! staging slots registered once. Loads read into a slot, verify its
-//! checksums there and only then copy into the destination region; stores
-//! copy into a slot, checksum, zero-pad to 4096 and write. Short transfers
-//! are resubmitted for the remainder. When the filesystem refuses O_DIRECT
+//! Each root gets its own ring with up to `queue_depth` requests in flight.
+//! Loads into page-aligned host memory (the common restore) land in place,
+//! with no copy and no staging, and are verified there before the op counts
+//! as done. Every other request goes through one of `queue_depth`
+//! page-aligned staging slots registered with the ring once: loads are
+//! verified in the slot before being copied on (e.g. to device memory);
+//! stores are copied in, checksummed, zero-padded to 4096 and written.
+//! Short transfers are resubmitted for the remainder. When the filesystem refuses O_DIRECT
 //! or io_uring cannot be set up or register buffers (EPERM, ENOSYS, ENOMEM
 //! under a small memlock limit), that root runs `buffered` instead and the
 //! report says why.
@@ -96,7 +99,7 @@ impl Backend for DirectBackend {
 fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<RootRun> {
     match Engine::setup(job, ops, tuning)? {
         Ok(mut engine) => {
-            let staging = engine.staging.len() as u64;
+            let staging = engine.staging.as_ref().map_or(0, |b| b.len() as u64);
             engine.run(job, ops)?;
             Ok(RootRun {
                 fallback: None,
@@ -115,23 +118,59 @@ fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<Roo
 }
 
 /// Per-slot bookkeeping of an in-flight request.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Slot {
     op: usize,
     done: u64,
     want: u64,
+    /// Where the request's bytes live: the destination itself or a slot.
+    buf: *mut u8,
+    /// True when `buf` is the registered staging slot of the same index.
+    staged: bool,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Self {
+            op: 0,
+            done: 0,
+            want: 0,
+            buf: std::ptr::null_mut(),
+            staged: false,
+        }
+    }
 }
 
 /// One root's ring, staging slots and open files.
 struct Engine {
     ring: Ring,
-    /// Registered with `ring`: must outlive every in-flight request.
-    staging: AlignedBuf,
+    /// Registered with `ring` (when any op needs staging): must outlive
+    /// every in-flight request.
+    staging: Option<AlignedBuf>,
     slot_size: usize,
     slots: Vec<Slot>,
     files: Vec<Option<File>>,
     /// Bytes the kernel may move per request (test hook), multiple of 4096.
     cap: u64,
+}
+
+/// Where a load can land in place: host-writable, 4096-aligned, with room
+/// for the aligned length.
+fn in_place_target(job: &TransferJob<'_>, op_index: usize) -> Option<*mut u8> {
+    let op = &job.plan.ops[op_index];
+    if job.plan.direction != Direction::Load {
+        return None;
+    }
+    let region = job.regions[op.region];
+    let base = region.host_ptr_mut()?;
+    let want = align_up(op.len, IO_ALIGN);
+    if (base as usize + op.mem_offset as usize) % IO_ALIGN as usize != 0
+        || op.mem_offset + want > region.host_capacity()
+    {
+        return None;
+    }
+    // SAFETY: in bounds of the region's writable capacity (checked above).
+    Some(unsafe { base.add(op.mem_offset as usize) })
 }
 
 impl Engine {
@@ -176,27 +215,36 @@ impl Engine {
             Ok(r) => r,
             Err(e) => return Ok(Err(format!("io_uring setup failed: {e}"))),
         };
-        let mut staging = AlignedBuf::new(slot_size * depth)?;
-        let base = staging.as_mut_ptr();
-        let bufs: Vec<(*mut u8, usize)> = (0..depth)
-            // SAFETY: slot `i` lies inside the staging allocation.
-            .map(|i| (unsafe { base.add(i * slot_size) }, slot_size))
-            .collect();
-        // SAFETY: `staging` is owned by the engine together with the ring and
-        // is declared after it, so it is dropped after the ring.
-        if let Err(e) = unsafe { ring.register(&bufs) } {
-            let hint = match e.raw_os_error() {
-                Some(libc::ENOMEM) => format!(
-                    " (the memlock limit is too small for {} of staging: raise `ulimit -l`, lower --queue-depth or --chunk-size, or grant CAP_IPC_LOCK)",
-                    crate::units::format_bytes((slot_size * depth) as u64)
-                ),
-                Some(libc::EPERM) => " (not permitted: io_uring may be disabled by policy)".into(),
-                _ => String::new(),
-            };
-            return Ok(Err(format!(
-                "io_uring buffer registration failed: {e}{hint}"
-            )));
-        }
+        let needs_staging = ops.iter().any(|&i| in_place_target(job, i).is_none());
+        let staging = if needs_staging {
+            let mut staging = AlignedBuf::new(slot_size * depth)?;
+            let base = staging.as_mut_ptr();
+            let bufs: Vec<(*mut u8, usize)> = (0..depth)
+                // SAFETY: slot `i` lies inside the staging allocation.
+                .map(|i| (unsafe { base.add(i * slot_size) }, slot_size))
+                .collect();
+            // SAFETY: the staging buffer is owned by the engine with the ring
+            // and `run` returns only when no request is in flight, so the
+            // buffers outlive every use the kernel makes of them.
+            if let Err(e) = unsafe { ring.register(&bufs) } {
+                let hint = match e.raw_os_error() {
+                    Some(libc::ENOMEM) => format!(
+                        " (the memlock limit is too small for {} of staging: raise `ulimit -l`, lower --queue-depth or --chunk-size, or grant CAP_IPC_LOCK)",
+                        crate::units::format_bytes((slot_size * depth) as u64)
+                    ),
+                    Some(libc::EPERM) => {
+                        " (not permitted: io_uring may be disabled by policy)".into()
+                    }
+                    _ => String::new(),
+                };
+                return Ok(Err(format!(
+                    "io_uring buffer registration failed: {e}{hint}"
+                )));
+            }
+            Some(staging)
+        } else {
+            None
+        };
         let cap = tuning
             .max_bytes_per_call
             .map_or(u64::MAX, |c| align_up(c.max(1), IO_ALIGN));
@@ -210,9 +258,17 @@ impl Engine {
         }))
     }
 
-    fn slot_ptr(&mut self, slot: usize) -> *mut u8 {
+    /// The buffer a new request on `slot` uses for `op_index`.
+    fn claim(&mut self, job: &TransferJob<'_>, slot: usize, op_index: usize) -> (*mut u8, bool) {
+        if let Some(p) = in_place_target(job, op_index) {
+            return (p, false);
+        }
+        let staging = self.staging.as_mut().expect("staging exists when needed");
         // SAFETY: slot < depth, so the offset stays inside the staging buffer.
-        unsafe { self.staging.as_mut_ptr().add(slot * self.slot_size) }
+        (
+            unsafe { staging.as_mut_ptr().add(slot * self.slot_size) },
+            true,
+        )
     }
 
     /// Queues the not yet transferred part of `slot`'s request.
@@ -224,25 +280,24 @@ impl Engine {
             .expect("opened in setup")
             .as_fd();
         let len = (s.want - s.done) as u32;
-        // SAFETY: `done < want <= slot_size`, so the range is inside slot
-        // `slot` of the staging buffer.
-        let ptr = unsafe {
-            self.staging
-                .as_mut_ptr()
-                .add(slot * self.slot_size + s.done as usize)
-        };
+        // SAFETY: `done < want`, and `buf` has room for `want` bytes (a
+        // staging slot of `slot_size >= want`, or the checked destination).
+        let ptr = unsafe { s.buf.add(s.done as usize) };
         let offset = op.file_offset + s.done;
-        // SAFETY: the slot is not in flight (we only resubmit after its
+        // SAFETY: the buffer is not in flight (we only resubmit after its
         // completion) and is not touched again until its next completion;
-        // `staging` and `files` outlive the ring's requests because `run`
-        // returns only once nothing is in flight.
+        // staging, destinations and files outlive the ring's requests
+        // because `run` returns only once nothing is in flight.
         unsafe {
-            match job.plan.direction {
-                Direction::Load => {
+            match (job.plan.direction, s.staged) {
+                (Direction::Load, true) => {
                     self.ring
                         .push_read(fd, ptr, len, offset, slot as u16, slot as u64)
                 }
-                Direction::Store => {
+                (Direction::Load, false) => {
+                    self.ring.push_read_plain(fd, ptr, len, offset, slot as u64)
+                }
+                (Direction::Store, _) => {
                     self.ring
                         .push_write(fd, ptr, len, offset, slot as u16, slot as u64)
                 }
@@ -262,25 +317,28 @@ impl Engine {
             }
             while error.is_none() && next < ops.len() {
                 let Some(slot) = free.pop() else { break };
-                let op = &plan.ops[ops[next]];
+                let op_index = ops[next];
+                let op = &plan.ops[op_index];
                 next += 1;
                 let (len, want) = (op.len as usize, align_up(op.len, IO_ALIGN));
+                let (buf, staged) = self.claim(job, slot, op_index);
                 if plan.direction == Direction::Store {
-                    let ptr = self.slot_ptr(slot);
                     // SAFETY: the slot is free (not in flight) and `want` is
                     // at most the slot size.
-                    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, want as usize) };
-                    if let Err(e) = job.fetch_for_store(op, &mut buf[..len]) {
+                    let bytes = unsafe { std::slice::from_raw_parts_mut(buf, want as usize) };
+                    if let Err(e) = job.fetch_for_store(op, &mut bytes[..len]) {
                         error = Some(e);
                         free.push(slot);
                         break;
                     }
-                    buf[len..].fill(0);
+                    bytes[len..].fill(0);
                 }
                 self.slots[slot] = Slot {
-                    op: ops[next - 1],
+                    op: op_index,
                     done: 0,
                     want,
+                    buf,
+                    staged,
                 };
                 self.submit_rest(job, slot);
                 in_flight += 1;
@@ -289,10 +347,9 @@ impl Engine {
                 break;
             }
             if let Err(e) = self.ring.submit_and_wait(1) {
-                // The kernel may still own staging slots: never free them.
+                // The kernel may still own buffers: never free them.
                 std::mem::forget(std::mem::take(&mut self.files));
-                let staging = std::mem::replace(&mut self.staging, AlignedBuf::new(0)?);
-                std::mem::forget(staging);
+                std::mem::forget(self.staging.take());
                 return Err(Error::io("waiting for io_uring completions", e));
             }
             for (user_data, res) in self.ring.completions() {
@@ -367,11 +424,16 @@ impl Engine {
                     }
                 }
                 if plan.direction == Direction::Load {
-                    let ptr = self.slot_ptr(slot);
                     // SAFETY: the request for this slot has completed, so the
-                    // kernel no longer writes it; `op.len <= slot_size`.
-                    let data = unsafe { std::slice::from_raw_parts(ptr, op.len as usize) };
-                    if let Err(e) = job.accept_loaded(op, data) {
+                    // kernel no longer writes its buffer; `op.len <= want`.
+                    let data = unsafe { std::slice::from_raw_parts(s.buf, op.len as usize) };
+                    let outcome = if s.staged {
+                        job.accept_loaded(op, data)
+                    } else {
+                        // Landed in place: verify there, then count it.
+                        job.verify_loaded(op, data).map(|()| job.op_done(op))
+                    };
+                    if let Err(e) = outcome {
                         error = Some(e);
                     }
                 } else {

@@ -67,6 +67,29 @@ impl Ring {
         unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
     }
 
+    /// Queues a read of `len` bytes at `offset` into unregistered memory
+    /// at `ptr` (the kernel pins the pages for the duration of the request).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be valid, writable, suitably aligned for the
+    /// file's O_DIRECT mode, and untouched by the caller until the completion
+    /// for `user_data` arrives.
+    pub unsafe fn push_read_plain(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        ptr: *mut u8,
+        len: u32,
+        offset: u64,
+        user_data: u64,
+    ) {
+        let entry = opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, len)
+            .offset(offset)
+            .build()
+            .user_data(user_data);
+        // SAFETY: as in `push_read`.
+        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
+    }
+
     /// Queues a write of `len` bytes at `offset` from registered buffer
     /// `buf_index` at `ptr`.
     ///
