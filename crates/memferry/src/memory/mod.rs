@@ -42,8 +42,9 @@ pub trait Region: Send + Sync {
     /// Host address of byte 0 when the bytes can be written directly by the CPU.
     fn host_ptr_mut(&self) -> Option<*mut u8>;
 
-    /// Bytes writable at `host_ptr_mut` (at least `len`): the slack lets
-    /// direct I/O land whole aligned blocks at the region's tail.
+    /// Bytes addressable at `host_ptr`/`host_ptr_mut` (at least `len`): the
+    /// slack lets direct I/O move whole aligned blocks at the region's tail.
+    /// Slack bytes carry no meaning (checksums cover `len` bytes only).
     fn host_capacity(&self) -> u64 {
         self.len()
     }

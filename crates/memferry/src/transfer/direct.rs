@@ -1,12 +1,15 @@
 //! `direct`: O_DIRECT through io_uring, one submitter thread per root.
 //!
 //! Each root gets its own ring with up to `queue_depth` requests in flight.
-//! Loads into page-aligned host memory (the common restore) land in place,
-//! with no copy and no staging, and are verified there before the op counts
-//! as done. Every other request goes through one of `queue_depth`
-//! page-aligned staging slots registered with the ring once: loads are
-//! verified in the slot before being copied on (e.g. to device memory);
-//! stores are copied in, checksummed, zero-padded to 4096 and written.
+//! Requests on page-aligned host memory run in place, with no copy and no
+//! staging: loads land in the destination and are verified there before the
+//! op counts as done (a failed job leaves the destination unspecified);
+//! stores are checksummed and written straight from the source. Every other
+//! request (device memory, unaligned sources such as tensors inside a
+//! mapped safetensors file, verification sinks) goes through one of
+//! `queue_depth` page-aligned staging slots registered with the ring once:
+//! loads are verified in the slot before being copied on; stores are copied
+//! in, checksummed, zero-padded to 4096 and written.
 //! Short transfers are resubmitted for the remainder. When the filesystem refuses O_DIRECT
 //! or io_uring cannot be set up or register buffers (EPERM, ENOSYS, ENOMEM
 //! under a small memlock limit), that root runs `buffered` instead and the
@@ -154,22 +157,23 @@ struct Engine {
     cap: u64,
 }
 
-/// Where a load can land in place: host-writable, 4096-aligned, with room
-/// for the aligned length.
+/// Where a request can run in place, with no staging: host memory that is
+/// 4096-aligned at the op's offset with room for the aligned length. Loads
+/// land in the destination; stores write straight from the source.
 fn in_place_target(job: &TransferJob<'_>, op_index: usize) -> Option<*mut u8> {
     let op = &job.plan.ops[op_index];
-    if job.plan.direction != Direction::Load {
-        return None;
-    }
     let region = job.regions[op.region];
-    let base = region.host_ptr_mut()?;
+    let base = match job.plan.direction {
+        Direction::Load => region.host_ptr_mut()?,
+        Direction::Store => region.host_ptr()?.cast_mut(),
+    };
     let want = align_up(op.len, IO_ALIGN);
-    if (base as usize + op.mem_offset as usize) % IO_ALIGN as usize != 0
+    if !(base as usize + op.mem_offset as usize).is_multiple_of(IO_ALIGN as usize)
         || op.mem_offset + want > region.host_capacity()
     {
         return None;
     }
-    // SAFETY: in bounds of the region's writable capacity (checked above).
+    // SAFETY: in bounds of the region's addressable capacity (checked above).
     Some(unsafe { base.add(op.mem_offset as usize) })
 }
 
@@ -297,9 +301,13 @@ impl Engine {
                 (Direction::Load, false) => {
                     self.ring.push_read_plain(fd, ptr, len, offset, slot as u64)
                 }
-                (Direction::Store, _) => {
+                (Direction::Store, true) => {
                     self.ring
                         .push_write(fd, ptr, len, offset, slot as u16, slot as u64)
+                }
+                (Direction::Store, false) => {
+                    self.ring
+                        .push_write_plain(fd, ptr, len, offset, slot as u64)
                 }
             }
         }
@@ -322,7 +330,11 @@ impl Engine {
                 next += 1;
                 let (len, want) = (op.len as usize, align_up(op.len, IO_ALIGN));
                 let (buf, staged) = self.claim(job, slot, op_index);
-                if plan.direction == Direction::Store {
+                if plan.direction == Direction::Store && !staged {
+                    // SAFETY: in-place source: `len` readable bytes at `buf`,
+                    // not written by anyone during a store.
+                    job.record_stored(op, unsafe { std::slice::from_raw_parts(buf, len) });
+                } else if plan.direction == Direction::Store {
                     // SAFETY: the slot is free (not in flight) and `want` is
                     // at most the slot size.
                     let bytes = unsafe { std::slice::from_raw_parts_mut(buf, want as usize) };

@@ -90,6 +90,27 @@ impl Ring {
         unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
     }
 
+    /// Queues a write of `len` bytes at `offset` from unregistered memory.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be valid, readable, suitably aligned for O_DIRECT
+    /// and unmodified by the caller until the completion for `user_data`.
+    pub unsafe fn push_write_plain(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        ptr: *const u8,
+        len: u32,
+        offset: u64,
+        user_data: u64,
+    ) {
+        let entry = opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, len)
+            .offset(offset)
+            .build()
+            .user_data(user_data);
+        // SAFETY: as in `push_read`.
+        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
+    }
+
     /// Queues a write of `len` bytes at `offset` from registered buffer
     /// `buf_index` at `ptr`.
     ///
