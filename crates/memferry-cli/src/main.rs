@@ -15,7 +15,10 @@ use clap::Parser;
 use memferry::Error;
 
 fn main() -> ExitCode {
-    let cli = args::Cli::parse();
+    let cli = match args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -44,6 +47,49 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// Reports an argument error; with `--json` (or MEMFERRY_JSON) also as one
+/// JSON object on stdout, so scripts always get an object.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+        || matches!(
+            e.kind(),
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        )
+    {
+        e.exit();
+    }
+    let json_env = std::env::var("MEMFERRY_JSON")
+        .is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"));
+    if json_env || std::env::args().any(|a| a == "--json") {
+        let text = e.to_string();
+        let message = text.trim().trim_start_matches("error: ");
+        let message = message.split("\n\n").next().unwrap_or(message);
+        let op = std::env::args()
+            .skip(1)
+            .find(|a| {
+                [
+                    "save",
+                    "restore",
+                    "verify",
+                    "inspect",
+                    "export",
+                    "gc",
+                    "quickstart",
+                ]
+                .contains(&a.as_str())
+            })
+            .unwrap_or_else(|| "usage".into());
+        println!(
+            "{}",
+            serde_json::json!({ "op": op, "ok": false, "error": message })
+        );
+        eprint!("{}", e.render());
+        return ExitCode::from(2);
+    }
+    e.exit();
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {

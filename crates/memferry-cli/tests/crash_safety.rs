@@ -340,7 +340,14 @@ fn crash_over_committed(root_count: usize) {
         if kill_after(child, delay) == Ending::Killed {
             killed += 1;
         }
-        let seen = check_after_kill(&place, name, false, &when).expect("a snapshot");
+        // Every fifth time without gc: the next save must then clean up
+        // after the crash by itself.
+        let seen = if i % 5 == 4 {
+            observe(&p, false, &when)
+        } else {
+            check_after_kill(&place, name, false, &when)
+        }
+        .expect("a snapshot");
         if seen.bytes == A_MIB * MIB {
             saw_a += 1;
         } else {
@@ -464,5 +471,42 @@ fn gc_removes_stage_with_empty_owner_marker() {
         stage_dirs(&place.parent, "model"),
         Vec::<String>::new(),
         "gc kept the staging directory of a save killed while writing its owner marker (gc report: {gc})"
+    );
+}
+
+/// The same window for a shard directory on a root: the staging directory
+/// has a complete marker (it is written first), the root's shard directory
+/// only the empty file a kill between `open` and `write` leaves.
+#[test]
+fn gc_removes_root_shard_dir_with_empty_owner_marker() {
+    let place = Place::new(2);
+    let p = place.parent.join("model");
+    place.save(A_MIB, &p);
+    let committed = observe(&p, false, "initial save").unwrap();
+
+    // The crashed save's staging directory, with a complete owner marker.
+    let id = "00000000deadbeef";
+    let mut owner: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.join("memferry-owner.json")).unwrap()).unwrap();
+    owner["save_id"] = id.into();
+    let stage = place.parent.join(format!(".model.memferry-stage-{id}"));
+    std::fs::create_dir(&stage).unwrap();
+    std::fs::write(
+        stage.join("memferry-owner.json"),
+        serde_json::to_vec_pretty(&owner).unwrap(),
+    )
+    .unwrap();
+    // Its shard directory on root 0, killed while creating the marker.
+    let shard_dir = place.roots[0].join(format!("model.memferry-{id}"));
+    std::fs::create_dir(&shard_dir).unwrap();
+    std::fs::write(shard_dir.join("memferry-owner.json"), b"").unwrap();
+
+    let gc = run(["gc", &arg(&p), "--json"]).ok().json();
+    assert_eq!(observe(&p, false, "after gc"), Some(committed.clone()));
+    assert_no_leftovers(
+        &place,
+        "model",
+        &Some(committed),
+        &format!("gc after a kill while writing a root's owner marker (gc report: {gc})"),
     );
 }

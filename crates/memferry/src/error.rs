@@ -78,7 +78,8 @@ pub enum Error {
 
     /// The filesystem ran out of space while saving.
     #[error(
-        "no space left on the device holding {path} (needed {needed} more bytes); free space or choose other --roots. Nothing was committed and the previous snapshot is intact"
+        "no space left on the device holding {path}{}; free space or choose other --roots. Nothing was committed and the previous snapshot is intact",
+        needed_text(*.needed)
     )]
     NoSpace { path: PathBuf, needed: u64 },
 
@@ -113,6 +114,14 @@ impl Error {
             Error::Io { source, .. } => is_no_space(source),
             _ => false,
         }
+    }
+}
+
+fn needed_text(needed: u64) -> String {
+    if needed == 0 {
+        String::new()
+    } else {
+        format!(" (needed {needed} more bytes)")
     }
 }
 

@@ -129,7 +129,19 @@ fn dirs_with_prefix(parent: &Path, prefix: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Removes a pattern-named directory that proves nothing but holds nothing
+/// either: empty, or holding only an empty owner marker (a save killed
+/// between creating the marker and writing it).
 fn remove_if_empty(dir: &Path, report: &mut GcReport, why: &str) {
+    let marker = dir.join(super::ownership::OWNER_NAME);
+    let only_empty_marker = fs::read_dir(dir).is_ok_and(|entries| {
+        let names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
+        names.len() == 1 && names[0] == super::ownership::OWNER_NAME
+    }) && fs::symlink_metadata(&marker)
+        .is_ok_and(|m| m.is_file() && m.len() == 0);
+    if only_empty_marker {
+        let _ = fs::remove_file(&marker);
+    }
     if fs::remove_dir(dir).is_ok() {
         report.removed.push(dir.to_path_buf());
     } else {
