@@ -62,7 +62,7 @@ fn gc_keeps_lookalikes_without_a_matching_owner_marker() {
         r#"{"kind":"memferry-owner","name":"other","lineage":"x","save_id":"1111111111111111"}"#,
     )
     .unwrap();
-    let report = gc(&snap, &[root.clone()]).unwrap();
+    let report = gc(&snap, std::slice::from_ref(&root)).unwrap();
     assert!(report.removed.is_empty(), "{report:?}");
     assert_eq!(report.kept.len(), 3, "{report:?}");
     assert!(stranger.join("shard-00000.bin").exists());
