@@ -10,4 +10,4 @@ if ! command -v fio >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null
 fi
 cargo build --release -q
-exec python3 bench/core.py --size "${1:-2GiB}" --dir "${2:-/var/tmp/memferry-bench}" --runs "${RUNS:-5}"
+exec python3 bench/core.py --size "${1:-2GiB}" --dir "${2:-/var/tmp/memferry-bench}" --runs "${RUNS:-9}"

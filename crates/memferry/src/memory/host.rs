@@ -50,6 +50,28 @@ impl HostRegion {
         })
     }
 
+    /// Asks the kernel to back `offset..offset+len` with memory now
+    /// (MADV_POPULATE_WRITE), so later I/O does not stop to fault pages in.
+    /// Never changes the contents, so it may run while I/O fills the same
+    /// range. Returns false when the kernel does not support it.
+    pub fn populate(&self, offset: u64, len: u64) -> bool {
+        let start = (offset / 4096 * 4096).min(self.mapped as u64);
+        let end = crate::units::align_up(offset + len, 4096).min(self.mapped as u64);
+        if end <= start {
+            return true;
+        }
+        // SAFETY: the range lies inside our mapping; MADV_POPULATE_WRITE
+        // only faults pages in and never alters their contents.
+        unsafe {
+            rustix::mm::madvise(
+                self.ptr.as_ptr().add(start as usize).cast(),
+                (end - start) as usize,
+                rustix::mm::Advice::LinuxPopulateWrite,
+            )
+        }
+        .is_ok()
+    }
+
     /// The bytes, for callers that own the region exclusively.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `len` bytes are mapped and readable; `&self` excludes

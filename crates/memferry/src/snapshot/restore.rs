@@ -106,7 +106,19 @@ fn restore_once(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Rep
     phases.allocate = t.elapsed().as_secs_f64();
 
     let refs: Vec<&dyn Region> = regions.iter().map(|r| r as &dyn Region).collect();
-    let stats = run_load(&plan, &refs, &sums, opts, &mut phases)?;
+    let done = AtomicBool::new(false);
+    let stats = std::thread::scope(|s| {
+        // Fresh memory costs a page fault per page on first touch (slow in
+        // VMs); fault it in ahead of the I/O, in the order the backends fill
+        // it, so allocation overlaps the transfer instead of adding to it.
+        // (buffered workers fault pages in parallel themselves.)
+        if opts.backend != BackendKind::Buffered {
+            s.spawn(|| prefault(&plan, &regions, &done));
+        }
+        let r = run_load(&plan, &refs, &sums, opts, &mut phases);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })?;
 
     let t = Instant::now();
     if let Some(c) = &opts.complete_file {
@@ -121,6 +133,35 @@ fn restore_once(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Rep
         },
         report,
     ))
+}
+
+/// Populates destination pages in plan order, in steps of up to 64 MiB,
+/// until `done` is set or the kernel does not support populating.
+fn prefault(plan: &crate::transfer::TransferPlan, regions: &[HostRegion], done: &AtomicBool) {
+    const STEP: u64 = 64 << 20;
+    let mut pending: Option<(usize, u64, u64)> = None;
+    let flush = |p: (usize, u64, u64)| regions[p.0].populate(p.1, p.2 - p.1);
+    for op in &plan.ops {
+        if done.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let end = op.mem_offset + op.len;
+        pending = match pending {
+            Some((r, start, e)) if r == op.region && e == op.mem_offset && end - start <= STEP => {
+                Some((r, start, end))
+            }
+            Some(p) => {
+                if !flush(p) {
+                    return;
+                }
+                Some((op.region, op.mem_offset, end))
+            }
+            None => Some((op.region, op.mem_offset, end)),
+        };
+    }
+    if let Some(p) = pending {
+        flush(p);
+    }
 }
 
 /// Checks every byte of the snapshot at `dir` against its checksums
