@@ -11,6 +11,10 @@ use crc_fast::CrcAlgorithm;
 pub const DEFAULT_CHUNK: u64 = 1 << 20;
 
 /// CRC32C of `data`.
+///
+/// ```
+/// assert_eq!(memferry::integrity::crc32c(b"123456789"), 0xe306_9283);
+/// ```
 pub fn crc32c(data: &[u8]) -> u32 {
     crc_fast::checksum(CrcAlgorithm::Crc32Iscsi, data) as u32
 }

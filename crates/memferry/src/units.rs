@@ -4,6 +4,13 @@ use crate::{Error, Result};
 
 /// Parses a byte size: a number with an optional unit (`B`, `K`/`KiB`,
 /// `M`/`MiB`, `G`/`GiB`, `T`/`TiB`; `KB`/`MB`/`GB`/`TB` are decimal).
+///
+/// ```
+/// use memferry::units::parse_size;
+/// assert_eq!(parse_size("4MiB").unwrap(), 4 << 20);
+/// assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+/// assert!(parse_size("lots").is_err());
+/// ```
 pub fn parse_size(text: &str) -> Result<u64> {
     let t = text.trim();
     let split = t
