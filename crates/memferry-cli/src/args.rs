@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use memferry::memory::Device;
 use memferry::transfer::{BackendKind, Tuning};
 
@@ -43,6 +43,8 @@ pub enum Command {
     Gc(GcArgs),
     /// Save, restore with every backend, verify and clean up a built-in model.
     Quickstart(QuickstartArgs),
+    /// Measure every backend against the hardware limits on these disks.
+    Bench(BenchArgs),
 }
 
 /// Settings shared by every command that moves bytes.
@@ -160,4 +162,53 @@ pub struct QuickstartArgs {
     pub shard_size: u64,
     #[command(flatten)]
     pub transfer: TransferArgs,
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("temperature").args(["cold", "warm", "both"])))]
+pub struct BenchArgs {
+    /// Size of the synthetic snapshot measured.
+    #[arg(long, default_value = "4GiB", value_parser = size)]
+    pub size: u64,
+    /// Directories to measure, one per disk (default: the system temp dir).
+    #[arg(long, env = "MEMFERRY_ROOTS", value_delimiter = ',')]
+    pub roots: Option<Vec<PathBuf>>,
+    /// Backends to measure.
+    #[arg(long, value_delimiter = ',', default_value = "buffered,direct")]
+    pub backends: Vec<BackendKind>,
+    /// Measure restores with the page cache dropped only (needs root).
+    #[arg(long)]
+    pub cold: bool,
+    /// Measure restores with the files cached only.
+    #[arg(long)]
+    pub warm: bool,
+    /// Measure both (default).
+    #[arg(long)]
+    pub both: bool,
+    /// Runs per figure; the median is reported with the spread.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Buffered worker counts to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    pub workers: Vec<usize>,
+    /// Direct queue depths to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "8,16,32")]
+    pub queue_depth: Vec<usize>,
+    /// Chunk sizes to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1MiB,4MiB", value_parser = size)]
+    pub chunk_size: Vec<u64>,
+    /// Shard size of the bench snapshot.
+    #[arg(long, default_value = "1GiB", value_parser = size)]
+    pub shard_size: u64,
+    /// Write a chart (SVG) of the results with the limits drawn as lines.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Only measure the limits, on the shard files of this existing snapshot
+    /// (used by bench/ scripts to compare with fio on the same files).
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub limits_on: Option<PathBuf>,
+    /// Save the best settings as the profile for these disks
+    /// ($MEMFERRY_PROFILE or $XDG_CONFIG_HOME/memferry/profile.toml).
+    #[arg(long)]
+    pub save_profile: bool,
 }

@@ -3,9 +3,13 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use clap::ArgMatches;
+use clap::parser::ValueSource;
+use memferry::bench::{Profile, device_key, profile_path};
 use memferry::snapshot::export::export_safetensors;
 use memferry::snapshot::source::open_source;
 use memferry::snapshot::{self, LoadOptions, Manifest, Report, SaveOptions};
+use memferry::transfer::BackendKind;
 use memferry::units::format_bytes;
 
 use crate::args::{Cli, Command, ExportArgs, GcArgs, InspectArgs, ReadArgs, RestoreArgs, SaveArgs};
@@ -21,20 +25,103 @@ pub fn op_name(c: &Command) -> &'static str {
         Command::Export(_) => "export",
         Command::Gc(_) => "gc",
         Command::Quickstart(_) => "quickstart",
+        Command::Bench(_) => "bench",
     }
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+pub fn run(cli: Cli, m: &ArgMatches) -> Result<()> {
     let json = cli.json;
     match cli.command {
-        Command::Save(a) => save(a, json),
-        Command::Restore(a) => restore(a, json),
-        Command::Verify(a) => verify(a, json),
+        Command::Save(mut a) => {
+            let roots = a.transfer.roots.clone().unwrap_or_else(|| {
+                vec![memferry::storage::durable::parent_of(
+                    &memferry::storage::roots::absolute(&a.to).unwrap_or(a.to.clone()),
+                )]
+            });
+            let profile = apply_profile(&mut a.transfer, m, &roots)?;
+            save(a, json, profile)
+        }
+        Command::Restore(mut a) => {
+            let profile = profile_for_snapshot(&mut a.read, m)?;
+            restore(a, json, profile)
+        }
+        Command::Verify(mut a) => {
+            let profile = profile_for_snapshot(&mut a, m)?;
+            verify(a, json, profile)
+        }
+        Command::Bench(a) => crate::bench::run(a, json),
         Command::Inspect(a) => inspect(a, json),
-        Command::Export(a) => export(a, json),
+        Command::Export(mut a) => {
+            let profile = profile_for_snapshot(&mut a.read, m)?;
+            export(a, json, profile)
+        }
         Command::Gc(a) => gc(a, json),
         Command::Quickstart(a) => crate::quickstart::run(a, json),
     }
+}
+
+/// True when the user set the argument (command line or environment).
+fn explicit(m: &ArgMatches, id: &str) -> bool {
+    matches!(
+        m.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+/// Applies the bench profile for the disks holding `roots`: the backend
+/// when it is `auto`, and every setting the user did not give. Returns a
+/// description of what was used, for the report.
+fn apply_profile(
+    t: &mut crate::args::TransferArgs,
+    m: &ArgMatches,
+    roots: &[std::path::PathBuf],
+) -> Result<Option<String>> {
+    let Some(path) = profile_path() else {
+        return Ok(None);
+    };
+    let Some(profile) = Profile::load(&path)? else {
+        return Ok(None);
+    };
+    let devices = device_key(roots);
+    let Some(entry) = profile.lookup(&devices) else {
+        return Ok(None);
+    };
+    let s = &entry.setting;
+    let mut used = Vec::new();
+    if t.backend == BackendKind::Auto {
+        t.backend = s.backend;
+        used.push(format!("backend={}", s.backend));
+    }
+    if !explicit(m, "workers") {
+        t.workers = s.workers;
+        used.push(format!("workers={}", s.workers));
+    }
+    if !explicit(m, "queue_depth") {
+        t.queue_depth = s.queue_depth;
+        used.push(format!("queue_depth={}", s.queue_depth));
+    }
+    if !explicit(m, "chunk_size") {
+        t.chunk_size = s.chunk_size;
+        used.push(format!("chunk_size={}", s.chunk_size));
+    }
+    if used.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{} [devices {}: {}]",
+        path.display(),
+        devices.join(","),
+        used.join(" ")
+    )))
+}
+
+fn profile_for_snapshot(a: &mut ReadArgs, m: &ArgMatches) -> Result<Option<String>> {
+    let roots = match snapshot::OpenedSnapshot::open(&a.snapshot, a.transfer.roots.as_deref()) {
+        Ok(s) => s.roots,
+        // Let the operation itself report what is wrong with the snapshot.
+        Err(_) => return Ok(None),
+    };
+    apply_profile(&mut a.transfer, m, &roots)
 }
 
 /// Prints a report as JSON or as the summary and phase lines.
@@ -61,7 +148,7 @@ fn snapshot_bytes(dir: &Path) -> u64 {
     Manifest::load(dir).map_or(0, |m| m.total_bytes)
 }
 
-fn save(a: SaveArgs, json: bool) -> Result<()> {
+fn save(a: SaveArgs, json: bool, profile: Option<String>) -> Result<()> {
     let source = open_source(&a.source)?;
     let progress = Progress::start("save", source.layout.total_bytes(), json);
     let opts = SaveOptions {
@@ -73,14 +160,15 @@ fn save(a: SaveArgs, json: bool) -> Result<()> {
         progress: Some(progress.counter()),
         ..SaveOptions::default()
     };
-    let report = snapshot::save(&source, &a.to, &opts)
+    let mut report = snapshot::save(&source, &a.to, &opts)
         .with_context(|| format!("saving {} to {}", a.source, a.to.display()))?;
+    report.profile = profile;
     drop(progress);
     print_report(&report, json);
     Ok(())
 }
 
-fn restore(a: RestoreArgs, json: bool) -> Result<()> {
+fn restore(a: RestoreArgs, json: bool, profile: Option<String>) -> Result<()> {
     let progress = Progress::start("restore", snapshot_bytes(&a.read.snapshot), json);
     let opts = LoadOptions {
         verify: !a.no_verify,
@@ -89,27 +177,29 @@ fn restore(a: RestoreArgs, json: bool) -> Result<()> {
         progress: Some(progress.counter()),
         ..load_options(&a.read)
     };
-    let (_restored, report) = snapshot::restore(&a.read.snapshot, &opts)
+    let (_restored, mut report) = snapshot::restore(&a.read.snapshot, &opts)
         .with_context(|| format!("restoring {}", a.read.snapshot.display()))?;
+    report.profile = profile;
     drop(progress);
     print_report(&report, json);
     Ok(())
 }
 
-fn verify(a: ReadArgs, json: bool) -> Result<()> {
+fn verify(a: ReadArgs, json: bool, profile: Option<String>) -> Result<()> {
     let progress = Progress::start("verify", snapshot_bytes(&a.snapshot), json);
     let opts = LoadOptions {
         progress: Some(progress.counter()),
         ..load_options(&a)
     };
-    let report = snapshot::verify(&a.snapshot, &opts)
+    let mut report = snapshot::verify(&a.snapshot, &opts)
         .with_context(|| format!("verifying {}", a.snapshot.display()))?;
+    report.profile = profile;
     drop(progress);
     print_report(&report, json);
     Ok(())
 }
 
-fn export(a: ExportArgs, json: bool) -> Result<()> {
+fn export(a: ExportArgs, json: bool, profile: Option<String>) -> Result<()> {
     let progress = Progress::start("export", snapshot_bytes(&a.read.snapshot), json);
     let opts = LoadOptions {
         progress: Some(progress.counter()),
@@ -123,6 +213,7 @@ fn export(a: ExportArgs, json: bool) -> Result<()> {
     let summary = export_safetensors(&layout, &restored.region_refs(), &a.to)
         .with_context(|| format!("exporting to {}", a.to.display()))?;
     report.op = "export".into();
+    report.profile = profile;
     report.phases.commit += t.elapsed().as_secs_f64();
     let p = &report.phases;
     report.seconds = p.plan + p.allocate + p.transfer + p.verify + p.commit;

@@ -5,18 +5,22 @@
 //! mismatch, truncated or missing shard).
 
 mod args;
+mod bench;
 mod commands;
 mod progress;
 mod quickstart;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use memferry::Error;
 
 fn main() -> ExitCode {
-    let cli = match args::Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = args::Cli::command()
+        .try_get_matches()
+        .and_then(|m| args::Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(p) => p,
         Err(e) => return usage_error(e),
     };
     let level = match cli.verbose {
@@ -33,7 +37,11 @@ fn main() -> ExitCode {
         .init();
     let json = cli.json;
     let op = commands::op_name(&cli.command);
-    match commands::run(cli) {
+    let sub = matches
+        .subcommand()
+        .map(|(_, m)| m.clone())
+        .unwrap_or_default();
+    match commands::run(cli, &sub) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code(&e);

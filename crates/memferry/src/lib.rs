@@ -14,4 +14,5 @@ pub mod transfer;
 pub mod units;
 
 pub use error::{Error, Result};
+pub mod bench;
 pub mod snapshot;

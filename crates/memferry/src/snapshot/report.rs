@@ -63,6 +63,8 @@ pub struct Report {
     pub queue_depth: usize,
     /// Largest request in bytes.
     pub chunk_size: u64,
+    /// The bench profile whose settings were used, if any.
+    pub profile: Option<String>,
 }
 
 impl Report {
@@ -96,7 +98,11 @@ impl Report {
                 self.fallbacks.join("; ")
             },
             verified = self.verified,
-        )
+        ) + &self
+            .profile
+            .as_ref()
+            .map(|p| format!(" profile={p}"))
+            .unwrap_or_default()
     }
 
     /// The per-phase line.

@@ -238,6 +238,7 @@ fn make_report(
         workers: opts.tuning.workers,
         queue_depth: opts.tuning.queue_depth,
         chunk_size: opts.tuning.chunk_size,
+        profile: None,
     };
     r.finish(stats);
     r

@@ -344,6 +344,7 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
         workers: opts.tuning.workers,
         queue_depth: opts.tuning.queue_depth,
         chunk_size: opts.tuning.chunk_size,
+        profile: None,
     };
     report.finish(&stats);
     Ok(report)

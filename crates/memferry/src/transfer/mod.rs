@@ -14,7 +14,7 @@ mod buffered;
 mod direct;
 mod job;
 mod plan;
-mod uring;
+pub(crate) mod uring;
 
 pub use buffered::BufferedBackend;
 pub use direct::DirectBackend;
@@ -24,7 +24,7 @@ pub use plan::{Direction, FileTarget, IoOp, PlanBuilder, TransferPlan};
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
@@ -32,7 +32,7 @@ use crate::{Error, Result};
 pub const IO_ALIGN: u64 = 4096;
 
 /// Which backend to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// `direct` where it works, otherwise `buffered`.

@@ -1,0 +1,180 @@
+//! `memferry bench`: runs the library's sweep, prints the table (or one JSON
+//! object), draws the chart and saves the profile.
+
+use anyhow::{Context, Result};
+use memferry::bench::{
+    self, BenchOptions, BenchReport, Limit, Profile, ProfileEntry, Temperature, device_key,
+    profile_path,
+};
+use memferry::units::format_bytes;
+
+use crate::args::BenchArgs;
+
+pub fn run(a: BenchArgs, json: bool) -> Result<()> {
+    if let Some(snap) = &a.limits_on {
+        let limits = bench::limits_of_snapshot(snap, a.runs)
+            .with_context(|| format!("measuring limits on {}", snap.display()))?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "op": "bench-limits", "snapshot": snap.display().to_string(), "runs": a.runs, "limits": limits })
+            );
+        } else {
+            for l in [
+                &limits.odirect_read,
+                &limits.odirect_write,
+                &limits.pread_direct,
+                &limits.buffered_read,
+                &limits.memcpy,
+            ] {
+                println!("{}", limit_line(l));
+            }
+        }
+        return Ok(());
+    }
+    let roots = a
+        .roots
+        .clone()
+        .unwrap_or_else(|| vec![std::env::temp_dir()]);
+    let opts = BenchOptions {
+        size: a.size,
+        roots: roots.clone(),
+        backends: a.backends.clone(),
+        temperature: match (a.cold, a.warm) {
+            (true, false) => Temperature::Cold,
+            (false, true) => Temperature::Warm,
+            _ => Temperature::Both,
+        },
+        runs: a.runs,
+        workers: a.workers.clone(),
+        queue_depths: a.queue_depth.clone(),
+        chunk_sizes: a.chunk_size.clone(),
+        shard_size: a.shard_size,
+    };
+    let mut say = |s: &str| {
+        if !json {
+            eprintln!("bench: {s}");
+        }
+    };
+    let report = bench::run(&opts, &mut say).context("running the bench")?;
+
+    let mut saved = None;
+    if a.save_profile {
+        saved = Some(save_profile(&report, &roots)?);
+    }
+    if let Some(p) = &a.plot {
+        bench::plot::write_svg(&report, p)
+            .with_context(|| format!("writing the chart to {}", p.display()))?;
+    }
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["plot"] = a.plot.as_ref().map(|p| p.display().to_string()).into();
+        v["profile"] = saved.clone().into();
+        println!("{v}");
+        return Ok(());
+    }
+    print_table(&report);
+    if let Some(p) = &a.plot {
+        println!("chart written to {}", p.display());
+    }
+    if let Some(s) = saved {
+        println!("profile saved: {s}");
+    }
+    Ok(())
+}
+
+fn save_profile(report: &BenchReport, roots: &[std::path::PathBuf]) -> Result<String> {
+    let path = profile_path()
+        .context("no place for the profile: set MEMFERRY_PROFILE, XDG_CONFIG_HOME or HOME")?;
+    let Some(best) = report
+        .rows
+        .iter()
+        .filter(|r| r.op == "restore" && r.best)
+        .min_by_key(|r| if r.temperature == "cold" { 0 } else { 1 })
+    else {
+        anyhow::bail!("no restore was measured, so there is no best setting to save");
+    };
+    let mut profile = Profile::load(&path)?.unwrap_or_default();
+    let devices = device_key(roots);
+    profile.upsert(ProfileEntry {
+        devices: devices.clone(),
+        roots: report.roots.clone(),
+        setting: best.setting.clone(),
+        restore_gib_per_s: best.result.as_ref().map_or(0.0, |m| m.median),
+        percent_of_limit: best.percent_of_limit,
+        measured_as: best.temperature.clone(),
+        measured_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    });
+    profile.save(&path)?;
+    Ok(format!(
+        "{} (devices {}: {})",
+        path.display(),
+        devices.join(","),
+        best.label
+    ))
+}
+
+fn limit_line(l: &Limit) -> String {
+    match (&l.result, &l.unavailable) {
+        (Some(m), _) => format!("  {:<48} {} GiB/s", l.name, m.display()),
+        (None, Some(why)) => format!("  {:<48} unavailable: {why}", l.name),
+        (None, None) => format!("  {:<48} unavailable", l.name),
+    }
+}
+
+fn print_table(r: &BenchReport) {
+    println!(
+        "memferry bench: {} on {}; median of {} runs (± = (max-min)/median, noisy past 10%)",
+        format_bytes(r.size),
+        r.roots.join(","),
+        r.runs
+    );
+    if let Some(note) = &r.cold_note {
+        println!("cold rows: {note}");
+    }
+    println!("limits measured on the same files:");
+    let l = &r.limits;
+    for lim in [
+        &l.odirect_read,
+        &l.odirect_write,
+        &l.pread_direct,
+        &l.buffered_read,
+        &l.memcpy,
+    ] {
+        println!("{}", limit_line(lim));
+    }
+    println!();
+    println!(
+        "  {:<8} {:<5} {:<28} {:>18} {:>9}  {:<18} fallbacks",
+        "op", "temp", "setting", "GiB/s", "% limit", "mode"
+    );
+    for row in &r.rows {
+        let value = match (&row.result, &row.unavailable) {
+            (Some(m), _) => m.display(),
+            (None, Some(why)) => format!("unavailable ({why})"),
+            (None, None) => "unavailable".into(),
+        };
+        println!(
+            "{} {:<8} {:<5} {:<28} {:>18} {:>9}  {:<18} {}",
+            if row.best { "*" } else { " " },
+            row.op,
+            row.temperature,
+            row.label,
+            value,
+            row.percent_of_limit
+                .map_or("-".into(), |p| format!("{p:.0}%")),
+            row.mode,
+            if row.fallbacks.is_empty() {
+                "none".into()
+            } else {
+                row.fallbacks.join("; ")
+            }
+        );
+    }
+    if let Some(best) = &r.best_restore {
+        println!("\n* best per group; best restore setting: {}", best.label());
+    }
+    println!("took {:.1} s", r.seconds);
+}
