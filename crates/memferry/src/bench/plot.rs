@@ -282,8 +282,8 @@ impl<'a> Chart<'a> {
                 });
             }
         }
-        if let Some(value) = limit_value(&limits_.memcpy) {
-            if !bars.is_empty() && value <= MEMCPY_RATIO * tallest_bar {
+        if let Some(value) = limit_value(&limits_.memcpy).filter(|_| !bars.is_empty()) {
+            if value <= MEMCPY_RATIO * tallest_bar {
                 limits.push(LimitLine {
                     title: "memcpy",
                     name: limits_.memcpy.name.clone(),
@@ -291,9 +291,14 @@ impl<'a> Chart<'a> {
                     color: MEMCPY_COLOR,
                 });
             } else {
+                let name = &limits_.memcpy.name;
+                let name = if name.is_empty() || name == "memcpy" {
+                    String::new()
+                } else {
+                    format!(" ({name})")
+                };
                 notes.push(format!(
-                    "memcpy ({}): {value:.2} GiB/s, off the scale (not drawn)",
-                    limits_.memcpy.name
+                    "memcpy: {value:.2} GiB/s{name}, off the scale (not drawn)"
                 ));
             }
         }
@@ -305,10 +310,8 @@ impl<'a> Chart<'a> {
                 if unavailable == 1 { "" } else { "s" }
             ));
         }
-        if !report.cold_available {
-            if let Some(note) = &report.cold_note {
-                notes.push(format!("cold restores unavailable: {note}"));
-            }
+        if let Some(note) = report.cold_note.as_ref().filter(|_| !report.cold_available) {
+            notes.push(format!("cold restores unavailable: {note}"));
         }
 
         let tallest_limit = limits.iter().map(|l| l.value).fold(0.0, f64::max);
@@ -374,7 +377,6 @@ fn wrap(text: &str, px: f64, width: f64) -> Vec<String> {
 enum Mark {
     Swatch(RGBColor),
     Star,
-    Dash(RGBColor),
 }
 
 struct LegendEntry {
@@ -578,7 +580,6 @@ fn draw_header(root: &Area<'_>, chart: &Chart<'_>, layout: &Layout) -> Result<()
                 .map_err(draw_err)?;
             }
             Mark::Star => star(root, (x + 13, mid), 8.0)?,
-            Mark::Dash(color) => dashed(root, x, x + LEGEND_MARK_W, mid, color)?,
         }
         text(
             root,
@@ -600,7 +601,7 @@ fn draw_empty(root: &Area<'_>, layout: &Layout) -> Result<()> {
     )?;
     text(
         root,
-        "every setting was unavailable; see the table for why",
+        "no setting could be measured; see the table for why",
         ((layout.width / 2) as i32, (layout.header + 100) as i32),
         &font(NOTE_PX).color(&TEXT_GREY).pos(center),
     )
@@ -682,9 +683,21 @@ fn draw_plot(root: &Area<'_>, chart: &Chart<'_>, layout: &Layout) -> Result<()> 
         let (x, top) = plot.backend_coord(&(b.x, b.max));
         let mut above = top - 3;
         if slot_px >= 34.0 {
+            // On a light backdrop, so that a limit line crossing it does
+            // not strike it out.
+            let value = format!("{:.decimals$}", b.median);
+            let half_w = (text_width(&value, VALUE_PX) / 2.0).ceil() as i32 + 1;
+            root.draw(&Rectangle::new(
+                [
+                    (x - half_w, above - VALUE_PX as i32 - 1),
+                    (x + half_w, above),
+                ],
+                WHITE.mix(0.85).filled(),
+            ))
+            .map_err(draw_err)?;
             text(
                 root,
-                &format!("{:.decimals$}", b.median),
+                &value,
                 (x, above),
                 &font(VALUE_PX)
                     .color(&TEXT_GREY)
@@ -968,7 +981,7 @@ mod tests {
         let mut report = report();
         report.limits.memcpy = limit("memcpy 1 thread", Some(80.0));
         let svg = write(&report);
-        assert!(svg.contains("memcpy (memcpy 1 thread): 80.00 GiB/s, off the scale"));
+        assert!(svg.contains("memcpy: 80.00 GiB/s (memcpy 1 thread), off the scale (not drawn)"));
         assert!(!svg.contains(">\nmemcpy: 80.00 GiB/s\n<"));
         assert!(!svg.contains(">\nmemcpy 1 thread\n<"));
         assert!(svg.contains(">\ncached read: 12.40 GiB/s\n<"));
@@ -1022,6 +1035,14 @@ mod tests {
         assert!(svg.contains("memferry bench: 8.00 GiB on"));
         assert!(svg.contains("cold restores unavailable: dropping the page cache needs root"));
         assert!(!svg.contains("direct qd=64"));
+        // No bars, no legend, no limit lines.
+        assert!(!svg.contains("best of its group"));
+        assert!(!svg.contains("memcpy"));
+        assert!(!svg.contains("O_DIRECT read"));
+        for (_, color) in GROUP_COLORS {
+            let (r, g, b) = color.rgb();
+            assert!(!svg.contains(&format!("#{r:02X}{g:02X}{b:02X}")));
+        }
 
         report.rows.clear();
         let svg = write(&report);
