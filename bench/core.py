@@ -7,6 +7,27 @@ import argparse, glob, json, os, resource, shutil, statistics, subprocess, sys, 
 
 BIN = os.path.join(os.path.dirname(__file__), "..", "target", "release", "memferry")
 GIB = float(1 << 30)
+FIO_MEM = "--mem=malloc"
+
+
+HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+
+
+def reserve_hugepages(n=160):
+    """fio's buffers come from malloc (4 KiB pages) unless given hugepages;
+    memferry's are THP-backed, and on virtio disks that changes how large
+    each O_DIRECT request can be. For a fair yardstick fio gets hugepage
+    buffers (--mem=mmaphuge): reserve them (root), restore the old value at
+    exit. Returns the fio --mem option to use."""
+    import atexit
+    try:
+        old = open(HUGEPAGES).read().strip()
+        with open(HUGEPAGES, "w") as f:
+            f.write(f"{max(n, int(old))}\n")
+        atexit.register(lambda: open(HUGEPAGES, "w").write(old + "\n"))
+        return "--mem=mmaphuge"
+    except OSError:
+        return "--mem=malloc"
 
 
 def sh(args, **kw):
@@ -39,7 +60,7 @@ def peak_rss_of(args):
 def fio(name, files, rw, direct, bs, iodepth, engine="io_uring", extra=()):
     args = ["fio", f"--name={name}", f"--filename={':'.join(files)}", f"--rw={rw}", f"--bs={bs}",
             f"--iodepth={iodepth}", f"--ioengine={engine}", f"--direct={int(direct)}",
-            "--file_service_type=sequential", "--output-format=json", *extra]
+            "--file_service_type=sequential", "--output-format=json", FIO_MEM, *extra]
     j = json.loads(sh(args).stdout)["jobs"][0]
     side = j["read"] if rw == "read" else j["write"]
     return side["bw_bytes"] / GIB
@@ -63,6 +84,8 @@ def main():
     ap.add_argument("--dir", default="/var/tmp/memferry-bench")
     ap.add_argument("--runs", type=int, default=9)
     a = ap.parse_args()
+    global FIO_MEM
+    FIO_MEM = reserve_hugepages()
     os.makedirs(a.dir, exist_ok=True)
     snap = os.path.join(a.dir, "snap")
     runs = a.runs
@@ -163,7 +186,7 @@ def main():
 
     host = os.uname().nodename
     lines = [f"Machine: {host}, {os.cpu_count()} cores, kernel {os.uname().release}; snapshot {a.size} "
-             f"in {len(shards)} shards under {a.dir}; median of {runs} paired trials (± = (max-min)/median; ratio = median of per-trial ratios).", "",
+             f"in {len(shards)} shards under {a.dir}; fio {FIO_MEM}; median of {runs} paired trials (± = (max-min)/median; ratio = median of per-trial ratios).", "",
              "| row | memferry GiB/s | limit, same run | ratio | target | command |",
              "|---|---|---|---|---|---|"]
     for name, value, lim, ratio, target, cmd in rows:

@@ -9,6 +9,27 @@ import argparse, glob, json, os, shutil, statistics, subprocess, sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.join(HERE, "..", "target", "release", "memferry")
 GIB = float(1 << 30)
+FIO_MEM = "--mem=malloc"
+
+
+HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+
+
+def reserve_hugepages(n=160):
+    """fio's buffers come from malloc (4 KiB pages) unless given hugepages;
+    memferry's are THP-backed, and on virtio disks that changes how large
+    each O_DIRECT request can be. For a fair yardstick fio gets hugepage
+    buffers (--mem=mmaphuge): reserve them (root), restore the old value at
+    exit. Returns the fio --mem option to use."""
+    import atexit
+    try:
+        old = open(HUGEPAGES).read().strip()
+        with open(HUGEPAGES, "w") as f:
+            f.write(f"{max(n, int(old))}\n")
+        atexit.register(lambda: open(HUGEPAGES, "w").write(old + "\n"))
+        return "--mem=mmaphuge"
+    except OSError:
+        return "--mem=malloc"
 
 
 def sh(args):
@@ -27,7 +48,7 @@ def drop_caches():
 def fio(files, rw, direct, engine, qd, extra=()):
     out = sh(["fio", "--name=l", f"--filename={':'.join(files)}", f"--rw={rw}", "--bs=4M",
               f"--iodepth={qd}", f"--ioengine={engine}", f"--direct={int(direct)}",
-              "--file_service_type=sequential", "--output-format=json", *extra])
+              "--file_service_type=sequential", "--output-format=json", FIO_MEM, *extra])
     j = json.loads(out)["jobs"][0]
     return (j["read"] if rw == "read" else j["write"])["bw_bytes"] / GIB
 
@@ -38,6 +59,8 @@ def main():
     ap.add_argument("--dir", default="/var/tmp/memferry-bench")
     ap.add_argument("--trials", type=int, default=6)
     a = ap.parse_args()
+    global FIO_MEM
+    FIO_MEM = reserve_hugepages()
     os.makedirs(a.dir, exist_ok=True)
     snap = os.path.join(a.dir, "limits-snap")
     sh([BIN, "save", "--source", f"synthetic:{a.size}", "--to", snap, "--shard-size", "256MiB"])
@@ -81,7 +104,7 @@ def main():
                 ratio[k].append(got["mf"][k] / got["fio"][k])
 
     lines = [f"memferry built-in limits vs fio, {a.size} in {len(shards)} shards, "
-             f"{a.trials} trials (order alternates; ratio = median of per-trial ratios)", "",
+             f"{a.trials} trials (order alternates; ratio = median of per-trial ratios); fio {FIO_MEM}", "",
              "| limit | memferry GiB/s | fio GiB/s | ratio | within 10% |", "|---|---|---|---|---|"]
     for k, n in names.items():
         if not ratio[k]:
