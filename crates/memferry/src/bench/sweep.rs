@@ -97,6 +97,25 @@ impl Drop for Workdirs {
     }
 }
 
+/// Removes the bench snapshot and its shard directories (all inside the
+/// bench's own work directories).
+fn remove_bench_snapshot(snap: &std::path::Path, dirs: &[PathBuf]) {
+    let _ = std::fs::remove_dir_all(snap);
+    for d in dirs {
+        let Ok(entries) = std::fs::read_dir(d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with("snap.memferry-")
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 fn measure<F: FnMut() -> Result<f64>>(runs: usize, mut f: F) -> Result<Measurement> {
     let mut xs = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -232,6 +251,9 @@ pub fn run(opts: &BenchOptions, say: &mut dyn FnMut(&str)) -> Result<BenchReport
         say(&format!("save: {}", s.label()));
         let mut last = None;
         let m = measure(opts.runs, || {
+            // Every save writes fresh files, like the write limit: the
+            // previous bench snapshot is removed first, outside the timing.
+            remove_bench_snapshot(&snap, &dirs.0);
             let r = save(
                 &source,
                 &snap,
