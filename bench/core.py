@@ -3,50 +3,13 @@
 the spread, next to the limit measured by fio on the same files in the same
 run. Prints a markdown table (also saved under bench/out/)."""
 
-import argparse, glob, json, os, resource, shutil, statistics, subprocess, sys, time
+import argparse, glob, json, os, resource, shutil, statistics, sys
 
-BIN = os.path.join(os.path.dirname(__file__), "..", "target", "release", "memferry")
-GIB = float(1 << 30)
-FIO_MEM = "--mem=malloc"
-
-
-HUGEPAGES = "/proc/sys/vm/nr_hugepages"
-
-
-def reserve_hugepages(n=160):
-    """fio's buffers come from malloc (4 KiB pages) unless given hugepages;
-    memferry's are THP-backed, and on virtio disks that changes how large
-    each O_DIRECT request can be. For a fair yardstick fio gets hugepage
-    buffers (--mem=mmaphuge): reserve them (root), restore the old value at
-    exit. Returns the fio --mem option to use."""
-    import atexit
-    try:
-        old = open(HUGEPAGES).read().strip()
-        with open(HUGEPAGES, "w") as f:
-            f.write(f"{max(n, int(old))}\n")
-        atexit.register(lambda: open(HUGEPAGES, "w").write(old + "\n"))
-        return "--mem=mmaphuge"
-    except OSError:
-        return "--mem=malloc"
-
-
-def sh(args, **kw):
-    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
-
-
-def drop_caches():
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+from common import BIN, GIB, drop_caches, fio, reserve_hugepages, sh
 
 
 def memferry(*args):
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = sh([BIN, *args, "--json"]).stdout
+    out = sh([BIN, *args, "--json"])
     return json.loads(out)
 
 
@@ -54,16 +17,7 @@ def peak_rss_of(args):
     """Runs a command in a fresh python child so ru_maxrss is its own."""
     code = ("import resource,subprocess,sys;subprocess.run(sys.argv[1:],check=True,"
             "stdout=subprocess.DEVNULL);print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    return int(sh([sys.executable, "-c", code, *args]).stdout.strip()) * 1024
-
-
-def fio(name, files, rw, direct, bs, iodepth, engine="io_uring", extra=()):
-    args = ["fio", f"--name={name}", f"--filename={':'.join(files)}", f"--rw={rw}", f"--bs={bs}",
-            f"--iodepth={iodepth}", f"--ioengine={engine}", f"--direct={int(direct)}",
-            "--file_service_type=sequential", "--output-format=json", FIO_MEM, *extra]
-    j = json.loads(sh(args).stdout)["jobs"][0]
-    side = j["read"] if rw == "read" else j["write"]
-    return side["bw_bytes"] / GIB
+    return int(sh([sys.executable, "-c", code, *args]).strip()) * 1024
 
 
 def med(xs):
@@ -84,8 +38,7 @@ def main():
     ap.add_argument("--dir", default="/var/tmp/memferry-bench")
     ap.add_argument("--runs", type=int, default=9)
     a = ap.parse_args()
-    global FIO_MEM
-    FIO_MEM = reserve_hugepages()
+    fio_mem = reserve_hugepages()
     os.makedirs(a.dir, exist_ok=True)
     snap = os.path.join(a.dir, "snap")
     runs = a.runs
@@ -191,14 +144,14 @@ def main():
 
     # Peak RSS of restore into host memory.
     rss = peak_rss_of([BIN, "restore", snap, "--backend", "direct"])
-    limit = total_bytes = json.loads(sh([BIN, "inspect", snap, "--json"]).stdout)["total_bytes"]
+    limit = total_bytes = json.loads(sh([BIN, "inspect", snap, "--json"]))["total_bytes"]
     rows.append(("peak RSS of restore (direct)", f"{rss / (1 << 20):.0f} MiB",
                  f"snapshot {total_bytes / (1 << 20):.0f} MiB + 256 MiB",
                  (limit + (256 << 20)) / rss, 1.0, f"bench/core.sh {a.size}"))
 
     host = os.uname().nodename
     lines = [f"Machine: {host}, {os.cpu_count()} cores, kernel {os.uname().release}; snapshot {a.size} "
-             f"in {len(shards)} shards under {a.dir}; fio {FIO_MEM}; median of {runs} paired trials (± = (max-min)/median; ratio = median of per-trial ratios).", "",
+             f"in {len(shards)} shards under {a.dir}; fio {fio_mem}; median of {runs} paired trials (± = (max-min)/median; ratio = median of per-trial ratios).", "",
              "| row | memferry GiB/s | limit, same run | ratio | target | command |",
              "|---|---|---|---|---|---|"]
     for name, value, lim, ratio, target, cmd in rows:

@@ -5,9 +5,5 @@
 # Needs root for cold rows (drops the page cache); installs fio when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v fio >/dev/null; then
-  echo "installing fio..." >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null
-fi
-cargo build --release -q
+source bench/setup.sh
 exec python3 bench/core.py --size "${1:-2GiB}" --dir "${2:-/var/tmp/memferry-bench}" --runs "${RUNS:-9}"

@@ -4,53 +4,13 @@
 on the same shard files, in rotating order; the ratio per metric is the
 median of the per-trial ratios. Then runs the full sweep with a chart."""
 
-import argparse, glob, json, os, shutil, statistics, subprocess, sys
+import argparse, glob, json, os, shutil, statistics
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BIN = os.path.join(HERE, "..", "target", "release", "memferry")
-GIB = float(1 << 30)
-FIO_MEM = "--mem=malloc"
-
-
-HUGEPAGES = "/proc/sys/vm/nr_hugepages"
-
-
-def reserve_hugepages(n=160):
-    """fio's buffers come from malloc (4 KiB pages) unless given hugepages;
-    memferry's are THP-backed, and on virtio disks that changes how large
-    each O_DIRECT request can be. For a fair yardstick fio gets hugepage
-    buffers (--mem=mmaphuge): reserve them (root), restore the old value at
-    exit. Returns the fio --mem option to use."""
-    import atexit
-    try:
-        old = open(HUGEPAGES).read().strip()
-        with open(HUGEPAGES, "w") as f:
-            f.write(f"{max(n, int(old))}\n")
-        atexit.register(lambda: open(HUGEPAGES, "w").write(old + "\n"))
-        return "--mem=mmaphuge"
-    except OSError:
-        return "--mem=malloc"
-
-
-def sh(args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
-
-
-def drop_caches():
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
+from common import BIN, drop_caches, fio as fio_job, reserve_hugepages, sh
 
 
 def fio(files, rw, direct, engine, qd, extra=()):
-    out = sh(["fio", "--name=l", f"--filename={':'.join(files)}", f"--rw={rw}", "--bs=4M",
-              f"--iodepth={qd}", f"--ioengine={engine}", f"--direct={int(direct)}",
-              "--file_service_type=sequential", "--output-format=json", FIO_MEM, *extra])
-    j = json.loads(out)["jobs"][0]
-    return (j["read"] if rw == "read" else j["write"])["bw_bytes"] / GIB
+    return fio_job("l", files, rw, direct, "4M", qd, engine, extra)
 
 
 def main():
@@ -59,8 +19,7 @@ def main():
     ap.add_argument("--dir", default="/var/tmp/memferry-bench")
     ap.add_argument("--trials", type=int, default=6)
     a = ap.parse_args()
-    global FIO_MEM
-    FIO_MEM = reserve_hugepages()
+    fio_mem = reserve_hugepages()
     os.makedirs(a.dir, exist_ok=True)
     snap = os.path.join(a.dir, "limits-snap")
     sh([BIN, "save", "--source", f"synthetic:{a.size}", "--to", snap, "--shard-size", "256MiB"])
@@ -104,7 +63,7 @@ def main():
                 ratio[k].append(got["mf"][k] / got["fio"][k])
 
     lines = [f"memferry built-in limits vs fio, {a.size} in {len(shards)} shards, "
-             f"{a.trials} trials (order alternates; ratio = median of per-trial ratios); fio {FIO_MEM}", "",
+             f"{a.trials} trials (order alternates; ratio = median of per-trial ratios); fio {fio_mem}", "",
              "| limit | memferry GiB/s | fio GiB/s | ratio | within 10% |", "|---|---|---|---|---|"]
     for k, n in names.items():
         if not ratio[k]:
@@ -115,7 +74,7 @@ def main():
                      f"{r:.2f} | {'yes' if abs(r - 1) <= 0.10 else 'NO'} |")
     shutil.rmtree(snap, ignore_errors=True)
 
-    out = os.path.join(HERE, "out")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     os.makedirs(out, exist_ok=True)
     svg = os.path.join(out, "bench.svg")
     rep = json.loads(sh([BIN, "bench", "--size", a.size, "--roots", a.dir, "--runs", "3",

@@ -89,12 +89,8 @@ pub fn restore(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Repo
 }
 
 fn restore_once(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Report)> {
-    let t = Instant::now();
     let mut phases = Phases::default();
-    opts.tuning.validate()?;
-    let snap = OpenedSnapshot::open(dir, opts.roots.as_deref())?;
-    let (plan, sums) = snap.load_plan(opts.tuning.chunk_size)?;
-    phases.plan = t.elapsed().as_secs_f64();
+    let (snap, plan, sums) = open_and_plan(dir, opts, &mut phases)?;
 
     let t = Instant::now();
     let regions = snap
@@ -167,12 +163,8 @@ fn prefault(plan: &crate::transfer::TransferPlan, regions: &[HostRegion], done: 
 /// Checks every byte of the snapshot at `dir` against its checksums
 /// without keeping it in memory.
 pub fn verify(dir: &Path, opts: &LoadOptions) -> Result<Report> {
-    let t = Instant::now();
     let mut phases = Phases::default();
-    opts.tuning.validate()?;
-    let snap = OpenedSnapshot::open(dir, opts.roots.as_deref())?;
-    let (plan, sums) = snap.load_plan(opts.tuning.chunk_size)?;
-    phases.plan = t.elapsed().as_secs_f64();
+    let (snap, plan, sums) = open_and_plan(dir, opts, &mut phases)?;
     let sinks: Vec<DiscardRegion> = snap
         .manifest
         .allocations
@@ -186,6 +178,21 @@ pub fn verify(dir: &Path, opts: &LoadOptions) -> Result<Report> {
     };
     let stats = run_load(&plan, &refs, &sums, &opts, &mut phases)?;
     Ok(make_report("verify", &snap, &opts, phases, &stats))
+}
+
+/// The plan phase shared by restore and verify: validate settings, read the
+/// manifest, check the shards and build the plan.
+fn open_and_plan(
+    dir: &Path,
+    opts: &LoadOptions,
+    phases: &mut Phases,
+) -> Result<(OpenedSnapshot, crate::transfer::TransferPlan, Vec<u32>)> {
+    let t = Instant::now();
+    opts.tuning.validate()?;
+    let snap = OpenedSnapshot::open(dir, opts.roots.as_deref())?;
+    let (plan, sums) = snap.load_plan(opts.tuning.chunk_size)?;
+    phases.plan = t.elapsed().as_secs_f64();
+    Ok((snap, plan, sums))
 }
 
 fn run_load(
