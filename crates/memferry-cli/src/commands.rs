@@ -79,8 +79,18 @@ fn apply_profile(
     let Some(path) = profile_path() else {
         return Ok(None);
     };
-    let Some(profile) = Profile::load(&path)? else {
-        return Ok(None);
+    let explicit_path = std::env::var_os("MEMFERRY_PROFILE").is_some_and(|p| !p.is_empty());
+    let profile = match Profile::load(&path) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(None),
+        // A default profile we may not read (another user's HOME, say) is
+        // optional: say so and go on. A named one, or a broken one, is a
+        // configuration to fix.
+        Err(memferry::Error::Io { context, source }) if !explicit_path => {
+            tracing::warn!("ignoring the bench profile: {context}: {source}");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
     };
     let devices = device_key(roots);
     let Some(entry) = profile.lookup(&devices) else {

@@ -219,3 +219,40 @@ fn bench_reports_a_root_without_odirect() {
         );
     }
 }
+
+#[test]
+fn a_broken_profile_is_reported_and_an_unreadable_default_one_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let s = snap.to_str().unwrap();
+    let none = dir.path().join("absent.toml");
+    json_of(&memferry(
+        &["save", "--source", "synthetic:4MiB", "--to", s, "--json"],
+        &none,
+    ));
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "entry = 3").unwrap();
+    let out = memferry(&["restore", s], &broken);
+    assert_eq!(out.status.code(), Some(2), "bad configuration is bad input");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("profile") && err.contains("broken.toml"),
+        "{err}"
+    );
+    // A default profile location that is not there does not matter (an
+    // unreadable one, as for `nobody` with HOME=/root, is covered in
+    // tests/fallback.rs).
+    let locked = dir.path().join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_memferry"))
+        .args(["restore", s, "--json"])
+        .env_remove("MEMFERRY_PROFILE")
+        .env("XDG_CONFIG_HOME", locked.join("missing-dir-file"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
