@@ -15,4 +15,5 @@ pub mod units;
 
 pub use error::{Error, Result};
 pub mod bench;
+pub mod kv;
 pub mod snapshot;

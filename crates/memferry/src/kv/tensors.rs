@@ -1,0 +1,228 @@
+//! The engine's registered KV tensors and the block-major payload.
+//!
+//! Each tensor is a region shaped `(num_blocks, page_bytes)`; a block id
+//! selects one page in every tensor. A stored file holds, for each block of
+//! its group, that block's page of every tensor, in registration order:
+//! `[b0: t0 t1 .. tn][b1: t0 t1 .. tn]...`. Memory may be host or device
+//! memory: pages move through [`Region::copy_in`]/[`Region::copy_out`].
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::memory::Region;
+use crate::{Error, Result};
+
+/// One registered KV tensor.
+#[derive(Clone)]
+pub struct KvTensor {
+    /// The tensor's memory.
+    pub region: Arc<dyn Region>,
+    /// Blocks (pages) in the tensor.
+    pub num_blocks: u64,
+    /// Bytes per page.
+    pub page_bytes: u64,
+}
+
+/// The registered tensors, validated.
+#[derive(Clone)]
+pub struct KvLayout {
+    tensors: Vec<KvTensor>,
+    num_blocks: u64,
+    block_bytes: u64,
+}
+
+impl KvLayout {
+    /// Registers `tensors`; they must share `num_blocks` and hold
+    /// `num_blocks * page_bytes` bytes each.
+    pub fn new(tensors: Vec<KvTensor>) -> Result<Self> {
+        let Some(first) = tensors.first() else {
+            return Err(Error::InvalidInput(
+                "register at least one KV tensor".into(),
+            ));
+        };
+        let num_blocks = first.num_blocks;
+        for (i, t) in tensors.iter().enumerate() {
+            if t.num_blocks != num_blocks || t.num_blocks == 0 {
+                return Err(Error::InvalidInput(format!(
+                    "KV tensor {i} has {} blocks, tensor 0 has {num_blocks}: all tensors need the same number of blocks (at least 1)",
+                    t.num_blocks
+                )));
+            }
+            if t.page_bytes == 0 {
+                return Err(Error::InvalidInput(format!(
+                    "KV tensor {i} has a page size of 0"
+                )));
+            }
+            let need = t.num_blocks.checked_mul(t.page_bytes);
+            if need != Some(t.region.len()) {
+                return Err(Error::InvalidInput(format!(
+                    "KV tensor {i} holds {} bytes but {} blocks of {} bytes need {}: the page size does not match the registered memory",
+                    t.region.len(),
+                    t.num_blocks,
+                    t.page_bytes,
+                    need.map_or("more than 2^64".into(), |n| n.to_string())
+                )));
+            }
+        }
+        let block_bytes = tensors.iter().map(|t| t.page_bytes).sum();
+        Ok(Self {
+            tensors,
+            num_blocks,
+            block_bytes,
+        })
+    }
+
+    /// Blocks per tensor.
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+
+    /// Bytes of one block across all tensors.
+    pub fn block_bytes(&self) -> u64 {
+        self.block_bytes
+    }
+
+    /// Fails unless every id is a valid block id.
+    pub fn check_ids(&self, ids: &[u64]) -> Result<()> {
+        match ids.iter().find(|&&id| id >= self.num_blocks) {
+            Some(id) => Err(Error::InvalidInput(format!(
+                "block id {id} is out of range: the registered tensors hold {} blocks",
+                self.num_blocks
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Copies the pages of `ids` into `dst` in block-major order
+    /// (`dst.len() == ids.len() * block_bytes`).
+    ///
+    /// # Safety
+    /// Nobody may write the pages of `ids` during the call.
+    pub unsafe fn gather(&self, ids: &[u64], dst: &mut [u8]) -> Result<()> {
+        self.check_ids(ids)?;
+        self.check_len(ids.len(), dst.len())?;
+        let mut pos = 0;
+        for &id in ids {
+            for t in &self.tensors {
+                let n = t.page_bytes as usize;
+                // SAFETY: in range (ids checked, region sized at
+                // registration); the caller rules out writers.
+                unsafe {
+                    t.region
+                        .copy_out(id * t.page_bytes, &mut dst[pos..pos + n])?
+                };
+                pos += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies blocks `file_blocks` of a block-major `payload` into the pages
+    /// of `ids` (`ids.len() == file_blocks.len()`); a partial first group
+    /// loads only the tail of its file.
+    ///
+    /// # Safety
+    /// Nobody may read or write the pages of `ids` during the call.
+    pub unsafe fn scatter(
+        &self,
+        payload: &[u8],
+        file_blocks: Range<usize>,
+        ids: &[u64],
+    ) -> Result<()> {
+        self.check_ids(ids)?;
+        if file_blocks.len() != ids.len()
+            || (file_blocks.end as u64) * self.block_bytes > payload.len() as u64
+        {
+            return Err(Error::InvalidInput(format!(
+                "cannot place blocks {file_blocks:?} of a {}-byte payload into {} block ids",
+                payload.len(),
+                ids.len()
+            )));
+        }
+        let mut pos = file_blocks.start * self.block_bytes as usize;
+        for &id in ids {
+            for t in &self.tensors {
+                let n = t.page_bytes as usize;
+                // SAFETY: in range; the caller guarantees exclusive access.
+                unsafe {
+                    t.region
+                        .copy_in(id * t.page_bytes, &payload[pos..pos + n])?
+                };
+                pos += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_len(&self, blocks: usize, len: usize) -> Result<()> {
+        if blocks as u64 * self.block_bytes != len as u64 {
+            return Err(Error::InvalidInput(format!(
+                "{blocks} blocks need {} bytes, the buffer has {len}",
+                blocks as u64 * self.block_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::HostRegion;
+
+    fn tensor(num_blocks: u64, page: u64, fill: u8) -> KvTensor {
+        let mut r = HostRegion::new(num_blocks * page).unwrap();
+        for (i, b) in r.as_mut_slice().iter_mut().enumerate() {
+            *b = fill.wrapping_add((i as u64 / page) as u8);
+        }
+        KvTensor {
+            region: Arc::new(r),
+            num_blocks,
+            page_bytes: page,
+        }
+    }
+
+    #[test]
+    fn gather_is_block_major_and_scatter_inverts_it() {
+        let layout = KvLayout::new(vec![tensor(8, 100, 0), tensor(8, 30, 100)]).unwrap();
+        assert_eq!(layout.block_bytes(), 130);
+        let mut payload = vec![0u8; 2 * 130];
+        // SAFETY: no concurrent access in this test.
+        unsafe { layout.gather(&[5, 2], &mut payload).unwrap() };
+        assert!(payload[..100].iter().all(|&b| b == 5), "block 5, tensor 0");
+        assert!(
+            payload[100..130].iter().all(|&b| b == 105),
+            "block 5, tensor 1"
+        );
+        assert!(
+            payload[130..230].iter().all(|&b| b == 2),
+            "block 2, tensor 0"
+        );
+        // Load only the second block of the file into block 7 (partial group).
+        let target = KvLayout::new(vec![tensor(8, 100, 50), tensor(8, 30, 200)]).unwrap();
+        // SAFETY: no concurrent access.
+        unsafe { target.scatter(&payload, 1..2, &[7]).unwrap() };
+        let mut back = vec![0u8; 130];
+        // SAFETY: no concurrent access.
+        unsafe { target.gather(&[7], &mut back).unwrap() };
+        assert_eq!(&back[..], &payload[130..260]);
+    }
+
+    #[test]
+    fn bad_registrations_and_ids_are_refused() {
+        assert!(KvLayout::new(vec![]).is_err());
+        assert!(KvLayout::new(vec![tensor(8, 100, 0), tensor(4, 100, 0)]).is_err());
+        let mut t = tensor(8, 100, 0);
+        t.page_bytes = 99;
+        let err = KvLayout::new(vec![t]).err().unwrap().to_string();
+        assert!(err.contains("page size does not match"), "{err}");
+        let layout = KvLayout::new(vec![tensor(8, 100, 0)]).unwrap();
+        assert!(layout.check_ids(&[7]).is_ok());
+        assert!(layout.check_ids(&[8]).is_err());
+        let mut small = vec![0u8; 99];
+        // SAFETY: no concurrent access.
+        assert!(unsafe { layout.gather(&[1], &mut small) }.is_err());
+        // SAFETY: no concurrent access.
+        assert!(unsafe { layout.scatter(&[0u8; 100], 0..2, &[0, 1]) }.is_err());
+    }
+}
