@@ -32,7 +32,7 @@ impl BlockKey {
     /// Parses a key written in hex.
     pub fn from_hex(text: &str) -> Result<Self> {
         let t = text.trim();
-        if t.len() % 2 != 0 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !t.len().is_multiple_of(2) || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::InvalidInput(format!(
                 "{text:?} is not a hex block key"
             )));
