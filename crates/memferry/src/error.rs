@@ -107,6 +107,19 @@ impl Error {
         }
     }
 
+    /// A failure to create or write `path`: [`Error::NoSpace`] for a full
+    /// disk or quota, otherwise [`Error::Io`] saying `what` was being done.
+    pub fn writing(what: &str, path: &std::path::Path, source: io::Error) -> Self {
+        if is_no_space(&source) {
+            Error::NoSpace {
+                path: path.to_path_buf(),
+                needed: 0,
+            }
+        } else {
+            Error::io(format!("{what} {}", path.display()), source)
+        }
+    }
+
     /// True when the underlying OS error is ENOSPC or EDQUOT.
     pub fn is_no_space(&self) -> bool {
         match self {

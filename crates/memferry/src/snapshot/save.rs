@@ -130,7 +130,7 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
     };
     let owner_json = serde_json::to_vec_pretty(&owner).expect("owner serialises");
     let mkdir = |dir: &Path, staged: &mut Staged| -> Result<()> {
-        fs::create_dir(dir).map_err(|e| dir_error(dir, e))?;
+        fs::create_dir(dir).map_err(|e| Error::writing("creating directory", dir, e))?;
         staged.dirs.push(dir.to_path_buf());
         write_new_file(&dir.join(OWNER_NAME), &owner_json)
     };
@@ -138,7 +138,7 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
     let shard_dirs: Vec<PathBuf> = match &roots {
         None => {
             let d = stage.join(LOCAL_SHARDS);
-            fs::create_dir(&d).map_err(|e| dir_error(&d, e))?;
+            fs::create_dir(&d).map_err(|e| Error::writing("creating directory", &d, e))?;
             vec![d]
         }
         Some(list) => {
@@ -165,7 +165,7 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
             .write(true)
             .create_new(true)
             .open(&path)
-            .map_err(|e| create_error(&path, e))?;
+            .map_err(|e| Error::writing("creating", &path, e))?;
         preallocate(&file, &path, size)?;
         builder.add_file(FileTarget {
             path: path.clone(),
@@ -216,16 +216,8 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
 
     let t = Instant::now();
     for (file, path) in &files {
-        file.sync_all().map_err(|e| {
-            if crate::error::is_no_space(&e) {
-                Error::NoSpace {
-                    path: path.clone(),
-                    needed: 0,
-                }
-            } else {
-                Error::io(format!("syncing {}", path.display()), e)
-            }
-        })?;
+        file.sync_all()
+            .map_err(|e| Error::writing("syncing", path, e))?;
     }
     drop(files);
     for d in &shard_dirs {
@@ -460,28 +452,6 @@ impl Drop for Staged {
         for k in report.kept {
             tracing::warn!("could not clean up after a failed save: {k}");
         }
-    }
-}
-
-fn dir_error(dir: &Path, e: std::io::Error) -> Error {
-    if crate::error::is_no_space(&e) {
-        Error::NoSpace {
-            path: dir.to_path_buf(),
-            needed: 0,
-        }
-    } else {
-        Error::io(format!("creating directory {}", dir.display()), e)
-    }
-}
-
-fn create_error(path: &Path, e: std::io::Error) -> Error {
-    if crate::error::is_no_space(&e) {
-        Error::NoSpace {
-            path: path.to_path_buf(),
-            needed: 0,
-        }
-    } else {
-        Error::io(format!("creating {}", path.display()), e)
     }
 }
 

@@ -36,7 +36,8 @@ pub fn write_new_file(path: &Path, bytes: &[u8]) -> Result<()> {
         .create_new(true)
         .open(path)
         .ctx(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes).map_err(|e| write_error(path, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::writing("writing", path, e))?;
     f.sync_all().ctx(|| format!("syncing {}", path.display()))
 }
 
@@ -185,15 +186,4 @@ pub fn unique_id() -> String {
         b = (t ^ ((std::process::id() as u64) << 32)).to_le_bytes();
     }
     format!("{:016x}", u64::from_le_bytes(b))
-}
-
-fn write_error(path: &Path, e: std::io::Error) -> Error {
-    if crate::error::is_no_space(&e) {
-        Error::NoSpace {
-            path: path.to_path_buf(),
-            needed: 0,
-        }
-    } else {
-        Error::io(format!("writing {}", path.display()), e)
-    }
 }
