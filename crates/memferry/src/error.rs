@@ -119,15 +119,6 @@ impl Error {
             Error::io(format!("{what} {}", path.display()), source)
         }
     }
-
-    /// True when the underlying OS error is ENOSPC or EDQUOT.
-    pub fn is_no_space(&self) -> bool {
-        match self {
-            Error::NoSpace { .. } => true,
-            Error::Io { source, .. } => is_no_space(source),
-            _ => false,
-        }
-    }
 }
 
 fn needed_text(needed: u64) -> String {

@@ -102,11 +102,6 @@ impl PlanBuilder {
         }
     }
 
-    /// The request size actually used.
-    pub fn io_chunk(&self) -> u64 {
-        self.io_chunk
-    }
-
     /// Adds a file; returns its index.
     pub fn add_file(&mut self, file: FileTarget) -> usize {
         self.plan.files.push(file);
