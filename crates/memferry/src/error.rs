@@ -96,6 +96,20 @@ pub enum Error {
     /// A device or feature this build or machine cannot provide.
     #[error("{0}")]
     Unsupported(String),
+
+    /// An object-store request failed (after its retries); `context` names
+    /// the request and the object, `hint` says what to do next. Never holds
+    /// credentials.
+    #[error("{context}: {message}{hint}")]
+    ObjectStore {
+        context: String,
+        message: String,
+        hint: String,
+    },
+
+    /// A conditional write lost: another writer committed first.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl Error {
