@@ -8,9 +8,11 @@
 //! - [`sweep`]: the backend x settings x cold/warm matrix;
 //! - [`stats`]: medians and spreads;
 //! - [`profile`]: best settings per set of disks, read by save/restore;
-//! - [`plot`]: the SVG chart.
+//! - [`plot`]: the SVG chart;
+//! - [`object`]: save/restore on an S3 location against raw GET/PUT loops.
 
 pub mod limits;
+pub mod object;
 pub mod plot;
 pub mod profile;
 pub mod stats;

@@ -1,6 +1,8 @@
 //! Weight snapshots: layout, manifest (format v1), save, restore, verify,
-//! gc and safetensors import/export.
+//! gc and safetensors import/export; [`remote`] keeps snapshots in S3
+//! buckets and [`copy`] moves them between any two locations.
 
+pub mod copy;
 pub mod export;
 pub mod gc;
 pub mod layout;
@@ -8,6 +10,7 @@ pub mod manifest;
 pub mod open;
 pub mod ownership;
 pub mod placement;
+pub mod remote;
 pub mod report;
 pub mod restore;
 pub mod save;

@@ -14,12 +14,14 @@ mod buffered;
 mod direct;
 mod job;
 mod plan;
+mod s3;
 pub(crate) mod uring;
 
 pub use buffered::BufferedBackend;
 pub use direct::DirectBackend;
 pub use job::{Checksums, TransferJob};
 pub use plan::{Direction, FileTarget, IoOp, PlanBuilder, TransferPlan};
+pub use s3::{MAX_PARTS, MIN_PART_SIZE, ObjectBackend, part_size};
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,0 +1,698 @@
+//! Snapshots in an S3-compatible bucket: save, restore, verify, open
+//! (inspect) and gc, with the same manifest (format v1) as on local disks.
+//!
+//! A snapshot at `s3://BUCKET/PREFIX` is:
+//! - `PREFIX/manifest.json`: the commit point, exactly the local manifest
+//!   with one root (`.` = the prefix) and shard paths relative to it;
+//! - `PREFIX/shards/<save_id>/shard-NNNNN.bin`: shard objects, byte for byte
+//!   the local shard files (4096-aligned extents, zero padding). Names are
+//!   unique per save, so two saves never write the same shard object;
+//! - `PREFIX/saves/<save_id>.json`: the marker of a save in progress (its
+//!   multipart upload ids), removed when the save commits or fails; what a
+//!   killed save leaves is found by `gc` through it.
+//!
+//! Commit protocol: (1) validate everything, write nothing; (2) create the
+//! multipart uploads and record them in the marker; (3) upload every part,
+//! checksumming the bytes as they are assembled; (4) complete the uploads;
+//! (5) PUT the manifest last, create-only (`If-None-Match: *`) for a new
+//! snapshot or `If-Match: <etag of the manifest read in (1)>` for a re-save,
+//! so a concurrent save that committed meanwhile makes this one fail with
+//! [`Error::Conflict`] instead of replacing it unseen; (6) only then delete
+//! the marker and the previous save's shards. Any failure before (5) aborts
+//! the uploads and deletes this save's objects: no manifest appears, and the
+//! previous snapshot is untouched. A reader therefore sees a manifest only
+//! once all its shards exist, and never a manifest naming another save's
+//! shards.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::gc::GcReport;
+use super::manifest::{
+    AllocationEntry, ChecksumSpec, Extent, FORMAT_VERSION, KIND, MANIFEST_NAME, Manifest,
+    RootEntry, SaveIdentity, ShardEntry,
+};
+use super::ownership::shard_file_name;
+use super::placement::place;
+use super::report::{Phases, Report};
+use super::restore::{LoadOptions, RestoredSnapshot};
+use super::save::SaveOptions;
+use super::source::SnapshotSource;
+use crate::memory::{Device, DiscardRegion, HostRegion, Region};
+use crate::storage::durable::unique_id;
+use crate::storage::location::S3Url;
+use crate::storage::s3::{ObjectClient, ObjectInfo, PutCondition, now_ms};
+use crate::transfer::{
+    Backend, Checksums, Direction, FileTarget, IO_ALIGN, ObjectBackend, PlanBuilder, TransferJob,
+    TransferPlan, TransferStats,
+};
+use crate::{Error, Result};
+
+/// Folder of shard objects under the snapshot prefix.
+pub const SHARDS_DIR: &str = "shards";
+/// Folder of in-progress save markers under the snapshot prefix.
+pub const SAVES_DIR: &str = "saves";
+/// Smallest S3 request: ranged GETs and parts are at least this large.
+pub const MIN_REQUEST: u64 = 8 << 20;
+
+/// The marker of a save in progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SaveMarker {
+    /// Always `memferry-s3-save`.
+    pub kind: String,
+    /// The save.
+    pub save_id: String,
+    /// Its lineage.
+    pub lineage: String,
+    /// When it started, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// `(key, upload id)` of every multipart upload it started.
+    pub uploads: Vec<(String, String)>,
+}
+
+/// A committed snapshot in a bucket.
+#[derive(Debug, Clone)]
+pub struct RemoteSnapshot {
+    /// Where it is.
+    pub url: S3Url,
+    /// Its validated manifest.
+    pub manifest: Manifest,
+    /// The manifest object (its ETag makes re-saves conditional).
+    pub manifest_object: ObjectInfo,
+}
+
+impl RemoteSnapshot {
+    /// Key of shard `i`.
+    pub fn shard_key(&self, i: usize) -> String {
+        self.url.key(&self.manifest.shards[i].path)
+    }
+}
+
+/// Reads and validates the manifest; `Ok(None)` when there is none.
+pub fn read_manifest(client: &ObjectClient, url: &S3Url) -> Result<Option<RemoteSnapshot>> {
+    let key = url.key(MANIFEST_NAME);
+    let Some((bytes, info)) = client.get(&key)? else {
+        return Ok(None);
+    };
+    let manifest = Manifest::parse(&bytes, &PathBuf::from(url.url_of(MANIFEST_NAME)))?;
+    if manifest.roots.len() != 1 || manifest.roots[0].recorded_path != "." {
+        return Err(Error::InvalidManifest {
+            path: PathBuf::from(url.url_of(MANIFEST_NAME)),
+            reason: "a snapshot in a bucket has exactly one root, \".\" (its prefix)".into(),
+        });
+    }
+    Ok(Some(RemoteSnapshot {
+        url: url.clone(),
+        manifest,
+        manifest_object: info,
+    }))
+}
+
+/// Opens the committed snapshot at `url` ([`Error::NoSnapshot`] when none).
+pub fn open(client: &ObjectClient, url: &S3Url) -> Result<RemoteSnapshot> {
+    read_manifest(client, url)?.ok_or_else(|| Error::NoSnapshot {
+        path: PathBuf::from(url.to_string()),
+        reason: format!(
+            "there is no {MANIFEST_NAME} under the prefix (nothing was committed there; an interrupted save leaves nothing visible, `memferry gc` removes its leftovers)"
+        ),
+    })
+}
+
+fn request_size(chunk: u64) -> u64 {
+    chunk.max(MIN_REQUEST)
+}
+
+/// Saves `source` as a snapshot at `url`, replacing a snapshot already
+/// there only if it is still the one read at the start (see the module
+/// docs). On error nothing is committed.
+pub fn save(
+    source: &SnapshotSource,
+    client: &ObjectClient,
+    url: &S3Url,
+    opts: &SaveOptions,
+) -> Result<Report> {
+    let t = Instant::now();
+    let mut phases = Phases::default();
+    validate_save(source, opts)?;
+    let previous = read_manifest(client, url)?;
+    if previous.is_none() {
+        refuse_foreign(client, url)?;
+    }
+    let identity = SaveIdentity {
+        name: url.prefix.rsplit('/').next().unwrap_or(&url.prefix).into(),
+        lineage: previous
+            .as_ref()
+            .map_or_else(unique_id, |p| p.manifest.identity.lineage.clone()),
+        save_id: unique_id(),
+    };
+    let sizes: Vec<u64> = source.layout.allocations.iter().map(|a| a.size).collect();
+    let placement = place(&sizes, opts.shard_size, 1, IO_ALIGN);
+    let request = request_size(opts.tuning.chunk_size);
+    let mut builder = PlanBuilder::new(Direction::Store, opts.checksum_chunk, request);
+    let mut shards = Vec::new();
+    let mut keys = Vec::new();
+    for (i, &size) in placement.shard_sizes.iter().enumerate() {
+        let rel = format!("{SHARDS_DIR}/{}/{}", identity.save_id, shard_file_name(i));
+        builder.add_file(FileTarget {
+            path: PathBuf::from(url.url_of(&rel)),
+            root: 0,
+            size,
+        });
+        keys.push(url.key(&rel));
+        shards.push(ShardEntry {
+            index: i,
+            root: 0,
+            path: rel,
+            size,
+        });
+    }
+    let mut extent_sums = Vec::new();
+    for (region, list) in placement.extents.iter().enumerate() {
+        for e in list {
+            extent_sums.push(builder.add_extent(
+                e.shard,
+                e.offset,
+                e.length,
+                region,
+                e.alloc_offset,
+            ));
+        }
+    }
+    let plan = builder.build();
+    phases.plan = t.elapsed().as_secs_f64();
+
+    // Uploads: from here on, `pending` cleans up unless the commit happens.
+    let t = Instant::now();
+    let marker_key = url.key(&format!("{SAVES_DIR}/{}.json", identity.save_id));
+    let mut pending = Pending {
+        client,
+        keys: keys.clone(),
+        uploads: Vec::new(),
+        marker: Some(marker_key.clone()),
+        armed: true,
+    };
+    let created: Vec<Result<String>> = client.run(
+        futures::stream::iter(keys.iter().map(|k| client.create_multipart_async(k)))
+            .buffered(client.config().concurrency)
+            .collect(),
+    );
+    for (k, r) in keys.iter().zip(created.iter()) {
+        if let Ok(id) = r {
+            pending.uploads.push((k.clone(), id.clone()));
+        }
+    }
+    let uploads: Vec<String> = created.into_iter().collect::<Result<_>>()?;
+    let marker = SaveMarker {
+        kind: "memferry-s3-save".into(),
+        save_id: identity.save_id.clone(),
+        lineage: identity.lineage.clone(),
+        created_unix_ms: now_ms(),
+        uploads: pending.uploads.clone(),
+    };
+    client.put(
+        &marker_key,
+        Bytes::from(serde_json::to_vec_pretty(&marker).expect("marker serialises")),
+        PutCondition::Overwrite,
+    )?;
+    phases.allocate = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let sums: Vec<AtomicU32> = (0..plan.checksum_count)
+        .map(|_| AtomicU32::new(0))
+        .collect();
+    let regions: Vec<&dyn Region> = source.regions.iter().map(|r| r.as_ref()).collect();
+    let mut job = TransferJob::new(&plan, &regions, Checksums::Record(&sums));
+    job.progress = opts.progress.as_deref();
+    job.cancel = opts.cancel.as_deref();
+    let stats = ObjectBackend::for_store(client, keys, uploads, request).run(&job)?;
+    phases.transfer = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let mut next = 0;
+    let allocations = source
+        .layout
+        .allocations
+        .iter()
+        .zip(&placement.extents)
+        .map(|(a, list)| AllocationEntry {
+            allocation: a.clone(),
+            extents: list
+                .iter()
+                .map(|e| {
+                    let first = extent_sums[next];
+                    next += 1;
+                    let n = crate::integrity::chunk_count(e.length, opts.checksum_chunk);
+                    Extent {
+                        shard: e.shard,
+                        offset: e.offset,
+                        length: e.length,
+                        alloc_offset: e.alloc_offset,
+                        crc32c: sums[first..first + n]
+                            .iter()
+                            .map(|s| s.load(Ordering::Relaxed))
+                            .collect(),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        kind: KIND.into(),
+        identity: identity.clone(),
+        created_unix_ms: now_ms(),
+        source: source.description.clone(),
+        alignment: IO_ALIGN,
+        checksum: ChecksumSpec {
+            algorithm: "crc32c".into(),
+            chunk_bytes: opts.checksum_chunk,
+        },
+        total_bytes: source.layout.total_bytes(),
+        roots: vec![RootEntry {
+            index: 0,
+            recorded_path: ".".into(),
+        }],
+        shards,
+        allocations,
+        metadata: source.layout.metadata.clone(),
+    };
+    manifest.validate().map_err(|e| {
+        Error::InvalidInput(format!("internal error: built an invalid manifest: {e}"))
+    })?;
+    crate::storage::s3::fault::pause("s3-before-commit");
+    let condition = match &previous {
+        None => PutCondition::Create,
+        Some(p) => match &p.manifest_object.e_tag {
+            Some(tag) => PutCondition::IfMatch(tag.clone()),
+            None => PutCondition::Overwrite,
+        },
+    };
+    match client.put(
+        &url.key(MANIFEST_NAME),
+        Bytes::from(manifest.to_json()),
+        condition,
+    ) {
+        Ok(_) => {}
+        Err(Error::Conflict(_)) => {
+            return Err(Error::Conflict(format!(
+                "another save committed a snapshot at {url} while this one ran: this save committed nothing and its objects were removed; the other snapshot is intact"
+            )));
+        }
+        Err(e) => return Err(e),
+    }
+    pending.armed = false; // committed: the shards belong to the manifest now
+    if let Err(e) = client.delete(&marker_key) {
+        tracing::warn!("could not remove the save marker {marker_key}: {e}");
+    }
+    if let Some(prev) = &previous
+        && prev.manifest.identity.save_id != identity.save_id
+    {
+        let old: Vec<String> = (0..prev.manifest.shards.len())
+            .map(|i| prev.shard_key(i))
+            .filter(|k| k.starts_with(&url.key(&format!("{SHARDS_DIR}/"))))
+            .collect();
+        if let Err(e) = client.delete_many(&old) {
+            tracing::warn!("could not remove every shard of the previous save (gc will): {e}");
+        }
+    }
+    if let Some(c) = &opts.complete_file {
+        super::save::write_complete_file(c, "save", &PathBuf::from(url.to_string()))?;
+    }
+    phases.commit = t.elapsed().as_secs_f64();
+    let mut report = report("save", url, &manifest, phases, client, opts.tuning.clone());
+    report.verified = true;
+    report.finish(&stats);
+    Ok(report)
+}
+
+fn validate_save(source: &SnapshotSource, opts: &SaveOptions) -> Result<()> {
+    source.validate()?;
+    opts.tuning.validate()?;
+    if opts.roots.is_some() {
+        return Err(Error::InvalidInput(
+            "--roots does not apply to an S3 location: shards go under the snapshot prefix; drop --roots".into(),
+        ));
+    }
+    if opts.shard_size < IO_ALIGN {
+        return Err(Error::InvalidInput(format!(
+            "--shard-size {} is too small: use at least 4KiB (default 1GiB)",
+            opts.shard_size
+        )));
+    }
+    if opts.checksum_chunk == 0 || !opts.checksum_chunk.is_multiple_of(IO_ALIGN) {
+        return Err(Error::InvalidInput(
+            "the checksum chunk must be a multiple of 4096".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses to save into a prefix that holds objects a save does not create.
+fn refuse_foreign(client: &ObjectClient, url: &S3Url) -> Result<()> {
+    let base = format!("{}/", url.prefix);
+    for o in client.list(&base)? {
+        let rel = o.key.strip_prefix(&base).unwrap_or(&o.key);
+        let ours = rel == MANIFEST_NAME
+            || rel.starts_with(&format!("{SHARDS_DIR}/"))
+            || rel.starts_with(&format!("{SAVES_DIR}/"));
+        if !ours {
+            return Err(Error::InvalidInput(format!(
+                "{url} holds objects that are not part of a memferry snapshot (e.g. {}): refusing to save there; choose another prefix",
+                client.url(&o.key)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a failed save removes again: its uploads, its objects, its marker.
+struct Pending<'c> {
+    client: &'c ObjectClient,
+    keys: Vec<String>,
+    uploads: Vec<(String, String)>,
+    marker: Option<String>,
+    armed: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for (k, id) in &self.uploads {
+            if let Err(e) = self.client.abort_multipart(k, id) {
+                tracing::warn!("could not abort the upload of {k} (gc will): {e}");
+            }
+        }
+        if let Err(e) = self.client.delete_many(&self.keys) {
+            tracing::warn!("could not remove the shards of a failed save (gc will): {e}");
+        }
+        if let Some(m) = &self.marker
+            && let Err(e) = self.client.delete(m)
+        {
+            tracing::warn!("could not remove the save marker {m} (gc will): {e}");
+        }
+    }
+}
+
+/// Restores the snapshot at `url` into host memory: ranged GETs, verified in
+/// the same pass, staging bounded by concurrency x request size.
+pub fn restore(
+    client: &ObjectClient,
+    url: &S3Url,
+    opts: &LoadOptions,
+) -> Result<(RestoredSnapshot, Report)> {
+    if let Device::Cuda(n) = opts.device {
+        return Err(Error::Unsupported(format!(
+            "cannot restore to cuda:{n}: this build of memferry restores into host memory only; use --device cpu"
+        )));
+    }
+    let save_id = || {
+        read_manifest(client, url)
+            .ok()
+            .flatten()
+            .map(|s| s.manifest.identity.save_id)
+    };
+    let before = save_id();
+    match load(client, url, opts, true) {
+        // A concurrent save may have replaced the snapshot (and removed the
+        // old shards) after we read the manifest: retry once on the new one.
+        Err(Error::MissingShard { .. }) if before.is_some() && save_id() != before => {
+            load(client, url, opts, true)
+        }
+        other => other,
+    }
+    .map(|(r, rep)| (r.expect("restore keeps regions"), rep))
+}
+
+/// Checks every byte of the snapshot at `url` against its checksums.
+pub fn verify(client: &ObjectClient, url: &S3Url, opts: &LoadOptions) -> Result<Report> {
+    let opts = LoadOptions {
+        verify: true,
+        ..opts.clone()
+    };
+    load(client, url, &opts, false).map(|(_, r)| r)
+}
+
+fn load(
+    client: &ObjectClient,
+    url: &S3Url,
+    opts: &LoadOptions,
+    keep: bool,
+) -> Result<(Option<RestoredSnapshot>, Report)> {
+    let t = Instant::now();
+    let mut phases = Phases::default();
+    opts.tuning.validate()?;
+    if opts.roots.is_some() {
+        return Err(Error::InvalidInput(
+            "--roots does not apply to an S3 location; drop --roots".into(),
+        ));
+    }
+    let snap = open(client, url)?;
+    let (plan, sums, keys) = load_plan(client, &snap, request_size(opts.tuning.chunk_size))?;
+    phases.plan = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let m = &snap.manifest;
+    let host: Vec<HostRegion> = if keep {
+        m.allocations
+            .iter()
+            .map(|a| HostRegion::new(a.allocation.size))
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let sinks: Vec<DiscardRegion> = if keep {
+        Vec::new()
+    } else {
+        m.allocations
+            .iter()
+            .map(|a| DiscardRegion::new(a.allocation.size))
+            .collect()
+    };
+    let refs: Vec<&dyn Region> = if keep {
+        host.iter().map(|r| r as &dyn Region).collect()
+    } else {
+        sinks.iter().map(|r| r as &dyn Region).collect()
+    };
+    phases.allocate = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let checks = if opts.verify {
+        Checksums::Verify(&sums)
+    } else {
+        Checksums::Skip
+    };
+    let mut job = TransferJob::new(&plan, &refs, checks);
+    job.progress = opts.progress.as_deref();
+    job.cancel = opts.cancel.as_deref();
+    let stats: TransferStats = ObjectBackend::for_load(client, keys).run(&job)?;
+    phases.transfer = t.elapsed().as_secs_f64();
+    drop(refs);
+
+    let t = Instant::now();
+    let op = if keep { "restore" } else { "verify" };
+    if keep && let Some(c) = &opts.complete_file {
+        super::save::write_complete_file(c, "restore", &PathBuf::from(url.to_string()))?;
+    }
+    phases.commit = t.elapsed().as_secs_f64();
+    let mut r = report(op, url, m, phases, client, opts.tuning.clone());
+    r.verified = opts.verify;
+    r.finish(&stats);
+    let restored = keep.then(|| RestoredSnapshot {
+        manifest: snap.manifest.clone(),
+        regions: host,
+    });
+    Ok((restored, r))
+}
+
+/// The load plan of a remote snapshot: every shard HEADed first (missing or
+/// short shards fail by name before any byte moves), then one op per
+/// request of at most `request` bytes.
+pub fn load_plan(
+    client: &ObjectClient,
+    snap: &RemoteSnapshot,
+    request: u64,
+) -> Result<(TransferPlan, Vec<u32>, Vec<String>)> {
+    let m = &snap.manifest;
+    let keys: Vec<String> = (0..m.shards.len()).map(|i| snap.shard_key(i)).collect();
+    let heads = client.head_many(&keys);
+    let mut b = PlanBuilder::new(Direction::Load, m.checksum.chunk_bytes, request);
+    for (i, (s, head)) in m.shards.iter().zip(heads).enumerate() {
+        let path = PathBuf::from(client.url(&keys[i]));
+        let first = m
+            .allocations
+            .iter()
+            .flat_map(|a| &a.extents)
+            .find(|e| e.shard == i)
+            .map_or((0, 0), |e| (e.offset, e.length));
+        match head? {
+            None => {
+                return Err(Error::MissingShard {
+                    path,
+                    offset: first.0,
+                    length: first.1,
+                });
+            }
+            Some(h) if h.size < s.size => {
+                return Err(Error::Truncated {
+                    path,
+                    offset: first.0,
+                    length: first.1,
+                    file_size: h.size,
+                });
+            }
+            Some(_) => {}
+        }
+        b.add_file(FileTarget {
+            path,
+            root: 0,
+            size: s.size,
+        });
+    }
+    let mut sums = Vec::new();
+    for (region, a) in m.allocations.iter().enumerate() {
+        for e in &a.extents {
+            b.add_extent(e.shard, e.offset, e.length, region, e.alloc_offset);
+            sums.extend_from_slice(&e.crc32c);
+        }
+    }
+    Ok((b.build(), sums, keys))
+}
+
+fn report(
+    op: &str,
+    url: &S3Url,
+    m: &Manifest,
+    phases: Phases,
+    client: &ObjectClient,
+    tuning: crate::transfer::Tuning,
+) -> Report {
+    Report {
+        op: op.into(),
+        backend: "s3".into(),
+        mode: String::new(),
+        bytes: 0,
+        seconds: 0.0,
+        gib_per_s: 0.0,
+        transfer_gib_per_s: 0.0,
+        verified: false,
+        fallbacks: Vec::new(),
+        phases,
+        peak_staging_bytes: 0,
+        checksum_cpu_seconds: 0.0,
+        snapshot: url.to_string(),
+        allocations: m.allocations.len(),
+        shards: m.shards.len(),
+        roots: 1,
+        workers: tuning.workers,
+        queue_depth: client.config().concurrency,
+        chunk_size: request_size(tuning.chunk_size),
+        profile: None,
+    }
+}
+
+/// Removes what failed or killed saves left under `url`: shard objects of
+/// saves that are not the committed one, markers of saves that are not in
+/// progress, and the multipart uploads those markers name. A save younger
+/// than `grace` (by its marker, or by its newest shard) may still be
+/// running and is kept. The committed snapshot is never touched.
+pub fn gc(client: &ObjectClient, url: &S3Url, grace: Duration) -> Result<GcReport> {
+    let committed = read_manifest(client, url)?;
+    let current = committed
+        .as_ref()
+        .map(|c| c.manifest.identity.save_id.clone());
+    let base = format!("{}/", url.prefix);
+    let shards_base = format!("{base}{SHARDS_DIR}/");
+    let saves_base = format!("{base}{SAVES_DIR}/");
+    let mut by_save: BTreeMap<String, Vec<ObjectInfo>> = BTreeMap::new();
+    let mut markers: BTreeMap<String, ObjectInfo> = BTreeMap::new();
+    for o in client.list(&base)? {
+        if let Some(rest) = o.key.strip_prefix(&shards_base) {
+            if let Some((save, _)) = rest.split_once('/') {
+                by_save.entry(save.to_string()).or_default().push(o);
+            }
+        } else if let Some(name) = o.key.strip_prefix(&saves_base)
+            && let Some(save) = name.strip_suffix(".json")
+        {
+            markers.insert(save.to_string(), o);
+        }
+    }
+    let now = now_ms();
+    let grace_ms = grace.as_millis() as u64;
+    let young = |t: u64| now.saturating_sub(t) < grace_ms;
+    let mut report = GcReport::default();
+    let saves: BTreeSet<String> = by_save.keys().chain(markers.keys()).cloned().collect();
+    for save in saves {
+        if Some(&save) == current.as_ref() {
+            // The committed save: only a stale marker can be left over.
+            if let Some(m) = markers.get(&save) {
+                client.delete(&m.key)?;
+                report.removed.push(PathBuf::from(client.url(&m.key)));
+            }
+            continue;
+        }
+        let marker = markers.get(&save);
+        let newest = marker
+            .map(|m| m.modified_unix_ms)
+            .into_iter()
+            .chain(
+                by_save
+                    .get(&save)
+                    .into_iter()
+                    .flatten()
+                    .map(|o| o.modified_unix_ms),
+            )
+            .max()
+            .unwrap_or(0);
+        if young(newest) {
+            report.kept.push(format!(
+                "{}: save {save} is younger than the grace period ({}s) and may still be running; run gc again later or pass --grace 0s",
+                url,
+                grace.as_secs()
+            ));
+            continue;
+        }
+        if let Some(m) = marker
+            && let Some((bytes, _)) = client.get(&m.key)?
+        {
+            match serde_json::from_slice::<SaveMarker>(&bytes) {
+                Ok(sm) => {
+                    for (k, id) in &sm.uploads {
+                        if k.starts_with(&shards_base) {
+                            client.abort_multipart(k, id)?;
+                            report
+                                .removed
+                                .push(PathBuf::from(format!("{} (upload {id})", client.url(k))));
+                        }
+                    }
+                }
+                Err(e) => report.kept.push(format!(
+                    "{}: unreadable save marker ({e}); its uploads were not aborted",
+                    client.url(&m.key)
+                )),
+            }
+        }
+        let objects: Vec<String> = by_save
+            .get(&save)
+            .into_iter()
+            .flatten()
+            .map(|o| o.key.clone())
+            .collect();
+        client.delete_many(&objects)?;
+        report
+            .removed
+            .extend(objects.iter().map(|k| PathBuf::from(client.url(k))));
+        if let Some(m) = marker {
+            client.delete(&m.key)?;
+            report.removed.push(PathBuf::from(client.url(&m.key)));
+        }
+    }
+    Ok(report)
+}

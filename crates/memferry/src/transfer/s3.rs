@@ -1,0 +1,341 @@
+//! The S3 backend: runs a [`TransferPlan`] whose files are objects in a
+//! bucket (`keys[i]` is the object of `plan.files[i]`).
+//!
+//! Load: every operation is one ranged GET, at most `concurrency` in
+//! flight; the body streams into a staging buffer taken from a pool of at
+//! most `concurrency` buffers (host memory is bounded by
+//! `concurrency x request size`, whatever the snapshot size), is checked
+//! against its CRC32Cs and only then copied into the destination region
+//! (verify before accept, as on local disks). A short or over-long body is
+//! an error naming the object, offset and length.
+//!
+//! Store: each object is written with a multipart upload the caller has
+//! created (so it can record the upload ids before any byte moves). Parts
+//! are equal-sized (at least 8 MiB, at most 10,000 parts per object, the last
+//! part shorter), assembled from the regions with zero padding exactly as
+//! the local shard files hold them, checksummed while assembled, and
+//! uploaded `concurrency` at a time. On error nothing is completed; the
+//! caller aborts the uploads.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{GetOptions, GetRange, ObjectStore};
+
+use super::{Backend, Direction, IoOp, TransferJob, TransferStats};
+use crate::storage::s3::ObjectClient;
+use crate::{Error, Result};
+
+/// Smallest multipart part (S3 allows 5 MiB; 8 MiB keeps requests large).
+pub const MIN_PART_SIZE: u64 = 8 << 20;
+/// Most parts S3 accepts in one upload.
+pub const MAX_PARTS: u64 = 10_000;
+
+/// Part size for an object of `size` bytes: at least `wanted` (rounded up
+/// to whole MiB, never below [`MIN_PART_SIZE`]) and large enough that the
+/// object needs at most [`MAX_PARTS`] parts.
+pub fn part_size(size: u64, wanted: u64) -> u64 {
+    const MIB: u64 = 1 << 20;
+    let by_count = size.div_ceil(MAX_PARTS);
+    wanted
+        .max(MIN_PART_SIZE)
+        .max(by_count)
+        .div_ceil(MIB)
+        .saturating_mul(MIB)
+}
+
+/// Runs plans against objects of one bucket.
+pub struct ObjectBackend<'c> {
+    client: &'c ObjectClient,
+    keys: Vec<String>,
+    uploads: Vec<String>,
+    part_size: u64,
+}
+
+impl<'c> ObjectBackend<'c> {
+    /// A backend reading `keys[i]` for `plan.files[i]`.
+    pub fn for_load(client: &'c ObjectClient, keys: Vec<String>) -> Self {
+        Self {
+            client,
+            keys,
+            uploads: Vec::new(),
+            part_size: MIN_PART_SIZE,
+        }
+    }
+
+    /// A backend writing `plan.files[i]` to `keys[i]` through the multipart
+    /// upload `uploads[i]`, in parts of [`part_size`]`(size, part_size)`.
+    pub fn for_store(
+        client: &'c ObjectClient,
+        keys: Vec<String>,
+        uploads: Vec<String>,
+        part_size: u64,
+    ) -> Self {
+        Self {
+            client,
+            keys,
+            uploads,
+            part_size,
+        }
+    }
+
+    fn load(&self, job: &TransferJob<'_>) -> Result<TransferStats> {
+        let t = Instant::now();
+        let n = self.client.config().concurrency;
+        let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+        let staged = AtomicU64::new(0);
+        let peak = AtomicU64::new(0);
+        let paused = std::sync::atomic::AtomicBool::new(false);
+        let one = |op: IoOp| {
+            let pool = &pool;
+            let paused = &paused;
+            let (staged, peak) = (&staged, &peak);
+            async move {
+                if job.cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                let mut buf = pool.lock().expect("pool lock").pop().unwrap_or_default();
+                buf.clear();
+                if (buf.capacity() as u64) < op.len {
+                    buf.reserve_exact(op.len as usize);
+                    let now = staged.fetch_add(buf.capacity() as u64, Ordering::Relaxed)
+                        + buf.capacity() as u64;
+                    peak.fetch_max(now, Ordering::Relaxed);
+                }
+                let r = self.fetch_into(job, &op, &mut buf).await;
+                let r = r.and_then(|()| job.accept_loaded(&op, &buf));
+                pool.lock().expect("pool lock").push(buf);
+                if r.is_ok() && !paused.swap(true, Ordering::Relaxed) {
+                    crate::storage::s3::fault::pause("s3-restore-mid");
+                }
+                r
+            }
+        };
+        let results = self.client.run(
+            futures::stream::iter(job.plan.ops.iter().copied().map(one))
+                .buffer_unordered(n)
+                .try_collect::<Vec<()>>(),
+        );
+        results?;
+        Ok(TransferStats {
+            mode: format!("s3-ranged-get x{n}"),
+            bytes: job.plan.bytes(),
+            seconds: t.elapsed().as_secs_f64(),
+            fallbacks: Vec::new(),
+            peak_staging_bytes: peak.load(Ordering::Relaxed),
+            checksum_cpu_seconds: job.checksum_seconds(),
+        })
+    }
+
+    /// Streams the bytes of `op` into `buf` (exactly `op.len` of them).
+    async fn fetch_into(&self, job: &TransferJob<'_>, op: &IoOp, buf: &mut Vec<u8>) -> Result<()> {
+        let key = &self.keys[op.file];
+        let range = op.file_offset..op.file_offset + op.len;
+        let what = || format!("GET bytes {}-{}", range.start, range.end - 1);
+        let opts = GetOptions::new().with_range(Some(GetRange::Bounded(range.clone())));
+        let r = self
+            .client
+            .store()
+            .get_opts(&ObjectPath::from(key.as_str()), opts)
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => Error::MissingShard {
+                    path: job.plan.files[op.file].path.clone(),
+                    offset: op.file_offset,
+                    length: op.len,
+                },
+                e => self.client.error(&what(), key, e),
+            })?;
+        let mut body = r.into_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk: Bytes = chunk.map_err(|e| self.client.error(&what(), key, e))?;
+            if buf.len() + chunk.len() > op.len as usize {
+                return Err(Error::ObjectStore {
+                    context: format!("S3 {} {} failed", what(), self.client.url(key)),
+                    message: format!("the server sent more than the {} bytes asked for", op.len),
+                    hint: String::new(),
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        if (buf.len() as u64) < op.len {
+            return Err(Error::Truncated {
+                path: job.plan.files[op.file].path.clone(),
+                offset: op.file_offset,
+                length: op.len,
+                file_size: op.file_offset + buf.len() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    fn store(&self, job: &TransferJob<'_>) -> Result<TransferStats> {
+        let t = Instant::now();
+        let n = self.client.config().concurrency;
+        let plan = job.plan;
+        // Ops of each file, by offset.
+        let mut by_file: Vec<Vec<IoOp>> = vec![Vec::new(); plan.files.len()];
+        for op in &plan.ops {
+            by_file[op.file].push(*op);
+        }
+        for ops in &mut by_file {
+            ops.sort_by_key(|o| o.file_offset);
+        }
+        let mut parts = Vec::new();
+        for (f, file) in plan.files.iter().enumerate() {
+            let p = part_size(file.size, self.part_size);
+            let count = file.size.div_ceil(p).max(1);
+            for i in 0..count {
+                let start = i * p;
+                let n = parts.len();
+                parts.push((n, f, i as usize, start, (start + p).min(file.size)));
+            }
+        }
+        let part_ids: Vec<Mutex<Vec<Option<object_store::multipart::PartId>>>> = plan
+            .files
+            .iter()
+            .map(|f| {
+                let count = f.size.div_ceil(part_size(f.size, self.part_size)).max(1);
+                Mutex::new(vec![None; count as usize])
+            })
+            .collect();
+        let in_flight = AtomicU64::new(0);
+        let peak = AtomicU64::new(0);
+        let one = |(n, f, idx, start, end): (usize, usize, usize, u64, u64)| {
+            let by_file = &by_file;
+            let part_ids = &part_ids;
+            let (in_flight, peak) = (&in_flight, &peak);
+            async move {
+                if job.cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                let len = end - start;
+                let now = in_flight.fetch_add(len, Ordering::Relaxed) + len;
+                peak.fetch_max(now, Ordering::Relaxed);
+                let body = if crate::storage::s3::fault::fail_part(n) {
+                    Err(Error::ObjectStore {
+                        context: format!(
+                            "S3 UploadPart {} {} failed",
+                            idx + 1,
+                            self.client.url(&self.keys[f])
+                        ),
+                        message: "injected failure (MEMFERRY_TEST_S3_FAIL_PART)".into(),
+                        hint: String::new(),
+                    })
+                } else {
+                    assemble(job, &by_file[f], start, end)
+                };
+                let r = match body {
+                    Ok(b) => {
+                        self.client
+                            .put_part_async(&self.keys[f], &self.uploads[f], idx, b)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                in_flight.fetch_sub(len, Ordering::Relaxed);
+                part_ids[f].lock().expect("part ids")[idx] = Some(r?);
+                Ok(())
+            }
+        };
+        let client = self.client;
+        client.run(async {
+            futures::stream::iter(parts.into_iter().map(one))
+                .buffer_unordered(n)
+                .try_collect::<Vec<()>>()
+                .await?;
+            let completes = part_ids.iter().enumerate().map(|(f, ids)| {
+                let ids: Vec<_> = ids
+                    .lock()
+                    .expect("part ids")
+                    .iter()
+                    .map(|p| p.clone().expect("every part uploaded"))
+                    .collect();
+                client.complete_multipart_async(&self.keys[f], &self.uploads[f], ids)
+            });
+            futures::stream::iter(completes)
+                .buffer_unordered(n)
+                .try_collect::<Vec<()>>()
+                .await
+        })?;
+        Ok(TransferStats {
+            mode: format!("s3-multipart x{n}"),
+            bytes: plan.bytes(),
+            seconds: t.elapsed().as_secs_f64(),
+            fallbacks: Vec::new(),
+            peak_staging_bytes: peak.load(Ordering::Relaxed),
+            checksum_cpu_seconds: job.checksum_seconds(),
+        })
+    }
+}
+
+/// Builds the bytes `start..end` of a file from its ops (sorted by offset):
+/// payload where ops lie, zeros elsewhere. An op cut by a part boundary is
+/// fetched whole into a side buffer (so its checksums cover all of it) and
+/// the overlapping piece copied.
+fn assemble(job: &TransferJob<'_>, ops: &[IoOp], start: u64, end: u64) -> Result<Bytes> {
+    let mut buf = vec![0u8; (end - start) as usize];
+    let first = ops.partition_point(|o| o.file_offset + o.len <= start);
+    for op in ops[first..].iter().take_while(|o| o.file_offset < end) {
+        let (os, oe) = (op.file_offset, op.file_offset + op.len);
+        if os >= start && oe <= end {
+            job.fetch_for_store(op, &mut buf[(os - start) as usize..(oe - start) as usize])?;
+            job.op_done(op);
+        } else {
+            let mut side = vec![0u8; op.len as usize];
+            job.fetch_for_store(op, &mut side)?;
+            let (s, e) = (os.max(start), oe.min(end));
+            buf[(s - start) as usize..(e - start) as usize]
+                .copy_from_slice(&side[(s - os) as usize..(e - os) as usize]);
+            if os >= start {
+                job.op_done(op);
+            }
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
+impl Backend for ObjectBackend<'_> {
+    fn name(&self) -> &'static str {
+        "s3"
+    }
+
+    fn run(&self, job: &TransferJob<'_>) -> Result<TransferStats> {
+        job.validate()?;
+        if self.keys.len() != job.plan.files.len() {
+            return Err(Error::InvalidInput(
+                "the S3 backend needs one object key per plan file".into(),
+            ));
+        }
+        match job.plan.direction {
+            Direction::Load => self.load(job),
+            Direction::Store => {
+                if self.uploads.len() != job.plan.files.len() {
+                    return Err(Error::InvalidInput(
+                        "the S3 backend needs one multipart upload per plan file".into(),
+                    ));
+                }
+                self.store(job)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes_respect_s3_limits() {
+        assert_eq!(part_size(1 << 20, 0), MIN_PART_SIZE);
+        assert_eq!(part_size(100 << 30, 16 << 20), 16 << 20);
+        let huge = 1u64 << 40; // 1 TiB
+        let p = part_size(huge, 8 << 20);
+        assert!(huge.div_ceil(p) <= MAX_PARTS);
+        assert!(p.is_multiple_of(1 << 20));
+    }
+}
