@@ -23,8 +23,73 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
+    #[command(flatten)]
+    pub s3: S3Args,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// S3 settings, for `s3://bucket/prefix` locations. They override the
+/// standard AWS environment (AWS_ENDPOINT_URL, AWS_REGION, AWS_CA_BUNDLE,
+/// ...). Credentials come only from the environment (AWS_ACCESS_KEY_ID,
+/// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and are never printed.
+#[derive(Args, Debug, Clone, Default)]
+pub struct S3Args {
+    /// S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS).
+    #[arg(long, global = true, env = "MEMFERRY_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION, else us-east-1).
+    #[arg(long, global = true, env = "MEMFERRY_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// PEM file of extra trusted CA certificates (default: AWS_CA_BUNDLE).
+    #[arg(long, global = true, env = "MEMFERRY_S3_CA_BUNDLE")]
+    pub s3_ca_bundle: Option<PathBuf>,
+    /// Path-style addressing (endpoint/bucket/key): true or false (default:
+    /// true for custom endpoints, false for AWS).
+    #[arg(long, global = true, env = "MEMFERRY_S3_PATH_STYLE", value_parser = boolean)]
+    pub s3_path_style: Option<bool>,
+    /// Allow plain http endpoints that are not on this machine.
+    #[arg(long, global = true, env = "MEMFERRY_S3_ALLOW_HTTP", value_parser = boolean)]
+    pub s3_allow_http: Option<bool>,
+    /// Requests in flight at once (parts, ranged GETs).
+    #[arg(long, global = true, env = "MEMFERRY_S3_CONCURRENCY")]
+    pub s3_concurrency: Option<usize>,
+    /// Retries per request on 5xx, throttling and timeouts.
+    #[arg(long, global = true, env = "MEMFERRY_S3_MAX_RETRIES")]
+    pub s3_max_retries: Option<usize>,
+    /// Bound on the time one request is retried, e.g. 2m.
+    #[arg(long, global = true, env = "MEMFERRY_S3_RETRY_TIMEOUT", value_parser = duration)]
+    pub s3_retry_timeout: Option<std::time::Duration>,
+    /// Timeout of one request, e.g. 5m.
+    #[arg(long, global = true, env = "MEMFERRY_S3_REQUEST_TIMEOUT", value_parser = duration)]
+    pub s3_request_timeout: Option<std::time::Duration>,
+}
+
+impl S3Args {
+    /// The S3 configuration: environment first, these flags over it.
+    pub fn config(&self) -> memferry::Result<memferry::storage::s3::S3Config> {
+        memferry::storage::s3::S3Config::from_env(&memferry::storage::s3::S3Overrides {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            ca_bundle: self.s3_ca_bundle.clone(),
+            path_style: self.s3_path_style,
+            allow_http: self.s3_allow_http,
+            conditional_put: None,
+            concurrency: self.s3_concurrency,
+            max_retries: self.s3_max_retries,
+            retry_total: self.s3_retry_timeout,
+            request_timeout: self.s3_request_timeout,
+        })
+    }
+}
+
+fn boolean(s: &str) -> Result<bool, String> {
+    memferry::storage::s3::parse_bool(s).ok_or_else(|| format!("{s:?} is not true or false"))
+}
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    memferry::storage::s3::parse_duration(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand, Debug)]
@@ -41,6 +106,8 @@ pub enum Command {
     Export(ExportArgs),
     /// Remove leftovers of interrupted or superseded saves.
     Gc(GcArgs),
+    /// Copy a snapshot between locations (directory, striped roots, s3://), verified.
+    Copy(CopyArgs),
     /// Save, restore with every backend, verify and clean up a built-in model.
     Quickstart(QuickstartArgs),
     /// Measure every backend against the hardware limits on these disks.
@@ -83,7 +150,7 @@ pub struct SaveArgs {
     /// What to save: synthetic:SIZE or safetensors:PATH[,PATH...].
     #[arg(long, env = "MEMFERRY_SOURCE")]
     pub source: String,
-    /// Snapshot directory to create or replace atomically.
+    /// Snapshot directory or s3://bucket/prefix to create or replace atomically.
     #[arg(long)]
     pub to: PathBuf,
     /// Largest shard file, e.g. 1GiB.
@@ -98,7 +165,7 @@ pub struct SaveArgs {
 
 #[derive(Args, Debug)]
 pub struct ReadArgs {
-    /// Snapshot directory.
+    /// Snapshot directory or s3://bucket/prefix.
     pub snapshot: PathBuf,
     #[command(flatten)]
     pub transfer: TransferArgs,
@@ -121,7 +188,7 @@ pub struct RestoreArgs {
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Snapshot directory.
+    /// Snapshot directory or s3://bucket/prefix.
     pub snapshot: PathBuf,
     /// Also list every allocation.
     #[arg(long)]
@@ -139,11 +206,35 @@ pub struct ExportArgs {
 
 #[derive(Args, Debug)]
 pub struct GcArgs {
-    /// Snapshot directory.
+    /// Snapshot directory or s3://bucket/prefix.
     pub snapshot: PathBuf,
     /// Extra roots to search for leftover shard directories.
     #[arg(long, env = "MEMFERRY_ROOTS", value_delimiter = ',')]
     pub roots: Option<Vec<PathBuf>>,
+    /// S3 only: keep leftovers of saves younger than this (they may still be
+    /// running), e.g. 0s, 30m.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub grace: std::time::Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// Snapshot to copy: a directory or s3://bucket/prefix.
+    pub src: PathBuf,
+    /// Where to put the copy: a directory or s3://bucket/prefix (replaced atomically).
+    pub dst: PathBuf,
+    /// Roots of a striped local source (default: those recorded at save time).
+    #[arg(long, value_delimiter = ',')]
+    pub from_roots: Option<Vec<PathBuf>>,
+    /// Stripe a local destination over these directories.
+    #[arg(long, value_delimiter = ',')]
+    pub to_roots: Option<Vec<PathBuf>>,
+    /// Largest shard at the destination.
+    #[arg(long, env = "MEMFERRY_SHARD_SIZE", default_value = "1GiB", value_parser = size)]
+    pub shard_size: u64,
+    /// Largest single request, e.g. 4MiB (S3 requests are at least 8MiB).
+    #[arg(long, env = "MEMFERRY_CHUNK_SIZE", default_value = "4MiB", value_parser = size)]
+    pub chunk_size: u64,
 }
 
 #[derive(Args, Debug)]
@@ -173,6 +264,10 @@ pub struct BenchArgs {
     /// Directories to measure, one per disk (default: the system temp dir).
     #[arg(long, env = "MEMFERRY_ROOTS", value_delimiter = ',')]
     pub roots: Option<Vec<PathBuf>>,
+    /// Measure save and restore of the bench snapshot at this
+    /// s3://bucket/prefix instead of on local disks (removed afterwards).
+    #[arg(long, conflicts_with_all = ["roots", "limits_on", "save_profile"])]
+    pub location: Option<PathBuf>,
     /// Backends to measure.
     #[arg(long, value_delimiter = ',', default_value = "buffered,direct")]
     pub backends: Vec<BackendKind>,

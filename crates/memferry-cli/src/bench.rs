@@ -10,7 +10,10 @@ use memferry::units::format_bytes;
 
 use crate::args::BenchArgs;
 
-pub fn run(a: BenchArgs, json: bool) -> Result<()> {
+pub fn run(a: BenchArgs, s3: &crate::args::S3Args, json: bool) -> Result<()> {
+    if let Some(loc) = &a.location {
+        return run_object(&a, loc, s3, json);
+    }
     if let Some(snap) = &a.limits_on {
         let limits = bench::limits_of_snapshot(snap, a.runs)
             .with_context(|| format!("measuring limits on {}", snap.display()))?;
@@ -177,4 +180,74 @@ fn print_table(r: &BenchReport) {
         println!("\n* best per group; best restore setting: {}", best.label());
     }
     println!("took {:.1} s", r.seconds);
+}
+
+/// `bench --location s3://...`: save/restore against raw GET/PUT loops.
+fn run_object(
+    a: &BenchArgs,
+    loc: &std::path::Path,
+    s3: &crate::args::S3Args,
+    json: bool,
+) -> Result<()> {
+    use memferry::bench::object::{ObjectBenchOptions, run};
+    use memferry::storage::location::Location;
+    let Location::S3(url) = Location::parse(loc)? else {
+        return Err(memferry::Error::InvalidInput(format!(
+            "--location {} is not an s3://bucket/prefix; for local disks use --roots",
+            loc.display()
+        ))
+        .into());
+    };
+    let client = memferry::storage::s3::ObjectClient::new(&s3.config()?, &url.bucket)?;
+    let opts = ObjectBenchOptions {
+        size: a.size,
+        runs: a.runs,
+        shard_size: a.shard_size,
+        chunk_size: a.chunk_size.iter().copied().max().unwrap_or(8 << 20),
+    };
+    let mut say = |s: &str| {
+        if !json {
+            eprintln!("bench: {s}");
+        }
+    };
+    let r = run(&client, &url, &opts, &mut say).with_context(|| format!("bench on {url}"))?;
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["op"] = "bench".into();
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "memferry bench: {} at {} ({}); median of {} runs, {} requests in flight",
+        format_bytes(r.size),
+        r.location,
+        r.server,
+        r.runs,
+        r.concurrency
+    );
+    println!("  {:<40} {:>18} {:>9}", "what", "GiB/s", "% limit");
+    println!(
+        "  {:<40} {:>18}",
+        "raw ranged GETs (8 MiB)",
+        r.get_limit.display()
+    );
+    println!(
+        "  {:<40} {:>18}",
+        "raw PUTs (8 MiB objects)",
+        r.put_limit.display()
+    );
+    println!(
+        "  {:<40} {:>18} {:>8.0}%",
+        "memferry restore (verified)",
+        r.restore.display(),
+        r.restore_percent_of_limit
+    );
+    println!(
+        "  {:<40} {:>18} {:>8.0}%",
+        "memferry save (committed)",
+        r.save.display(),
+        r.save_percent_of_limit
+    );
+    println!("took {:.1} s", r.seconds);
+    Ok(())
 }

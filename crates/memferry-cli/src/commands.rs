@@ -12,6 +12,8 @@ use memferry::snapshot::{self, LoadOptions, Manifest, Report, SaveOptions};
 use memferry::transfer::BackendKind;
 use memferry::units::format_bytes;
 
+use memferry::storage::location::Location;
+
 use crate::args::{Cli, Command, ExportArgs, GcArgs, InspectArgs, ReadArgs, RestoreArgs, SaveArgs};
 use crate::progress::Progress;
 
@@ -26,12 +28,67 @@ pub fn op_name(c: &Command) -> &'static str {
         Command::Gc(_) => "gc",
         Command::Quickstart(_) => "quickstart",
         Command::Bench(_) => "bench",
+        Command::Copy(_) => "copy",
     }
 }
 
 pub fn run(cli: Cli, m: &ArgMatches) -> Result<()> {
     let json = cli.json;
+    let s3 = &cli.s3;
+    // S3 locations (s3://bucket/prefix) go to crate::remote.
+    match &cli.command {
+        Command::Save(a) => {
+            if let Location::S3(u) = Location::parse(&a.to)? {
+                let Command::Save(a) = cli.command else {
+                    unreachable!()
+                };
+                return crate::remote::save(a, u, s3, json);
+            }
+        }
+        Command::Restore(a) => {
+            if let Location::S3(u) = Location::parse(&a.read.snapshot)? {
+                let Command::Restore(a) = cli.command else {
+                    unreachable!()
+                };
+                return crate::remote::restore(a, u, s3, json);
+            }
+        }
+        Command::Verify(a) => {
+            if let Location::S3(u) = Location::parse(&a.snapshot)? {
+                let Command::Verify(a) = cli.command else {
+                    unreachable!()
+                };
+                return crate::remote::verify(a, u, s3, json);
+            }
+        }
+        Command::Export(a) => {
+            if let Location::S3(u) = Location::parse(&a.read.snapshot)? {
+                let Command::Export(a) = cli.command else {
+                    unreachable!()
+                };
+                return crate::remote::export(a, u, s3, json);
+            }
+        }
+        Command::Inspect(a) => {
+            if let Location::S3(u) = Location::parse(&a.snapshot)? {
+                let Command::Inspect(a) = cli.command else {
+                    unreachable!()
+                };
+                return crate::remote::inspect(a, u, s3, json);
+            }
+        }
+        Command::Gc(a) => {
+            if let Location::S3(u) = Location::parse(&a.snapshot)? {
+                let Command::Gc(a) = cli.command else {
+                    unreachable!()
+                };
+                return crate::remote::gc(a, u, s3, json);
+            }
+        }
+        _ => {}
+    }
     match cli.command {
+        Command::Copy(a) => crate::remote::copy(a, s3, json),
         Command::Save(mut a) => {
             let roots = a.transfer.roots.clone().unwrap_or_else(|| {
                 vec![memferry::storage::durable::parent_of(
@@ -49,7 +106,7 @@ pub fn run(cli: Cli, m: &ArgMatches) -> Result<()> {
             let profile = profile_for_snapshot(&mut a, m)?;
             verify(a, json, profile)
         }
-        Command::Bench(a) => crate::bench::run(a, json),
+        Command::Bench(a) => crate::bench::run(a, s3, json),
         Command::Inspect(a) => inspect(a, json),
         Command::Export(mut a) => {
             let profile = profile_for_snapshot(&mut a.read, m)?;
@@ -248,8 +305,13 @@ fn export(a: ExportArgs, json: bool, profile: Option<String>) -> Result<()> {
 fn gc(a: GcArgs, json: bool) -> Result<()> {
     let report = snapshot::gc(&a.snapshot, a.roots.as_deref().unwrap_or(&[]))
         .with_context(|| format!("collecting leftovers of {}", a.snapshot.display()))?;
+    print_gc(&report, json)
+}
+
+/// Prints a gc report as JSON or as one line per item and a total.
+pub fn print_gc(report: &snapshot::GcReport, json: bool) -> Result<()> {
     if json {
-        let mut v = serde_json::to_value(&report)?;
+        let mut v = serde_json::to_value(report)?;
         v["op"] = "gc".into();
         println!("{v}");
     } else {
@@ -271,7 +333,24 @@ fn gc(a: GcArgs, json: bool) -> Result<()> {
 fn inspect(a: InspectArgs, json: bool) -> Result<()> {
     let snap = snapshot::OpenedSnapshot::open(&a.snapshot, None)
         .with_context(|| format!("inspecting {}", a.snapshot.display()))?;
-    let m = &snap.manifest;
+    let roots: Vec<String> = snap.roots.iter().map(|r| r.display().to_string()).collect();
+    print_inspect(
+        &snap.dir.display().to_string(),
+        &snap.manifest,
+        &roots,
+        a.allocations,
+        json,
+    )
+}
+
+/// Prints what a snapshot holds; `roots[i]` is where root `i` resolves.
+pub fn print_inspect(
+    location: &str,
+    m: &Manifest,
+    roots: &[String],
+    allocations: bool,
+    json: bool,
+) -> Result<()> {
     let per_root: Vec<(usize, u64)> = (0..m.roots.len())
         .map(|r| {
             let shards = m.shards.iter().filter(|s| s.root == r);
@@ -281,7 +360,7 @@ fn inspect(a: InspectArgs, json: bool) -> Result<()> {
     if json {
         let mut v = serde_json::json!({
             "op": "inspect",
-            "snapshot": snap.dir.display().to_string(),
+            "snapshot": location,
             "format_version": m.format_version,
             "identity": m.identity,
             "created_unix_ms": m.created_unix_ms,
@@ -293,11 +372,11 @@ fn inspect(a: InspectArgs, json: bool) -> Result<()> {
             "checksum": m.checksum,
             "roots": m.roots.iter().zip(&per_root).map(|(r, (n, b))| serde_json::json!({
                 "index": r.index, "recorded_path": r.recorded_path,
-                "resolved_path": snap.roots[r.index].display().to_string(),
+                "resolved_path": roots[r.index],
                 "shards": n, "bytes": b,
             })).collect::<Vec<_>>(),
         });
-        if a.allocations {
+        if allocations {
             v["allocation_list"] = serde_json::to_value(
                 m.allocations
                     .iter()
@@ -308,7 +387,7 @@ fn inspect(a: InspectArgs, json: bool) -> Result<()> {
         println!("{v}");
         return Ok(());
     }
-    println!("snapshot   {}", snap.dir.display());
+    println!("snapshot   {location}");
     println!("format     v{} ({})", m.format_version, m.kind);
     println!(
         "save       {} (lineage {})",
@@ -336,10 +415,10 @@ fn inspect(a: InspectArgs, json: bool) -> Result<()> {
             r.index,
             n,
             format_bytes(*b),
-            snap.roots[r.index].display()
+            roots[r.index]
         );
     }
-    if a.allocations {
+    if allocations {
         println!("{:>8} {:>14} {:>8} tag", "id", "bytes", "device");
         for x in &m.allocations {
             let al = &x.allocation;

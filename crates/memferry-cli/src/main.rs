@@ -9,6 +9,7 @@ mod bench;
 mod commands;
 mod progress;
 mod quickstart;
+mod remote;
 
 use std::process::ExitCode;
 
@@ -86,6 +87,8 @@ fn usage_error(e: clap::Error) -> ExitCode {
                     "export",
                     "gc",
                     "quickstart",
+                    "copy",
+                    "bench",
                 ]
                 .contains(&a.as_str())
             })
@@ -112,6 +115,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | Error::NoSnapshot { .. }
             | Error::Unsupported(_),
         ) => 2,
+        // Object-store failures (after retries) and lost conditional
+        // commits are failures (1): the input was fine, try again.
         _ => 1,
     }
 }

@@ -1,0 +1,182 @@
+//! Subcommands on `s3://bucket/prefix` locations, and `copy` between any
+//! two locations. The local-path commands live in `commands.rs`; `run`
+//! there sends S3 locations here.
+
+use anyhow::{Context, Result};
+use memferry::snapshot::copy::{CopyOptions, copy as copy_snapshot};
+use memferry::snapshot::export::export_safetensors;
+use memferry::snapshot::remote;
+use memferry::snapshot::source::open_source;
+use memferry::snapshot::{LoadOptions, SaveOptions};
+use memferry::storage::location::{Location, S3Url};
+use memferry::storage::s3::ObjectClient;
+use memferry::transfer::Tuning;
+use memferry::units::format_bytes;
+
+use crate::args::{
+    CopyArgs, ExportArgs, GcArgs, InspectArgs, ReadArgs, RestoreArgs, S3Args, SaveArgs,
+};
+use crate::commands::{print_inspect, print_report};
+use crate::progress::Progress;
+
+fn client(s3: &S3Args, url: &S3Url) -> Result<ObjectClient> {
+    let cfg = s3.config()?;
+    tracing::info!("S3 {}", cfg.describe());
+    Ok(ObjectClient::new(&cfg, &url.bucket)?)
+}
+
+fn load_options(a: &ReadArgs) -> LoadOptions {
+    LoadOptions {
+        roots: a.transfer.roots.clone(),
+        backend: a.transfer.backend,
+        tuning: a.transfer.tuning(),
+        ..LoadOptions::default()
+    }
+}
+
+fn total_bytes(c: &ObjectClient, url: &S3Url) -> u64 {
+    remote::read_manifest(c, url)
+        .ok()
+        .flatten()
+        .map_or(0, |s| s.manifest.total_bytes)
+}
+
+pub fn save(a: SaveArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {
+    let c = client(s3, &url)?;
+    let source = open_source(&a.source)?;
+    let progress = Progress::start("save", source.layout.total_bytes(), json);
+    let opts = SaveOptions {
+        roots: a.transfer.roots.clone(),
+        shard_size: a.shard_size,
+        backend: a.transfer.backend,
+        tuning: a.transfer.tuning(),
+        complete_file: a.complete_file,
+        progress: Some(progress.counter()),
+        ..SaveOptions::default()
+    };
+    let report = remote::save(&source, &c, &url, &opts)
+        .with_context(|| format!("saving {} to {url}", a.source))?;
+    drop(progress);
+    print_report(&report, json);
+    Ok(())
+}
+
+pub fn restore(a: RestoreArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {
+    let c = client(s3, &url)?;
+    let progress = Progress::start("restore", total_bytes(&c, &url), json);
+    let opts = LoadOptions {
+        verify: !a.no_verify,
+        device: a.device,
+        complete_file: a.complete_file,
+        progress: Some(progress.counter()),
+        ..load_options(&a.read)
+    };
+    let (_restored, report) =
+        remote::restore(&c, &url, &opts).with_context(|| format!("restoring {url}"))?;
+    drop(progress);
+    print_report(&report, json);
+    Ok(())
+}
+
+pub fn verify(a: ReadArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {
+    let c = client(s3, &url)?;
+    let progress = Progress::start("verify", total_bytes(&c, &url), json);
+    let opts = LoadOptions {
+        progress: Some(progress.counter()),
+        ..load_options(&a)
+    };
+    let report = remote::verify(&c, &url, &opts).with_context(|| format!("verifying {url}"))?;
+    drop(progress);
+    print_report(&report, json);
+    Ok(())
+}
+
+pub fn export(a: ExportArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {
+    let c = client(s3, &url)?;
+    let (restored, mut report) = remote::restore(&c, &url, &load_options(&a.read))
+        .with_context(|| format!("restoring {url}"))?;
+    let t = std::time::Instant::now();
+    let layout = restored.manifest.layout();
+    let summary = export_safetensors(&layout, &restored.region_refs(), &a.to)
+        .with_context(|| format!("exporting to {}", a.to.display()))?;
+    report.op = "export".into();
+    report.phases.commit += t.elapsed().as_secs_f64();
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["export"] = serde_json::to_value(&summary)?;
+        v["to"] = a.to.display().to_string().into();
+        println!("{v}");
+    } else {
+        print_report(&report, false);
+        println!(
+            "wrote {} tensors ({}) to {}",
+            summary.tensors,
+            format_bytes(summary.file_bytes),
+            a.to.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn inspect(a: InspectArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {
+    let c = client(s3, &url)?;
+    let snap = remote::open(&c, &url).with_context(|| format!("inspecting {url}"))?;
+    print_inspect(
+        &url.to_string(),
+        &snap.manifest,
+        &[url.to_string()],
+        a.allocations,
+        json,
+    )
+}
+
+pub fn gc(a: GcArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {
+    if a.roots.is_some() {
+        return Err(memferry::Error::InvalidInput(
+            "--roots does not apply to an S3 location; drop --roots".into(),
+        )
+        .into());
+    }
+    let c = client(s3, &url)?;
+    let report =
+        remote::gc(&c, &url, a.grace).with_context(|| format!("collecting leftovers of {url}"))?;
+    crate::commands::print_gc(&report, json)
+}
+
+pub fn copy(a: CopyArgs, s3: &S3Args, json: bool) -> Result<()> {
+    let src = Location::parse(&a.src)?;
+    let dst = Location::parse(&a.dst)?;
+    let needs_s3 = src.is_s3() || dst.is_s3();
+    let opts = CopyOptions {
+        from_roots: a.from_roots,
+        to_roots: a.to_roots,
+        shard_size: Some(a.shard_size),
+        tuning: Tuning {
+            chunk_size: a.chunk_size,
+            ..Tuning::default()
+        },
+        s3: if needs_s3 {
+            s3.config()?
+        } else {
+            Default::default()
+        },
+    };
+    let r = copy_snapshot(&src, &dst, &opts).with_context(|| format!("copying {src} to {dst}"))?;
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["op"] = "copy".into();
+        v["from"] = src.to_string().into();
+        v["to"] = dst.to_string().into();
+        v["verified"] = true.into();
+        println!("{v}");
+    } else {
+        for rep in [&r.read, &r.write, &r.verify] {
+            println!("{}", rep.summary_line());
+        }
+        println!(
+            "copy: {} from {src} to {dst}, verified",
+            format_bytes(r.write.bytes)
+        );
+    }
+    Ok(())
+}
