@@ -665,11 +665,21 @@ pub fn gc(client: &ObjectClient, url: &S3Url, grace: Duration) -> Result<GcRepor
             match serde_json::from_slice::<SaveMarker>(&bytes) {
                 Ok(sm) => {
                     for (k, id) in &sm.uploads {
-                        if k.starts_with(&shards_base) {
-                            client.abort_multipart(k, id)?;
-                            report
+                        if !k.starts_with(&shards_base) {
+                            continue;
+                        }
+                        // An upload the save completed before it died is
+                        // gone already (AWS: NoSuchUpload; some servers
+                        // answer 403): note it and go on, the shard object
+                        // itself is deleted below.
+                        match client.abort_multipart(k, id) {
+                            Ok(()) => report
                                 .removed
-                                .push(PathBuf::from(format!("{} (upload {id})", client.url(k))));
+                                .push(PathBuf::from(format!("{} (upload {id})", client.url(k)))),
+                            Err(e) => report.kept.push(format!(
+                                "upload {id} of {}: not aborted ({e}); harmless if the save had completed it",
+                                client.url(k)
+                            )),
                         }
                     }
                 }

@@ -205,10 +205,11 @@ impl<'c> ObjectBackend<'c> {
             .collect();
         let in_flight = AtomicU64::new(0);
         let peak = AtomicU64::new(0);
+        let paused = std::sync::atomic::AtomicBool::new(false);
         let one = |(n, f, idx, start, end): (usize, usize, usize, u64, u64)| {
             let by_file = &by_file;
             let part_ids = &part_ids;
-            let (in_flight, peak) = (&in_flight, &peak);
+            let (in_flight, peak, paused) = (&in_flight, &peak, &paused);
             async move {
                 if job.cancelled() {
                     return Err(Error::Cancelled);
@@ -239,6 +240,9 @@ impl<'c> ObjectBackend<'c> {
                 };
                 in_flight.fetch_sub(len, Ordering::Relaxed);
                 part_ids[f].lock().expect("part ids")[idx] = Some(r?);
+                if !paused.swap(true, Ordering::Relaxed) {
+                    crate::storage::s3::fault::pause("s3-save-mid");
+                }
                 Ok(())
             }
         };

@@ -16,7 +16,8 @@ pub use config::{RetryPolicy, S3Config, S3Overrides, Secret, parse_bool, parse_d
 /// - `MEMFERRY_TEST_PAUSE_AT=<point>` sleeps `MEMFERRY_TEST_PAUSE_SECS`
 ///   (default 30) at that point, after saying so on stderr, so a test can
 ///   kill a process or a server exactly there (`s3-before-commit`,
-///   `s3-restore-mid`);
+///   `s3-save-mid` after the first part, `s3-restore-mid` after the first
+///   ranged GET);
 /// - `MEMFERRY_TEST_S3_FAIL_PART=<n>` makes the upload of the n-th part
 ///   (0-based, counted over the save) fail.
 pub(crate) mod fault {

@@ -1,0 +1,474 @@
+//! Snapshots on real S3 servers (moto and s3s-fs, started here on
+//! 127.0.0.1): round trip, copy both ways, conditional commit, a server
+//! killed mid-restore, a corrupted object, failed and killed saves, bad
+//! credentials and bad input. Every test removes its objects and checks
+//! that nothing is left.
+
+mod common;
+mod s3_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Run, run_cmd};
+use s3_support::{BUCKET, Kind, SECRET_KEY, Server, shared};
+
+const MIB: u64 = 1 << 20;
+
+fn mf(server: &Server, args: &[&str]) -> Run {
+    run_cmd(server.command(), args)
+}
+
+fn save(server: &Server, url: &str, mib: u64, extra: &[&str]) -> serde_json::Value {
+    let size = format!("synthetic:{mib}MiB");
+    let mut args = vec!["save", "--json", "--source", &size, "--to", url];
+    args.extend_from_slice(extra);
+    mf(server, &args).ok().json()
+}
+
+fn each_server(f: impl Fn(&Server)) {
+    for kind in Kind::ALL {
+        eprintln!("== {}", kind.name());
+        f(shared(kind));
+    }
+}
+
+/// The key of the prefix of `url` plus `rel`.
+fn key(url: &str, rel: &str) -> String {
+    format!(
+        "{}/{rel}",
+        url.strip_prefix(&format!("s3://{BUCKET}/")).unwrap()
+    )
+}
+
+#[test]
+fn save_restore_verify_inspect_round_trip() {
+    each_server(|s| {
+        let url = s.url("roundtrip");
+        // 40 MiB in 16 MiB shards: three shards, multipart in 8 MiB parts.
+        let r = save(s, &url, 40, &["--shard-size", "16MiB"]);
+        assert_eq!(r["backend"], "s3");
+        assert_eq!(r["shards"], 3);
+        assert!(r["mode"].as_str().unwrap().starts_with("s3-multipart"));
+        let keys = s.keys(&url);
+        assert!(keys.contains(&key(&url, "manifest.json")), "{keys:?}");
+        assert_eq!(keys.iter().filter(|k| k.contains("/shards/")).count(), 3);
+        assert!(
+            !keys.iter().any(|k| k.contains("/saves/")),
+            "marker left: {keys:?}"
+        );
+
+        let r = mf(s, &["restore", "--json", &url]).ok().json();
+        assert_eq!(r["verified"], true);
+        assert_eq!(r["bytes"], 40 * MIB);
+        assert!(r["mode"].as_str().unwrap().starts_with("s3-ranged-get"));
+        let peak = r["peak_staging_bytes"].as_u64().unwrap();
+        assert!(peak > 0 && peak <= 16 * 8 * MIB, "staging {peak}");
+
+        let v = mf(s, &["verify", "--json", &url]).ok().json();
+        assert_eq!(v["verified"], true);
+        let i = mf(s, &["inspect", "--json", &url]).ok().json();
+        assert_eq!(i["total_bytes"], 40 * MIB);
+        assert_eq!(i["snapshot"], url.as_str());
+
+        // A re-save replaces the snapshot and removes the old shards.
+        let old: Vec<String> = s
+            .keys(&url)
+            .into_iter()
+            .filter(|k| k.contains("/shards/"))
+            .collect();
+        save(s, &url, 8, &[]);
+        let now = s.keys(&url);
+        assert!(
+            old.iter().all(|k| !now.contains(k)),
+            "old shards left: {now:?}"
+        );
+        let r = mf(s, &["restore", "--json", &url]).ok().json();
+        assert_eq!(r["bytes"], 8 * MIB);
+
+        // Nothing to collect after clean saves.
+        let g = mf(s, &["gc", "--json", "--grace", "0s", &url]).ok().json();
+        assert_eq!(g["removed"].as_array().unwrap().len(), 0, "{g}");
+        s.clean(&url);
+    });
+}
+
+#[test]
+fn copy_both_ways_keeps_every_byte() {
+    each_server(|s| {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        let (a_s, b_s) = (a.display().to_string(), b.display().to_string());
+        mf(
+            s,
+            &[
+                "save",
+                "--source",
+                "synthetic:20MiB",
+                "--to",
+                &a_s,
+                "--shard-size",
+                "8MiB",
+            ],
+        )
+        .ok();
+        let url = s.url("copy");
+        let up = mf(s, &["copy", "--json", &a_s, &url]).ok().json();
+        assert_eq!(up["verify"]["verified"], true);
+        assert_eq!(up["write"]["backend"], "s3");
+        let down = mf(s, &["copy", "--json", &url, &b_s]).ok().json();
+        assert_eq!(down["verify"]["verified"], true);
+        // Same bytes: export both local snapshots and compare the files.
+        let (ea, eb) = (
+            dir.path().join("a.safetensors"),
+            dir.path().join("b.safetensors"),
+        );
+        mf(s, &["export", &a_s, "--to", &ea.display().to_string()]).ok();
+        mf(s, &["export", &b_s, "--to", &eb.display().to_string()]).ok();
+        assert!(
+            std::fs::read(&ea).unwrap() == std::fs::read(&eb).unwrap(),
+            "copies differ"
+        );
+        // And S3 -> S3.
+        let url2 = s.url("copy2");
+        mf(s, &["copy", &url, &url2]).ok();
+        mf(s, &["verify", &url2]).ok();
+        s.clean(&url);
+        s.clean(&url2);
+    });
+}
+
+/// Starts a save that pauses right before its manifest PUT; returns the
+/// child once it is there.
+fn paused_save(
+    s: &Server,
+    url: &str,
+    mib: u64,
+    secs: u64,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    paused_save_at(s, url, mib, secs, "s3-before-commit")
+}
+
+/// Starts a save that pauses at `point`; returns the child once it is there
+/// and a thread collecting the rest of its stderr.
+fn paused_save_at(
+    s: &Server,
+    url: &str,
+    mib: u64,
+    secs: u64,
+    point: &str,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    let size = format!("synthetic:{mib}MiB");
+    let mut c = s.command();
+    c.args(["save", "--source", &size, "--to", url])
+        .env("MEMFERRY_TEST_PAUSE_AT", point)
+        .env("MEMFERRY_TEST_PAUSE_SECS", secs.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "save ended before its pause"
+        );
+        if line.contains(&format!("test pause at {point}")) {
+            break;
+        }
+    }
+    // Keep draining stderr so the child never blocks on it.
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        rest
+    });
+    (child, rest)
+}
+
+#[test]
+fn a_concurrent_second_save_cannot_corrupt_the_first() {
+    each_server(|s| {
+        for resave in [false, true] {
+            let url = s.url("conditional");
+            if resave {
+                save(s, &url, 4, &[]);
+            }
+            // A uploads, then waits before committing; B saves in full.
+            let (a, a_err) = paused_save(s, &url, 12, 3);
+            let b = save(s, &url, 20, &[]);
+            assert_eq!(b["bytes"], 20 * MIB);
+            let out = a.wait_with_output().unwrap();
+            let a_err = a_err.join().unwrap();
+            assert_eq!(out.status.code(), Some(1), "A must lose: {a_err}");
+            assert!(
+                a_err.contains("another save committed") && a_err.contains("intact"),
+                "{a_err}"
+            );
+            // B's snapshot is intact and complete.
+            let r = mf(s, &["restore", "--json", &url]).ok().json();
+            assert_eq!(r["bytes"], 20 * MIB);
+            mf(s, &["verify", &url]).ok();
+            // A removed its own objects: only B's shards and manifest remain.
+            let keys = s.keys(&url);
+            let manifest =
+                common::single_json_object(&mf(s, &["inspect", "--json", &url]).ok().stdout)
+                    .unwrap();
+            let b_save = manifest["identity"]["save_id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            for k in &keys {
+                assert!(
+                    k.ends_with("manifest.json") || k.contains(&b_save),
+                    "{k} is not B's ({keys:?})"
+                );
+            }
+            s.clean(&url);
+        }
+    });
+}
+
+#[test]
+fn a_server_killed_mid_restore_fails_cleanly_within_the_retry_bound() {
+    for kind in Kind::ALL {
+        let mut s = Server::start(kind);
+        let url = s.url("killed");
+        save(&s, &url, 48, &[]);
+        let mut c = s.command();
+        c.args([
+            "restore",
+            "--s3-concurrency",
+            "1",
+            "--s3-max-retries",
+            "3",
+            "--s3-retry-timeout",
+            "3s",
+            &url,
+        ])
+        .env("MEMFERRY_TEST_PAUSE_AT", "s3-restore-mid")
+        .env("MEMFERRY_TEST_PAUSE_SECS", "2")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                err.read_line(&mut line).unwrap() > 0,
+                "restore ended before its pause"
+            );
+            if line.contains("test pause at s3-restore-mid") {
+                break;
+            }
+        }
+        s.kill();
+        let t = Instant::now();
+        let status = child.wait().unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+        assert_eq!(status.code(), Some(1), "{}: {rest}", kind.name());
+        assert!(rest.contains("S3 GET") && rest.contains(&url), "{rest}");
+        assert!(!rest.contains("panicked"), "{rest}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_corrupted_object_is_caught_by_the_checksum() {
+    each_server(|s| {
+        let url = s.url("corrupt");
+        save(s, &url, 12, &[]);
+        let c = s.client();
+        let shard = s
+            .keys(&url)
+            .into_iter()
+            .find(|k| k.contains("/shards/"))
+            .unwrap();
+        let (body, _) = c.get(&shard).unwrap().unwrap();
+        let mut bytes = body.to_vec();
+        bytes[5 * MIB as usize + 17] ^= 0x40;
+        c.put(
+            &shard,
+            bytes.into(),
+            memferry::storage::s3::PutCondition::Overwrite,
+        )
+        .unwrap();
+        for op in ["verify", "restore"] {
+            mf(s, &[op, &url])
+                .code(3)
+                .stderr_has(&["checksum mismatch", &shard]);
+        }
+        // A missing shard is named too.
+        c.delete(&shard).unwrap();
+        mf(s, &["verify", &url])
+            .code(3)
+            .stderr_has(&["shard missing", &shard]);
+        s.clean(&url);
+    });
+}
+
+#[test]
+fn a_failed_save_leaves_no_manifest_and_no_objects() {
+    each_server(|s| {
+        let url = s.url("failed");
+        let mut c = s.command();
+        c.args(["save", "--source", "synthetic:40MiB", "--to", &url])
+            .env("MEMFERRY_TEST_S3_FAIL_PART", "2");
+        let r = run_cmd(c, Vec::<String>::new());
+        let r = r.fails_with(&["injected failure"]);
+        assert_eq!(r.code, 1);
+        assert!(s.keys(&url).is_empty(), "left: {:?}", s.keys(&url));
+        mf(s, &["restore", &url])
+            .code(2)
+            .stderr_has(&["no committed snapshot"]);
+
+        // A save failing over an existing snapshot leaves that one intact.
+        save(s, &url, 8, &[]);
+        let before = s.keys(&url);
+        let mut c = s.command();
+        c.args(["save", "--source", "synthetic:40MiB", "--to", &url])
+            .env("MEMFERRY_TEST_S3_FAIL_PART", "0");
+        run_cmd(c, Vec::<String>::new()).code(1);
+        assert_eq!(s.keys(&url), before);
+        mf(s, &["verify", &url]).ok();
+        s.clean(&url);
+    });
+}
+
+#[test]
+fn gc_removes_what_a_killed_save_left() {
+    each_server(|s| {
+        let url = s.url("killed-save");
+        save(s, &url, 4, &[]);
+        let committed = s.keys(&url);
+        // Killed in the middle of its multipart uploads...
+        let (mut a, a_err) = paused_save_at(s, &url, 40, 60, "s3-save-mid");
+        a.kill().unwrap();
+        a.wait().unwrap();
+        a_err.join().unwrap();
+        // ... and one killed with every shard uploaded, right before commit.
+        let (mut b, b_err) = paused_save(s, &url, 20, 60);
+        b.kill().unwrap();
+        b.wait().unwrap();
+        b_err.join().unwrap();
+        let left = s.keys(&url);
+        assert!(left.iter().any(|k| k.contains("/saves/")), "{left:?}");
+        // Young leftovers are kept by default (the save might be running).
+        let g = mf(s, &["gc", "--json", &url]).ok().json();
+        assert!(!g["kept"].as_array().unwrap().is_empty(), "{g}");
+        let g = mf(s, &["gc", "--json", "--grace", "0s", &url]).ok().json();
+        let removed = g["removed"].as_array().unwrap();
+        assert!(
+            removed
+                .iter()
+                .any(|r| r.as_str().unwrap().contains("(upload ")),
+            "uploads not aborted: {g}"
+        );
+        assert_eq!(s.keys(&url), committed);
+        mf(s, &["verify", &url]).ok();
+        s.clean(&url);
+    });
+}
+
+#[test]
+fn bad_credentials_give_a_clear_error_and_never_print_the_secret() {
+    let s = shared(Kind::S3sFs);
+    assert!(Kind::S3sFs.checks_signatures());
+    let url = s.url("creds");
+    let wrong = "WRONG-secret-value-9f7e";
+    for args in [
+        vec!["save", "--source", "synthetic:1MiB", "--to", &url],
+        vec!["restore", &url],
+        vec!["-vv", "verify", "--json", &url],
+    ] {
+        let mut c = s.command();
+        c.env("AWS_SECRET_ACCESS_KEY", wrong)
+            .env("AWS_SESSION_TOKEN", "TOKEN-secret-1234")
+            .env("MEMFERRY_S3_MAX_RETRIES", "1")
+            .env("MEMFERRY_LOG", "debug");
+        let r = run_cmd(c, args.clone());
+        assert_ne!(r.code, 0, "{args:?} succeeded");
+        let all = format!("{}{}", r.stdout, r.stderr);
+        for secret in [wrong, "TOKEN-secret-1234", SECRET_KEY] {
+            assert!(!all.contains(secret), "secret printed by {args:?}: {all}");
+        }
+        let r = r.stderr_has(&["AWS_SECRET_ACCESS_KEY"]);
+        assert!(
+            r.stderr.contains("rejected the credentials"),
+            "{}",
+            r.stderr
+        );
+    }
+    assert!(s.keys(&url).is_empty());
+}
+
+#[test]
+fn bad_s3_input_is_rejected_before_any_request() {
+    let s = shared(Kind::Moto);
+    for (args, needle) in [
+        (vec!["restore", "s3://Bad_Bucket/x"], "bucket name"),
+        (vec!["restore", "s3://bucket"], "own prefix"),
+        (vec!["verify", "s3://bucket/a/../b"], "segment"),
+        (vec!["inspect", "gs://bucket/x"], "unsupported location"),
+        (
+            vec![
+                "save",
+                "--source",
+                "synthetic:1MiB",
+                "--to",
+                "s3://memferry-test/x",
+                "--roots",
+                "/tmp",
+            ],
+            "--roots does not apply",
+        ),
+        (
+            vec![
+                "restore",
+                "--s3-endpoint",
+                "http://10.1.2.3:9000",
+                "s3://memferry-test/x",
+            ],
+            "--s3-allow-http",
+        ),
+        (
+            vec![
+                "restore",
+                "--s3-endpoint",
+                "ftp://x",
+                "s3://memferry-test/x",
+            ],
+            "http://",
+        ),
+    ] {
+        mf(s, &args).code(2).stderr_has(&[needle]);
+    }
+    let url = s.url("empty");
+    mf(s, &["restore", &url])
+        .code(2)
+        .stderr_has(&["no committed snapshot"]);
+    mf(s, &["inspect", &url]).code(2);
+    // Refuses a prefix holding foreign objects, and changes nothing.
+    let k = key(&url, "notes.txt");
+    s.client()
+        .put(
+            &k,
+            "hello".into(),
+            memferry::storage::s3::PutCondition::Overwrite,
+        )
+        .unwrap();
+    mf(s, &["save", "--source", "synthetic:1MiB", "--to", &url])
+        .code(2)
+        .stderr_has(&["not part of a memferry snapshot"]);
+    assert_eq!(s.keys(&url), vec![k]);
+    s.clean(&url);
+}
