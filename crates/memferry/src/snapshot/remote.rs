@@ -492,7 +492,8 @@ fn load(
     let mut job = TransferJob::new(&plan, &refs, checks);
     job.progress = opts.progress.as_deref();
     job.cancel = opts.cancel.as_deref();
-    let stats: TransferStats = ObjectBackend::for_load(client, keys).run(&job)?;
+    let stats: TransferStats =
+        ObjectBackend::for_load(client, keys, request_size(opts.tuning.chunk_size)).run(&job)?;
     phases.transfer = t.elapsed().as_secs_f64();
     drop(refs);
 

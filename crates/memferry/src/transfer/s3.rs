@@ -1,12 +1,13 @@
 //! The S3 backend: runs a [`TransferPlan`] whose files are objects in a
 //! bucket (`keys[i]` is the object of `plan.files[i]`).
 //!
-//! Load: every operation is one ranged GET, at most `concurrency` in
-//! flight; the body streams into a staging buffer taken from a pool of at
-//! most `concurrency` buffers (host memory is bounded by
-//! `concurrency x request size`, whatever the snapshot size), is checked
-//! against its CRC32Cs and only then copied into the destination region
-//! (verify before accept, as on local disks). A short or over-long body is
+//! Load: neighbouring operations of an object are merged into ranged GETs
+//! of at most the request size, at most `concurrency` in flight; the body
+//! streams into a staging buffer taken from a pool of at most `concurrency`
+//! buffers (host memory is bounded by `concurrency x request size`, whatever
+//! the snapshot size); each operation's bytes are checked against their
+//! CRC32Cs and only then copied into the destination region (verify before
+//! accept, as on local disks). A short or over-long body is
 //! an error naming the object, offset and length.
 //!
 //! Store: each object is written with a multipart upload the caller has
@@ -57,13 +58,14 @@ pub struct ObjectBackend<'c> {
 }
 
 impl<'c> ObjectBackend<'c> {
-    /// A backend reading `keys[i]` for `plan.files[i]`.
-    pub fn for_load(client: &'c ObjectClient, keys: Vec<String>) -> Self {
+    /// A backend reading `keys[i]` for `plan.files[i]`, merging
+    /// neighbouring ops into ranged GETs of at most `request` bytes.
+    pub fn for_load(client: &'c ObjectClient, keys: Vec<String>, request: u64) -> Self {
         Self {
             client,
             keys,
             uploads: Vec::new(),
-            part_size: MIN_PART_SIZE,
+            part_size: request,
         }
     }
 
@@ -86,28 +88,38 @@ impl<'c> ObjectBackend<'c> {
     fn load(&self, job: &TransferJob<'_>) -> Result<TransferStats> {
         let t = Instant::now();
         let n = self.client.config().concurrency;
+        let (ops, gets) = coalesce(&job.plan.ops, self.part_size);
         let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
         let staged = AtomicU64::new(0);
         let peak = AtomicU64::new(0);
         let paused = std::sync::atomic::AtomicBool::new(false);
-        let one = |op: IoOp| {
-            let pool = &pool;
-            let paused = &paused;
+        let one = |g: Get| {
+            let (pool, paused, ops) = (&pool, &paused, &ops);
             let (staged, peak) = (&staged, &peak);
             async move {
                 if job.cancelled() {
                     return Err(Error::Cancelled);
                 }
+                let len = g.end - g.start;
                 let mut buf = pool.lock().expect("pool lock").pop().unwrap_or_default();
                 buf.clear();
-                if (buf.capacity() as u64) < op.len {
-                    buf.reserve_exact(op.len as usize);
-                    let now = staged.fetch_add(buf.capacity() as u64, Ordering::Relaxed)
-                        + buf.capacity() as u64;
+                if (buf.capacity() as u64) < len {
+                    let before = buf.capacity() as u64;
+                    buf.reserve_exact(len as usize);
+                    let grown = buf.capacity() as u64 - before;
+                    let now = staged.fetch_add(grown, Ordering::Relaxed) + grown;
                     peak.fetch_max(now, Ordering::Relaxed);
                 }
-                let r = self.fetch_into(job, &op, &mut buf).await;
-                let r = r.and_then(|()| job.accept_loaded(&op, &buf));
+                let mut r = self.fetch_into(job, &g, &mut buf).await;
+                if r.is_ok() {
+                    for op in &ops[g.ops.clone()] {
+                        let at = (op.file_offset - g.start) as usize;
+                        r = job.accept_loaded(op, &buf[at..at + op.len as usize]);
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                }
                 pool.lock().expect("pool lock").push(buf);
                 if r.is_ok() && !paused.swap(true, Ordering::Relaxed) {
                     crate::storage::s3::fault::pause("s3-restore-mid");
@@ -115,14 +127,15 @@ impl<'c> ObjectBackend<'c> {
                 r
             }
         };
+        let count = gets.len();
         let results = self.client.run(
-            futures::stream::iter(job.plan.ops.iter().copied().map(one))
+            futures::stream::iter(gets.into_iter().map(one))
                 .buffer_unordered(n)
                 .try_collect::<Vec<()>>(),
         );
         results?;
         Ok(TransferStats {
-            mode: format!("s3-ranged-get x{n}"),
+            mode: format!("s3-ranged-get x{n} ({count} GETs)"),
             bytes: job.plan.bytes(),
             seconds: t.elapsed().as_secs_f64(),
             fallbacks: Vec::new(),
@@ -131,10 +144,12 @@ impl<'c> ObjectBackend<'c> {
         })
     }
 
-    /// Streams the bytes of `op` into `buf` (exactly `op.len` of them).
-    async fn fetch_into(&self, job: &TransferJob<'_>, op: &IoOp, buf: &mut Vec<u8>) -> Result<()> {
-        let key = &self.keys[op.file];
-        let range = op.file_offset..op.file_offset + op.len;
+    /// Streams bytes `g.start..g.end` of the object into `buf` (exactly
+    /// that many).
+    async fn fetch_into(&self, job: &TransferJob<'_>, g: &Get, buf: &mut Vec<u8>) -> Result<()> {
+        let key = &self.keys[g.file];
+        let len = g.end - g.start;
+        let range = g.start..g.end;
         let what = || format!("GET bytes {}-{}", range.start, range.end - 1);
         let opts = GetOptions::new().with_range(Some(GetRange::Bounded(range.clone())));
         let r = self
@@ -144,30 +159,30 @@ impl<'c> ObjectBackend<'c> {
             .await
             .map_err(|e| match e {
                 object_store::Error::NotFound { .. } => Error::MissingShard {
-                    path: job.plan.files[op.file].path.clone(),
-                    offset: op.file_offset,
-                    length: op.len,
+                    path: job.plan.files[g.file].path.clone(),
+                    offset: g.start,
+                    length: len,
                 },
                 e => self.client.error(&what(), key, e),
             })?;
         let mut body = r.into_stream();
         while let Some(chunk) = body.next().await {
             let chunk: Bytes = chunk.map_err(|e| self.client.error(&what(), key, e))?;
-            if buf.len() + chunk.len() > op.len as usize {
+            if buf.len() + chunk.len() > len as usize {
                 return Err(Error::ObjectStore {
                     context: format!("S3 {} {} failed", what(), self.client.url(key)),
-                    message: format!("the server sent more than the {} bytes asked for", op.len),
+                    message: format!("the server sent more than the {len} bytes asked for"),
                     hint: String::new(),
                 });
             }
             buf.extend_from_slice(&chunk);
         }
-        if (buf.len() as u64) < op.len {
+        if (buf.len() as u64) < len {
             return Err(Error::Truncated {
-                path: job.plan.files[op.file].path.clone(),
-                offset: op.file_offset,
-                length: op.len,
-                file_size: op.file_offset + buf.len() as u64,
+                path: job.plan.files[g.file].path.clone(),
+                offset: g.start,
+                length: len,
+                file_size: g.start + buf.len() as u64,
             });
         }
         Ok(())
@@ -277,6 +292,48 @@ impl<'c> ObjectBackend<'c> {
     }
 }
 
+/// One ranged GET: bytes `start..end` of file `file`, serving `ops[ops]`.
+#[derive(Debug, Clone)]
+struct Get {
+    file: usize,
+    start: u64,
+    end: u64,
+    ops: std::ops::Range<usize>,
+}
+
+/// Largest hole between two ops that one GET reads through (padding).
+const MAX_GAP: u64 = 64 << 10;
+
+/// Sorts the ops by file and offset and merges neighbours into GETs of at
+/// most `request` bytes (plans split extents into ops, and allocations
+/// end in padding, so a shard read op by op would mean many small GETs).
+fn coalesce(plan_ops: &[IoOp], request: u64) -> (Vec<IoOp>, Vec<Get>) {
+    let mut ops = plan_ops.to_vec();
+    ops.sort_by_key(|o| (o.file, o.file_offset));
+    let mut gets: Vec<Get> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let end = op.file_offset + op.len;
+        match gets.last_mut() {
+            Some(g)
+                if g.file == op.file
+                    && op.file_offset >= g.end
+                    && op.file_offset - g.end <= MAX_GAP
+                    && end - g.start <= request =>
+            {
+                g.end = end;
+                g.ops.end = i + 1;
+            }
+            _ => gets.push(Get {
+                file: op.file,
+                start: op.file_offset,
+                end,
+                ops: i..i + 1,
+            }),
+        }
+    }
+    (ops, gets)
+}
+
 /// Builds the bytes `start..end` of a file from its ops (sorted by offset):
 /// payload where ops lie, zeros elsewhere. An op cut by a part boundary is
 /// fetched whole into a side buffer (so its checksums cover all of it) and
@@ -332,6 +389,41 @@ impl Backend for ObjectBackend<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn neighbouring_ops_share_a_get() {
+        let op = |file, file_offset, len| IoOp {
+            file,
+            file_offset,
+            len,
+            region: 0,
+            mem_offset: 0,
+            checksum_index: 0,
+        };
+        let ops = [
+            op(0, 8192, 100),
+            op(0, 0, 5000),
+            op(1, 0, 4096),
+            op(0, 9 << 20, 4096),
+            op(0, 12288, 7 << 20),
+        ];
+        let (sorted, gets) = coalesce(&ops, 8 << 20);
+        assert_eq!(sorted[0].file_offset, 0);
+        let spans: Vec<(usize, u64, u64, usize)> = gets
+            .iter()
+            .map(|g| (g.file, g.start, g.end, g.ops.len()))
+            .collect();
+        // 0..5000, 8192..8292 and 12288.. merge (gaps < 64 KiB, within
+        // 8 MiB); 9 MiB starts a new GET (gap too big); file 1 its own.
+        assert_eq!(
+            spans,
+            vec![
+                (0, 0, 12288 + (7 << 20), 3),
+                (0, 9 << 20, (9 << 20) + 4096, 1),
+                (1, 0, 4096, 1)
+            ]
+        );
+    }
 
     #[test]
     fn part_sizes_respect_s3_limits() {
