@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -492,8 +492,19 @@ fn load(
     let mut job = TransferJob::new(&plan, &refs, checks);
     job.progress = opts.progress.as_deref();
     job.cancel = opts.cancel.as_deref();
-    let stats: TransferStats =
-        ObjectBackend::for_load(client, keys, request_size(opts.tuning.chunk_size)).run(&job)?;
+    let backend = ObjectBackend::for_load(client, keys, request_size(opts.tuning.chunk_size));
+    let done = AtomicBool::new(false);
+    let stats: TransferStats = std::thread::scope(|sc| {
+        // Fresh memory costs a page fault per page on first touch: fault
+        // the destination in ahead of the GETs on another thread, as local
+        // restores do, so allocation overlaps the transfer.
+        if keep {
+            sc.spawn(|| prefault(&host, &done));
+        }
+        let r = backend.run(&job);
+        done.store(true, Ordering::Relaxed);
+        r
+    })?;
     phases.transfer = t.elapsed().as_secs_f64();
     drop(refs);
 
@@ -511,6 +522,21 @@ fn load(
         regions: host,
     });
     Ok((restored, r))
+}
+
+/// Populates `regions` in order, 64 MiB at a time, until `done` is set or
+/// the kernel does not support populating.
+fn prefault(regions: &[HostRegion], done: &AtomicBool) {
+    const STEP: u64 = 64 << 20;
+    for r in regions {
+        let mut off = 0;
+        while off < r.len() {
+            if done.load(Ordering::Relaxed) || !r.populate(off, STEP.min(r.len() - off)) {
+                return;
+            }
+            off += STEP;
+        }
+    }
 }
 
 /// The load plan of a remote snapshot: every shard HEADed first (missing or
