@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """memferry save/restore on a local S3 server against plain parallel loops
 written here with boto3: 16 concurrent 8 MiB ranged GETs over the snapshot's
-shard objects, and 16 concurrent PUTs of 8 MiB objects (as many bytes as the
-snapshot). Every figure is the median of --runs, measured in the same run,
+shard objects, 16 concurrent PUTs of 8 MiB objects (as many bytes as the
+snapshot), and the save's own shape done plainly (one multipart upload per
+shard, 8 MiB parts, 16 in flight, then completed). Every figure is the median of --runs, measured in the same run,
 in rotating order.
 
 Starts its own server (moto or s3s-fs from .tools, installed by
@@ -106,6 +107,41 @@ def raw_puts(s3, prefix, size):
     return rate
 
 
+def raw_multipart(s3, prefix, size, shard):
+    """The save's shape with plain boto3: one multipart upload per shard,
+    8 MiB parts, 16 in flight, then every upload completed."""
+    block = os.urandom(REQ)
+    shards = []
+    left = size
+    while left > 0:
+        shards.append(min(shard, left))
+        left -= shard
+    t = time.perf_counter()
+    ups = [(f"{prefix}/raw-mp/{i:05d}", s3.create_multipart_upload(
+        Bucket=BUCKET, Key=f"{prefix}/raw-mp/{i:05d}")["UploadId"], n) for i, n in enumerate(shards)]
+    jobs = [(k, u, p, min(REQ, n - p * REQ)) for k, u, n in ups for p in range((n + REQ - 1) // REQ)]
+
+    def part(j):
+        k, u, p, ln = j
+        body = block if ln == REQ else block[:ln]
+        return (k, p, s3.upload_part(Bucket=BUCKET, Key=k, UploadId=u, PartNumber=p + 1, Body=body)["ETag"])
+
+    with cf.ThreadPoolExecutor(CONC) as ex:
+        etags = list(ex.map(part, jobs))
+
+    def complete(x):
+        k, u, _ = x
+        parts = [{"PartNumber": p + 1, "ETag": e} for kk, p, e in sorted(etags) if kk == k]
+        s3.complete_multipart_upload(Bucket=BUCKET, Key=k, UploadId=u, MultipartUpload={"Parts": parts})
+
+    with cf.ThreadPoolExecutor(CONC) as ex:
+        list(ex.map(complete, ups))
+    rate = size / GIB / (time.perf_counter() - t)
+    for k, _, _ in ups:
+        s3.delete_object(Bucket=BUCKET, Key=k)
+    return rate
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", choices=["moto", "s3s-fs"], default="s3s-fs")
@@ -125,12 +161,12 @@ def main():
                    AWS_REGION="us-east-1")
         prefix = f"bench-{os.getpid()}"
         url = f"s3://{BUCKET}/{prefix}/snap"
-        rows = {"save": [], "restore": [], "raw_put": [], "raw_get": []}
+        rows = {"save": [], "restore": [], "raw_put": [], "raw_get": [], "raw_multipart": []}
         memferry(env, "save", "--source", f"synthetic:{a.size}", "--to", url,
                  "--shard-size", a.shard_size)
         for run in range(a.runs):
-            for step in range(4):
-                which = (step + run) % 4
+            for step in range(5):
+                which = (step + run) % 5
                 if which == 0:
                     r = memferry(env, "save", "--source", f"synthetic:{a.size}", "--to", url,
                                  "--shard-size", a.shard_size)
@@ -139,7 +175,9 @@ def main():
                     rows["restore"].append(memferry(env, "restore", url)["gib_per_s"])
                 elif which == 2:
                     rows["raw_put"].append(raw_puts(s3, prefix, size))
-                else:
+                elif which == 4:
+                    rows["raw_multipart"].append(raw_multipart(s3, prefix, size, parse_size(a.shard_size)))
+                elif which == 3:
                     m = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{prefix}/snap/manifest.json")["Body"].read())
                     keys = [(f"{prefix}/snap/{sh['path']}", sh["size"]) for sh in m["shards"]]
                     rows["raw_get"].append(raw_gets(s3, keys))
@@ -154,15 +192,17 @@ def main():
         result = {"server": a.server, "size": size, "runs": a.runs, "concurrency": CONC,
                   "request_bytes": REQ, "median_gib_per_s": med, "spread": spread, "all": rows,
                   "restore_percent_of_raw_get": 100 * med["restore"] / med["raw_get"],
-                  "save_percent_of_raw_put": 100 * med["save"] / med["raw_put"]}
+                  "save_percent_of_raw_put": 100 * med["save"] / med["raw_put"],
+                  "save_percent_of_raw_multipart": 100 * med["save"] / med["raw_multipart"]}
         if a.json:
             print(json.dumps(result))
         else:
             print(f"{a.server}, {a.size}, median of {a.runs} runs, {CONC} x 8 MiB in flight")
-            for k in ["raw_get", "restore", "raw_put", "save"]:
+            for k in ["raw_get", "restore", "raw_put", "raw_multipart", "save"]:
                 print(f"  {k:<8} {med[k]:7.3f} GiB/s  ±{100 * spread[k]:.0f}%")
             print(f"  restore = {result['restore_percent_of_raw_get']:.0f}% of raw GETs; "
-                  f"save = {result['save_percent_of_raw_put']:.0f}% of raw PUTs")
+                  f"save = {result['save_percent_of_raw_put']:.0f}% of raw PUTs, "
+                  f"{result['save_percent_of_raw_multipart']:.0f}% of raw multipart uploads")
     finally:
         proc.kill()
         proc.wait()
