@@ -60,16 +60,22 @@ impl Backend for DirectBackend {
             per_root[job.plan.files[op.file].root].push(i);
         }
         per_root.retain(|ops| !ops.is_empty());
-        let results: Vec<Result<RootRun>> = std::thread::scope(|s| {
-            let handles: Vec<_> = per_root
-                .iter()
-                .map(|ops| s.spawn(|| run_root(job, ops, &self.tuning)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("root worker panicked"))
-                .collect()
-        });
+        // One root (the common case for small KV jobs) runs on the calling
+        // thread: no thread to spawn per call.
+        let results: Vec<Result<RootRun>> = if per_root.len() == 1 {
+            vec![run_root(job, &per_root[0], &self.tuning)]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = per_root
+                    .iter()
+                    .map(|ops| s.spawn(|| run_root(job, ops, &self.tuning)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("root worker panicked"))
+                    .collect()
+            })
+        };
         let mut stats = TransferStats {
             bytes: job.plan.bytes(),
             ..Default::default()
