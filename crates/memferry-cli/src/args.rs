@@ -45,6 +45,8 @@ pub enum Command {
     Quickstart(QuickstartArgs),
     /// Measure every backend against the hardware limits on these disks.
     Bench(BenchArgs),
+    /// KV-cache block stores: bench, stats, evict, verify.
+    Kv(crate::kv::KvArgs),
 }
 
 /// Settings shared by every command that moves bytes.

@@ -26,6 +26,7 @@ pub fn op_name(c: &Command) -> &'static str {
         Command::Gc(_) => "gc",
         Command::Quickstart(_) => "quickstart",
         Command::Bench(_) => "bench",
+        Command::Kv(a) => crate::kv::op_name(a),
     }
 }
 
@@ -57,6 +58,7 @@ pub fn run(cli: Cli, m: &ArgMatches) -> Result<()> {
         }
         Command::Gc(a) => gc(a, json),
         Command::Quickstart(a) => crate::quickstart::run(a, json),
+        Command::Kv(a) => crate::kv::run(a, json),
     }
 }
 

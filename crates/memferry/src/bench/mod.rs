@@ -10,6 +10,7 @@
 //! - [`profile`]: best settings per set of disks, read by save/restore;
 //! - [`plot`]: the SVG chart.
 
+pub mod kv;
 pub mod limits;
 pub mod plot;
 pub mod profile;

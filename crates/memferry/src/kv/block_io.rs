@@ -60,6 +60,8 @@ pub(crate) struct BlockFiles {
     pub backend: Box<dyn Backend>,
     pub io_chunk: u64,
     pub fsync: bool,
+    /// What the backend last reported running, with any fallback reason.
+    pub mode: std::sync::Mutex<String>,
 }
 
 impl BlockFiles {
@@ -83,6 +85,7 @@ impl BlockFiles {
             backend,
             io_chunk,
             fsync,
+            mode: std::sync::Mutex::new(String::new()),
         }
     }
 
@@ -338,7 +341,13 @@ impl BlockFiles {
         let regions: [&dyn Region; 1] = [staging];
         let mut job = TransferJob::new(&plan, &regions, Checksums::Skip);
         job.cancel = Some(cancel);
-        self.backend.run(&job).map(|_| ())
+        let stats = self.backend.run(&job)?;
+        let mut mode = stats.mode;
+        for f in &stats.fallbacks {
+            mode.push_str(&format!(" ({f})"));
+        }
+        *self.mode.lock().expect("mode lock") = mode;
+        Ok(())
     }
 }
 

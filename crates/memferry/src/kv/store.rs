@@ -207,6 +207,12 @@ impl KvStore {
         &self.shared.files.dir
     }
 
+    /// The I/O mechanism the backend last ran (e.g. `odirect-uring`, or
+    /// `buffered-fallback (why)`); empty before any I/O.
+    pub fn mode(&self) -> String {
+        self.shared.files.mode.lock().expect("mode lock").clone()
+    }
+
     /// Bytes of one stored block file (header, payload, padding).
     pub fn file_bytes(&self) -> u64 {
         self.shared.files.file_len
