@@ -652,3 +652,38 @@ fn a_full_disk_fails_the_store_cleanly_and_keeps_existing_blocks() {
         assert!(page(&dst_mem, 0, i) == page(&src_mem, 0, i));
     }
 }
+
+#[test]
+fn background_eviction_brings_the_filesystem_down_to_the_low_watermark() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Mount::new("size=1m", &tmp.path().join("wm"));
+    let used = |p: &Path| {
+        let s = rustix::fs::statvfs(p).unwrap();
+        (s.f_blocks - s.f_bfree) as f64 / s.f_blocks as f64
+    };
+    let (src, _) = tensors(3);
+    let mut c = config(&disk.0, 1, BackendKind::Buffered);
+    c.high_watermark = Some(0.3);
+    c.low_watermark = Some(0.15);
+    let store = KvStore::open(c, src).unwrap();
+    store.protect(&[key(0)]);
+    // 16 KiB files: 24 of them fill about 37% of 1 MiB.
+    for i in 0..BLOCKS {
+        let r = store_keys(&store, &[key(i)], &[i]);
+        assert!(r.succeeded(), "{r:?}");
+        if used(&disk.0) > 0.35 {
+            break;
+        }
+    }
+    assert!(
+        used(&disk.0) > 0.3,
+        "the test must cross the high watermark"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while used(&disk.0) > 0.15 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(used(&disk.0) <= 0.15, "still {:.2} used", used(&disk.0));
+    assert!(store.stats().counters.evictions > 0);
+    assert!(store.dir().join(key(0).rel_path()).exists(), "protected");
+}
