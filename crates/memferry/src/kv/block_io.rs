@@ -15,7 +15,7 @@
 //!   otherwise that key fails with a reason naming the file.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -125,10 +125,14 @@ impl BlockFiles {
     ) -> Vec<KeyOutcome> {
         let mut out: Vec<Option<KeyOutcome>> = vec![None; tasks.len()];
         let mut reading = Vec::new();
+        let mut inodes = Vec::new();
         for (i, t) in tasks.iter().enumerate() {
             let path = self.path(&t.key);
             match std::fs::metadata(&path) {
-                Ok(m) if m.len() >= self.file_len => reading.push(i),
+                Ok(m) if m.len() >= self.file_len => {
+                    reading.push(i);
+                    inodes.push(m.ino());
+                }
                 Ok(m) => {
                     out[i] = Some(KeyOutcome::Failed(format!(
                         "truncated: {} is {} bytes, a block of this namespace needs {}",
@@ -165,7 +169,9 @@ impl BlockFiles {
                 Ok(()) => {
                     let file = &staging.as_slice()[slot * fl..(slot + 1) * fl];
                     match self.check_file(file, &t.key, &paths[slot]) {
-                        Err(reason) => KeyOutcome::Failed(reason),
+                        Err(reason) => {
+                            KeyOutcome::Failed(quarantine(&paths[slot], inodes[slot], reason))
+                        }
                         Ok(payload) => {
                             // SAFETY: the caller guarantees exclusive access
                             // to the pages of `t.ids`.
@@ -348,6 +354,20 @@ impl BlockFiles {
         }
         *self.mode.lock().expect("mode lock") = mode;
         Ok(())
+    }
+}
+
+/// Removes a block file that failed verification, so lookups stop
+/// reporting it and the next store of the key writes it again (a store
+/// skips keys whose header is valid). Only the file that was read is
+/// removed: when the inode at `path` changed meanwhile (a concurrent store
+/// republished the key), it is left alone.
+fn quarantine(path: &Path, inode: u64, reason: String) -> String {
+    let same = std::fs::metadata(path).is_ok_and(|m| m.ino() == inode);
+    if same && std::fs::remove_file(path).is_ok() {
+        format!("{reason}; the file was removed")
+    } else {
+        reason
     }
 }
 
