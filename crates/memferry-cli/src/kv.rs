@@ -204,20 +204,25 @@ fn bench(b: KvBenchArgs, json: bool) -> Result<()> {
         backend: b.backend,
     };
     let r = memferry::bench::kv::run(&o)?;
+    let message = format!(
+        "{} keys failed or loaded wrong bytes; the first: {}",
+        r.failed,
+        r.failures.join("; ")
+    );
     if json {
         let mut value = serde_json::to_value(&r)?;
         value["op"] = "kv bench".into();
-        value["ok"] = true.into();
+        value["ok"] = (r.failed == 0).into();
         value["seed"] = seed.into();
+        if r.failed > 0 {
+            value["error"] = message.clone().into();
+        }
         println!("{value}");
     } else {
         print_bench(&r, seed);
     }
     if r.failed > 0 {
-        eprintln!(
-            "warning: {} keys failed or loaded wrong bytes (see above)",
-            r.failed
-        );
+        return Err(crate::AlreadyReported { code: 1, message }.into());
     }
     Ok(())
 }

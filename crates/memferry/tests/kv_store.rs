@@ -73,6 +73,31 @@ fn fill(buf: &mut [u8], seed: u64, t: u64, b: u64) {
     }
 }
 
+/// One tensor of `BLOCKS` pages of 1 MiB: with 512 bytes per system call a
+/// key takes thousands of calls, so a single worker stays provably busy.
+fn big_layout() -> KvLayout {
+    let big = Arc::new(HostRegion::new(BLOCKS << 20).unwrap());
+    KvLayout::new(vec![KvTensor {
+        region: big,
+        num_blocks: BLOCKS,
+        page_bytes: 1 << 20,
+    }])
+    .unwrap()
+}
+
+fn slow(root: &Path) -> KvConfig {
+    let mut c = config(root, 1, BackendKind::Buffered);
+    c.namespace.model = "test/big-pages".into();
+    c.workers = 1;
+    c.batch = 1;
+    // Slow I/O: 512 bytes per system call.
+    c.tuning = Tuning {
+        max_bytes_per_call: Some(512),
+        ..Tuning::default()
+    };
+    c
+}
+
 fn page(regions: &[Arc<HostRegion>], t: usize, block: u64) -> &[u8] {
     let p = PAGES[t] as usize;
     &regions[t].as_slice()[block as usize * p..(block as usize + 1) * p]
@@ -249,9 +274,10 @@ fn corrupt_truncated_missing_and_foreign_blocks_fail_per_key() {
     // The corrupt and foreign files were removed, so lookups miss them and
     // the next store writes them again instead of skipping a bad block.
     assert!(reason(1).contains("removed"), "{}", reason(1));
-    assert!(reason(4).contains("removed"), "{}", reason(4));
     assert_eq!(reader.lookup(&[key(1)]), 0);
-    assert_eq!(reader.lookup(&[key(4)]), 0);
+    // A valid block of another namespace is refused but never deleted.
+    assert!(!reason(4).contains("removed"), "{}", reason(4));
+    assert_eq!(reader.lookup(&[key(4)]), 1);
     assert_eq!(reader.lookup(&[key(0)]), 1);
     drop(dst_mem);
 }
@@ -352,17 +378,9 @@ fn eviction_holds_usage_under_capacity_and_spares_protected_and_recent_blocks() 
 #[test]
 fn a_full_store_queue_reports_dropped_and_loads_go_first() {
     let root = tempfile::tempdir().unwrap();
-    let (src, _) = tensors(2);
-    let mut c = config(root.path(), 1, BackendKind::Buffered);
-    c.workers = 1;
-    c.batch = 1;
+    let mut c = slow(root.path());
     c.store_queue = 2;
-    // Slow I/O: 512 bytes per system call.
-    c.tuning = Tuning {
-        max_bytes_per_call: Some(512),
-        ..Tuning::default()
-    };
-    let store = KvStore::open(c, src).unwrap();
+    let store = KvStore::open(c, big_layout()).unwrap();
     let keys: Vec<BlockKey> = (0..6).map(key).collect();
     // SAFETY: the test leaves the pages alone while jobs run.
     let a = unsafe { store.submit_store(&keys[0..2], &[0, 1]) }.unwrap();
@@ -417,15 +435,7 @@ fn a_full_store_queue_reports_dropped_and_loads_go_first() {
 #[test]
 fn cancel_stops_a_job_and_publishes_nothing_partial() {
     let root = tempfile::tempdir().unwrap();
-    let (src, _) = tensors(4);
-    let mut c = config(root.path(), 1, BackendKind::Buffered);
-    c.workers = 1;
-    c.batch = 1;
-    c.tuning = Tuning {
-        max_bytes_per_call: Some(512),
-        ..Tuning::default()
-    };
-    let store = KvStore::open(c, src).unwrap();
+    let store = KvStore::open(slow(root.path()), big_layout()).unwrap();
     let keys: Vec<BlockKey> = (0..16).map(key).collect();
     let ids: Vec<u64> = (0..16).collect();
     // SAFETY: the test leaves the pages alone while the job runs.
@@ -455,31 +465,15 @@ fn cancel_stops_a_job_and_publishes_nothing_partial() {
 #[test]
 fn wait_returns_at_its_timeout_and_poll_never_blocks() {
     let root = tempfile::tempdir().unwrap();
-    let (src, _) = tensors(4);
-    let mut c = config(root.path(), 1, BackendKind::Buffered);
-    c.workers = 1;
-    c.batch = 1;
-    c.tuning = Tuning {
-        max_bytes_per_call: Some(512),
-        ..Tuning::default()
-    };
     // 32 MiB moved 512 bytes per system call: far longer than the timeout.
-    drop(src);
-    let big = Arc::new(HostRegion::new(BLOCKS << 20).unwrap());
-    let layout = KvLayout::new(vec![KvTensor {
-        region: big,
-        num_blocks: BLOCKS,
-        page_bytes: 1 << 20,
-    }])
-    .unwrap();
-    let store = KvStore::open(c, layout).unwrap();
+    let store = KvStore::open(slow(root.path()), big_layout()).unwrap();
     let keys: Vec<BlockKey> = (0..BLOCKS).map(key).collect();
     let ids: Vec<u64> = (0..BLOCKS).collect();
     // SAFETY: the test leaves the pages alone while the job runs.
     let job = unsafe { store.submit_store(&keys, &ids) }.unwrap();
     let t = Instant::now();
     assert!(store.poll().is_empty());
-    assert!(t.elapsed() < Duration::from_millis(50), "poll blocked");
+    assert!(t.elapsed() < Duration::from_secs(1), "poll blocked");
     let t = Instant::now();
     let got = store.wait(&[job], Duration::from_millis(30));
     let took = t.elapsed();
@@ -487,7 +481,7 @@ fn wait_returns_at_its_timeout_and_poll_never_blocks() {
         took >= Duration::from_millis(30),
         "returned early: {took:?}"
     );
-    assert!(took < Duration::from_millis(500), "returned late: {took:?}");
+    assert!(took < Duration::from_secs(5), "returned late: {took:?}");
     assert!(got.is_empty(), "the job cannot have finished: {got:?}");
     assert!(store.cancel(job));
     let r = wait_one(&store, job);
@@ -605,6 +599,15 @@ fn bad_input_is_refused_with_clear_errors() {
     assert!(e.contains("page size does not match"), "{e}");
     // Block ids out of range and malformed groups.
     let store = KvStore::open(c.clone(), tensors(1).0).unwrap();
+    // Another engine registering other page sizes in the same namespace.
+    let other = KvLayout::new(vec![KvTensor {
+        region: Arc::new(HostRegion::new(BLOCKS * 11192).unwrap()),
+        num_blocks: BLOCKS,
+        page_bytes: 11192,
+    }])
+    .unwrap();
+    let e = KvStore::open(c.clone(), other).err().unwrap().to_string();
+    assert!(e.contains("page sizes do not match"), "{e}");
     // SAFETY: refused before any I/O.
     let e = unsafe { store.submit_load(&[key(1)], &[BLOCKS]) }
         .err()
@@ -668,24 +671,23 @@ fn background_eviction_brings_the_filesystem_down_to_the_low_watermark() {
         let s = rustix::fs::statvfs(p).unwrap();
         (s.f_blocks - s.f_bfree) as f64 / s.f_blocks as f64
     };
-    let (src, _) = tensors(3);
-    let mut c = config(&disk.0, 1, BackendKind::Buffered);
+    // Fill the disk to about half with 16 KiB block files, no watermarks.
+    let c = config(&disk.0, 1, BackendKind::Buffered);
+    let store = KvStore::open(c.clone(), tensors(3).0).unwrap();
+    let keys: Vec<BlockKey> = (0..BLOCKS).map(key).collect();
+    let ids: Vec<u64> = (0..BLOCKS).collect();
+    assert!(store_keys(&store, &keys, &ids).succeeded());
+    drop(store);
+    assert!(
+        used(&disk.0) > 0.4,
+        "the test must start above the high watermark"
+    );
+    // Reopen with watermarks: the housekeeper frees space in the background.
+    let mut c = c;
     c.high_watermark = Some(0.3);
     c.low_watermark = Some(0.15);
-    let store = KvStore::open(c, src).unwrap();
+    let store = KvStore::open(c, tensors(3).0).unwrap();
     store.protect(&[key(0)]);
-    // 16 KiB files: 24 of them fill about 37% of 1 MiB.
-    for i in 0..BLOCKS {
-        let r = store_keys(&store, &[key(i)], &[i]);
-        assert!(r.succeeded(), "{r:?}");
-        if used(&disk.0) > 0.35 {
-            break;
-        }
-    }
-    assert!(
-        used(&disk.0) > 0.3,
-        "the test must cross the high watermark"
-    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while used(&disk.0) > 0.15 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));

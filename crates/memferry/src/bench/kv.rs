@@ -120,6 +120,8 @@ pub struct KvBenchReport {
     pub missing: u64,
     /// Why a limit could not be measured.
     pub notes: Vec<String>,
+    /// The first failures, key and reason.
+    pub failures: Vec<String>,
 }
 
 /// The load phase.
@@ -172,14 +174,14 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
     };
 
     // Raw limits go next to the blocks, on the same filesystem.
-    let scratch = o.root.join(format!(
+    let scratch = RemoveOnDrop(o.root.join(format!(
         ".memferry-kv-bench-limit-{}.tmp",
         std::process::id()
-    ));
+    )));
     let store_store = KvStore::open(config(o.writers), src_layout)?;
     let file_bytes = store_store.file_bytes();
     let store_qd = o.writers * o.batch;
-    let limit_write = limit(&scratch, file_bytes, store_qd, groups, true, &mut notes);
+    let limit_write = limit(&scratch.0, file_bytes, store_qd, groups, true, &mut notes);
 
     let ids: Vec<u64> = (0..o.blocks).collect();
     let t = Instant::now();
@@ -200,12 +202,25 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
     let already = count(&stored, &|o| *o == KeyOutcome::AlreadyStored);
     let dropped = count(&stored, &|o| *o == KeyOutcome::Dropped);
     let mut failed = count(&stored, &|o| matches!(o, KeyOutcome::Failed(_)));
+    let mut failures = Vec::new();
+    let note_failures = |rs: &[JobResult], failures: &mut Vec<String>| {
+        for r in rs {
+            for k in &r.keys {
+                if let KeyOutcome::Failed(why) = &k.outcome
+                    && failures.len() < 10
+                {
+                    failures.push(format!("{}: {why}", k.key));
+                }
+            }
+        }
+    };
+    note_failures(&stored, &mut failures);
     let store_mode = store_store.mode();
     drop(store_store);
 
     let load_qd = o.readers * o.batch;
-    let limit_read = limit(&scratch, file_bytes, load_qd, groups, false, &mut notes);
-    let _ = std::fs::remove_file(&scratch);
+    let limit_read = limit(&scratch.0, file_bytes, load_qd, groups, false, &mut notes);
+    drop(scratch);
 
     let loader = KvStore::open(config(o.readers), dst_layout)?;
     // Lookup with a warm index: one call to confirm, then timed calls.
@@ -241,6 +256,7 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
     let load_secs = t.elapsed().as_secs_f64();
     let loaded = count(&loaded_results, &|o| *o == KeyOutcome::Loaded);
     failed += count(&loaded_results, &|o| matches!(o, KeyOutcome::Failed(_)));
+    note_failures(&loaded_results, &mut failures);
     // Every loaded block must hold exactly what its key was stored with.
     let page = |mem: &[Arc<HostRegion>], t: usize, b: u64| -> Vec<u8> {
         let p = pages(o.block_size)[t] as usize;
@@ -256,6 +272,12 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
                 .any(|b| (0..2).any(|t| page(&dst, t, b) != page(&src, t, b)));
             if wrong {
                 failed += 1;
+                if failures.len() < 10 {
+                    failures.push(format!(
+                        "{}: loaded and verified, but the bytes differ from what the seed stores",
+                        k.key
+                    ));
+                }
             }
         }
     }
@@ -272,6 +294,7 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         if !r[0].succeeded() {
             failed += 1;
+            note_failures(&r, &mut failures);
         }
     }
     lat.sort_by(f64::total_cmp);
@@ -282,10 +305,14 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
         lat[((lat.len() - 1) as f64 * p).round() as usize]
     };
     let load_mode = loader.mode();
-    let dir = loader.dir().to_path_buf();
-    drop(loader);
     if !o.keep {
-        let _ = std::fs::remove_dir_all(&dir);
+        // Only this run's keys; the namespace directory goes when empty.
+        loader.remove(&keys)?;
+        let dir = loader.dir().to_path_buf();
+        drop(loader);
+        remove_if_only_records(&dir);
+    } else {
+        drop(loader);
     }
 
     let phase = |keys: u64, secs: f64, limit: Option<f64>, qd: usize| {
@@ -325,7 +352,28 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
         failed,
         missing,
         notes,
+        failures,
     })
+}
+
+/// Deletes a file when dropped (the raw-limit scratch file, on every path).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Removes a namespace directory that holds no blocks any more: only its
+/// records and empty fan-out directories.
+fn remove_if_only_records(dir: &std::path::Path) {
+    let Ok(found) = crate::kv::scan::scan(dir) else {
+        return;
+    };
+    if found.blocks.is_empty() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// The key of group `g` under `seed`: 16 bytes, stable across processes.
@@ -403,8 +451,9 @@ fn wait_all(store: &KvStore, jobs: &[JobId]) -> Result<Vec<JobResult>> {
     let deadline = Instant::now() + Duration::from_secs(3600);
     while out.len() < jobs.len() {
         if Instant::now() > deadline {
-            return Err(Error::InvalidInput(
-                "KV bench jobs did not finish within an hour".into(),
+            return Err(Error::io(
+                "waiting for KV bench jobs",
+                std::io::ErrorKind::TimedOut.into(),
             ));
         }
         out.extend(store.wait(jobs, Duration::from_secs(1)));

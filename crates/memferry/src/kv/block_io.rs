@@ -19,7 +19,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use super::format::{BlockHeader, HEADER_BYTES};
+use super::format::{BlockHeader, HEADER_BYTES, HeaderError};
 use super::job::{KeyOutcome, KeyTask};
 use super::key::BlockKey;
 use super::scan::TEMP_MARK;
@@ -101,7 +101,7 @@ impl BlockFiles {
         let Ok(file) = File::open(self.path(key)) else {
             return false;
         };
-        if file.metadata().map_or(true, |m| m.len() < self.file_len) {
+        if file.metadata().map_or(true, |m| m.len() != self.file_len) {
             return false;
         }
         let mut header = vec![0u8; HEADER_BYTES];
@@ -129,13 +129,21 @@ impl BlockFiles {
         for (i, t) in tasks.iter().enumerate() {
             let path = self.path(&t.key);
             match std::fs::metadata(&path) {
-                Ok(m) if m.len() >= self.file_len => {
+                Ok(m) if m.len() == self.file_len => {
                     reading.push(i);
                     inodes.push(m.ino());
                 }
-                Ok(m) => {
+                Ok(m) if m.len() < self.file_len => {
                     out[i] = Some(KeyOutcome::Failed(format!(
                         "truncated: {} is {} bytes, a block of this namespace needs {}",
+                        path.display(),
+                        m.len(),
+                        self.file_len
+                    )))
+                }
+                Ok(m) => {
+                    out[i] = Some(KeyOutcome::Failed(format!(
+                        "foreign: {} is {} bytes, a block of this namespace is {}: written with other page sizes?",
                         path.display(),
                         m.len(),
                         self.file_len
@@ -169,9 +177,10 @@ impl BlockFiles {
                 Ok(()) => {
                     let file = &staging.as_slice()[slot * fl..(slot + 1) * fl];
                     match self.check_file(file, &t.key, &paths[slot]) {
-                        Err(reason) => {
+                        Err((reason, true)) => {
                             KeyOutcome::Failed(quarantine(&paths[slot], inodes[slot], reason))
                         }
+                        Err((reason, false)) => KeyOutcome::Failed(reason),
                         Ok(payload) => {
                             // SAFETY: the caller guarantees exclusive access
                             // to the pages of `t.ids`.
@@ -191,26 +200,41 @@ impl BlockFiles {
             .collect()
     }
 
-    /// Checks a whole block file held in memory; returns its payload.
+    /// Checks a whole block file held in memory; returns its payload, or
+    /// why it was refused and whether the file is damaged (as opposed to a
+    /// valid block of another namespace, format version or layout, which is
+    /// never deleted).
     pub fn check_file<'a>(
         &self,
         file: &'a [u8],
         key: &BlockKey,
         path: &Path,
-    ) -> std::result::Result<&'a [u8], String> {
+    ) -> std::result::Result<&'a [u8], (String, bool)> {
         let header = BlockHeader::decode(file)
             .and_then(|h| {
                 h.expect(self.namespace_hash, key, self.payload_len)
                     .map(|()| h)
             })
-            .map_err(|e| format!("corrupt: {}: {e}", path.display()))?;
+            .map_err(|e| {
+                let damaged = !matches!(
+                    e,
+                    HeaderError::Namespace { .. }
+                        | HeaderError::Version(_)
+                        | HeaderError::PayloadLength { .. }
+                );
+                let what = if damaged { "corrupt" } else { "foreign" };
+                (format!("{what}: {}: {e}", path.display()), damaged)
+            })?;
         let payload = &file[HEADER_BYTES..HEADER_BYTES + self.payload_len as usize];
         let found = crc32c(payload);
         if found != header.payload_crc32c {
-            return Err(format!(
-                "corrupt: {}: payload checksum mismatch (recorded {:08x}, found {found:08x})",
-                path.display(),
-                header.payload_crc32c
+            return Err((
+                format!(
+                    "corrupt: {}: payload checksum mismatch (recorded {:08x}, found {found:08x})",
+                    path.display(),
+                    header.payload_crc32c
+                ),
+                true,
             ));
         }
         Ok(payload)

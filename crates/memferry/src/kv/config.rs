@@ -23,7 +23,8 @@ pub struct KvConfig {
     /// backend call is `batch`.
     pub tuning: Tuning,
     /// I/O worker threads; loads may always use every worker, stores all
-    /// but one (so a load never waits behind stores).
+    /// but one (so a load never waits behind stores). With a single worker,
+    /// queued loads still go first, but a running store finishes first.
     pub workers: usize,
     /// Keys moved by one backend call (requests in flight per worker).
     pub batch: usize,
@@ -39,7 +40,10 @@ pub struct KvConfig {
     /// Fraction background eviction frees down to (default: high - 0.1).
     pub low_watermark: Option<f64>,
     /// How long the in-memory index trusts an entry before checking the
-    /// file again.
+    /// file again. Longer than `rescan_interval`, so a steady-state lookup
+    /// never touches the disk; other processes' evictions show up within
+    /// this bound (a stale hit costs one failed key on load, never wrong
+    /// bytes).
     pub index_ttl: Duration,
     /// How often the whole namespace is rescanned to pick up other
     /// processes' stores and evictions.
@@ -64,8 +68,8 @@ impl KvConfig {
             capacity: None,
             high_watermark: None,
             low_watermark: None,
-            index_ttl: Duration::from_secs(2),
-            rescan_interval: Duration::from_secs(30),
+            index_ttl: Duration::from_secs(30),
+            rescan_interval: Duration::from_secs(20),
             fsync: false,
         }
     }

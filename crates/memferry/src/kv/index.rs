@@ -28,6 +28,9 @@ pub(crate) struct Index {
     map: HashMap<BlockKey, Entry>,
     total: u64,
     ttl: Duration,
+    /// Keys this process removed, and when: a scan that began before the
+    /// removal must not bring them back.
+    removed: HashMap<BlockKey, Instant>,
 }
 
 impl Index {
@@ -36,6 +39,7 @@ impl Index {
             map: HashMap::new(),
             total: 0,
             ttl,
+            removed: HashMap::new(),
         }
     }
 
@@ -51,8 +55,15 @@ impl Index {
         self.map.get(key)
     }
 
-    /// Records that `key` exists with `file_bytes` bytes, last used at `accessed`.
+    /// Records that `key` exists with `file_bytes` bytes, last used at
+    /// `accessed` (a later access already known is kept: a touch may not
+    /// have reached the disk yet).
     pub fn insert(&mut self, key: BlockKey, file_bytes: u64, accessed: SystemTime) {
+        self.removed.remove(&key);
+        let accessed = self
+            .map
+            .get(&key)
+            .map_or(accessed, |e| e.accessed.max(accessed));
         let entry = Entry {
             file_bytes,
             accessed,
@@ -73,6 +84,7 @@ impl Index {
 
     pub fn remove(&mut self, key: &BlockKey) -> Option<Entry> {
         let old = self.map.remove(key)?;
+        self.removed.insert(key.clone(), Instant::now());
         self.total -= old.file_bytes;
         Some(old)
     }
@@ -107,6 +119,9 @@ impl Index {
         self.map.clear();
         self.total = 0;
         for b in blocks {
+            if self.removed.get(&b.key).is_some_and(|t| *t > scan_started) {
+                continue;
+            }
             self.total += b.file_bytes;
             self.map.insert(
                 b.key,
@@ -123,6 +138,7 @@ impl Index {
             }
             self.total += e.file_bytes;
         }
+        self.removed.retain(|_, t| *t > scan_started);
     }
 }
 

@@ -34,6 +34,7 @@ use super::config::{CAPACITY_LOW_FRACTION, KvConfig};
 use super::index::Index;
 use super::job::{JobId, JobKind, JobResult, KeyOutcome, KeyResult, KeyTask, split_groups};
 use super::key::BlockKey;
+use super::namespace::{BlockLayout, check_layout};
 use super::scan::scan;
 use super::stats::{Counters, Flushed, LiveCounters};
 use super::tensors::KvLayout;
@@ -139,13 +140,26 @@ impl KvStore {
             ))
         })?;
         let dir = config.namespace.open(&config.root).map_err(|e| match e {
-            Error::Io { .. } => Error::InvalidInput(format!(
-                "cannot open the KV namespace under {} ({e}): the root must be writable",
-                config.root.display()
-            )),
+            Error::Io { ref source, .. }
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::EROFS | libc::EACCES | libc::EPERM)
+                ) =>
+            {
+                Error::InvalidInput(format!(
+                    "KV root {} is not writable ({e}): stores need write access; fix the permissions or the mount",
+                    config.root.display()
+                ))
+            }
             e => e,
         })?;
         probe_writable(&dir)?;
+        check_layout(
+            &dir,
+            &BlockLayout {
+                page_bytes: layout.page_bytes(),
+            },
+        )?;
         let tuning = Tuning {
             queue_depth: config.batch,
             workers: config.batch,
@@ -161,7 +175,8 @@ impl KvStore {
             config.fsync,
         );
         let started = Instant::now();
-        let found = scan(&files.dir)?;
+        let mut found = scan(&files.dir)?;
+        found.blocks.retain(|b| b.file_bytes == files.file_len);
         let mut index = Index::new(config.index_ttl);
         index.replace_with_scan(found.blocks, started);
         let shared = Arc::new(Shared {
@@ -312,7 +327,7 @@ impl KvStore {
         let mut seen = HashSet::new();
         if let Some(dup) = block_ids.iter().find(|id| !seen.insert(**id)) {
             return Err(Error::InvalidInput(format!(
-                "block id {dup} appears twice in one load"
+                "block id {dup} appears twice in one load: name each destination block once (split the request into two jobs)"
             )));
         }
         self.shared.protect(keys);
@@ -389,9 +404,13 @@ impl KvStore {
                 sched.store_keys_waiting -= skipped;
             }
         }
-        if idle {
-            s.finish(&mut sched, job);
-        }
+        let release = if idle {
+            s.finish(&mut sched, job)
+        } else {
+            Vec::new()
+        };
+        drop(sched);
+        s.unprotect(&release);
         true
     }
 
@@ -482,7 +501,9 @@ impl Shared {
             state.outcomes.fill(Some(outcome));
             state.next = n;
             sched.jobs.insert(id, state);
-            self.finish(&mut sched, id);
+            let release = self.finish(&mut sched, id);
+            drop(sched);
+            self.unprotect(&release);
             return id;
         }
         sched.jobs.insert(id, state);
@@ -581,7 +602,9 @@ impl Shared {
             state.running -= 1;
             state.bytes += bytes;
             if state.running == 0 && state.next == state.tasks.len() {
-                self.finish(&mut sched, piece.job);
+                let release = self.finish(&mut sched, piece.job);
+                drop(sched);
+                self.unprotect(&release);
             }
         }
     }
@@ -694,6 +717,7 @@ impl Shared {
                 "these blocks need {need} bytes, more than the store's whole capacity of {cap}: raise the capacity"
             ));
         }
+        let mut stalled = 0;
         loop {
             {
                 let mut space = lock(&self.index);
@@ -707,7 +731,18 @@ impl Shared {
             let reserved = lock(&self.index).reserved;
             let low = (cap as f64 * CAPACITY_LOW_FRACTION) as u64;
             let target = low.saturating_sub(need + reserved);
-            if self.evict_to(target) == 0 {
+            let before = lock(&self.index).index.total_bytes();
+            self.evict_to(target);
+            // Progress is bytes leaving the index: evicted files, files gone
+            // meanwhile. Blocks found in use elsewhere get a new access time
+            // and are retried on the next pass.
+            let after = lock(&self.index).index.total_bytes();
+            if after >= before {
+                stalled += 1;
+            } else {
+                stalled = 0;
+            }
+            if stalled >= 2 {
                 let space = lock(&self.index);
                 if space.index.total_bytes() + space.reserved + need <= cap {
                     continue;
@@ -748,23 +783,32 @@ impl Shared {
                 Some(t) if t > entry.accessed + ACCESS_SLACK => {
                     lock(&self.index).index.touch(&key, t);
                 }
-                Some(_) => {
-                    if std::fs::remove_file(&path).is_ok() {
+                Some(_) => match std::fs::remove_file(&path) {
+                    Ok(()) => {
                         evicted += 1;
                         self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                        lock(&self.index).index.remove(&key);
                     }
-                    lock(&self.index).index.remove(&key);
-                }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        lock(&self.index).index.remove(&key);
+                    }
+                    Err(e) => tracing::warn!("cannot evict {}: {e}", path.display()),
+                },
             }
         }
         evicted
     }
 
     fn protect(&self, keys: &[BlockKey]) {
-        let mut prot = lock(&self.protected);
-        for k in keys {
-            *prot.entry(k.clone()).or_insert(0) += 1;
+        {
+            let mut prot = lock(&self.protected);
+            for k in keys {
+                *prot.entry(k.clone()).or_insert(0) += 1;
+            }
         }
+        // Protection is per process; recording an access tells evictors in
+        // other processes (which skip blocks used since they looked) too.
+        lock(&self.touches).extend(keys.iter().cloned());
     }
 
     fn unprotect(&self, keys: &[BlockKey]) {
@@ -782,7 +826,7 @@ impl Shared {
     /// Checks `key`'s file on disk and updates the index; true when present.
     fn confirm_on_disk(&self, key: &BlockKey) -> bool {
         match std::fs::metadata(self.files.path(key)) {
-            Ok(m) if m.len() >= self.files.file_len => {
+            Ok(m) if m.len() == self.files.file_len => {
                 let accessed = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                 lock(&self.index)
                     .index
@@ -797,12 +841,15 @@ impl Shared {
     }
 
     /// Moves a job to the finished queue (its outcomes are all set).
-    fn finish(&self, sched: &mut Sched, job: JobId) {
+    /// Returns the keys a load protected: the caller unprotects them after
+    /// releasing the scheduler lock, so `poll` never waits on eviction I/O.
+    #[must_use]
+    fn finish(&self, sched: &mut Sched, job: JobId) -> Vec<BlockKey> {
         let state = sched.jobs.remove(&job).expect("finishing a known job");
-        if state.kind == JobKind::Load {
-            let keys: Vec<BlockKey> = state.tasks.iter().map(|t| t.key.clone()).collect();
-            self.unprotect(&keys);
-        }
+        let release = match state.kind {
+            JobKind::Load => state.tasks.iter().map(|t| t.key.clone()).collect(),
+            JobKind::Store => Vec::new(),
+        };
         let keys = state
             .tasks
             .iter()
@@ -820,11 +867,14 @@ impl Shared {
             seconds: state.submitted.elapsed().as_secs_f64(),
         });
         self.done.notify_all();
+        release
     }
 
     fn rescan(&self) -> Result<()> {
         let started = Instant::now();
-        let found = scan(&self.files.dir)?;
+        let mut found = scan(&self.files.dir)?;
+        // Files of another size are not blocks this store can load.
+        found.blocks.retain(|b| b.file_bytes == self.files.file_len);
         lock(&self.index)
             .index
             .replace_with_scan(found.blocks, started);
