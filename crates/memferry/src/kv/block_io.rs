@@ -26,7 +26,7 @@ use super::scan::TEMP_MARK;
 use super::tensors::KvLayout;
 use crate::integrity::crc32c;
 use crate::memory::{HostRegion, Region};
-use crate::storage::durable::unique_id;
+use crate::storage::durable::{preallocate, unique_id};
 use crate::transfer::{
     Backend, Checksums, Direction, FileTarget, IO_ALIGN, PlanBuilder, TransferJob,
 };
@@ -310,7 +310,15 @@ impl BlockFiles {
         let mut name = path.file_name().expect("file name").to_os_string();
         name.push(format!("{TEMP_MARK}{}", unique_id()));
         let temp = parent.join(name);
-        File::create_new(&temp).map_err(|e| Error::writing("block file", &temp, e))?;
+        let file =
+            File::create_new(&temp).map_err(|e| Error::writing("block file", &temp, e))?;
+        // Allocated up front: a full disk fails here, before data moves, and
+        // direct writes land inside the file instead of extending it (which
+        // filesystems serialise).
+        if let Err(e) = preallocate(&file, &temp, self.file_len) {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
         Ok(temp)
     }
 
