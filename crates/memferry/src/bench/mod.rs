@@ -54,6 +54,7 @@ impl Setting {
             queue_depth: self.queue_depth,
             chunk_size: self.chunk_size,
             max_bytes_per_call: None,
+            ..Tuning::default()
         }
     }
 }
