@@ -236,6 +236,10 @@ pub struct BenchArgs {
     /// (used by bench/ scripts to compare with fio on the same files).
     #[arg(long, value_name = "SNAPSHOT")]
     pub limits_on: Option<PathBuf>,
+    /// Device the model lives on: cpu, or cuda:N to measure saves from and
+    /// restores into that GPU (adds the pinned H2D/D2H copy limits).
+    #[arg(long, env = "MEMFERRY_DEVICE", default_value = "cpu")]
+    pub device: Device,
     /// Save the best settings as the profile for these disks
     /// ($MEMFERRY_PROFILE or $XDG_CONFIG_HOME/memferry/profile.toml).
     #[arg(long)]
