@@ -160,8 +160,8 @@ pub struct ExportArgs {
     /// safetensors file to write (replaced atomically).
     #[arg(long)]
     pub to: PathBuf,
-    /// Device to restore through before writing: cpu or cuda:N (default:
-    /// the devices the snapshot names).
+    /// Device to restore through before writing: cpu (default) or cuda:N
+    /// (the bytes are then copied back from the GPU to be written).
     #[arg(long, env = "MEMFERRY_DEVICE")]
     pub device: Option<Device>,
 }

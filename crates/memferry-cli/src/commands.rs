@@ -217,7 +217,8 @@ fn verify(a: ReadArgs, json: bool, profile: Option<String>) -> Result<()> {
 fn export(a: ExportArgs, json: bool, profile: Option<String>) -> Result<()> {
     let progress = Progress::start("export", snapshot_bytes(&a.read.snapshot), json);
     let opts = LoadOptions {
-        device: a.device,
+        // Export writes host bytes: restore to host memory unless asked.
+        device: a.device.or(Some(memferry::memory::Device::Cpu)),
         progress: Some(progress.counter()),
         ..load_options(&a.read)
     };
