@@ -161,7 +161,12 @@ fn snapshot_bytes(dir: &Path) -> u64 {
 }
 
 fn save(a: SaveArgs, json: bool, profile: Option<String>) -> Result<()> {
-    let source = open_source(&a.source)?;
+    let mut source = open_source(&a.source)?;
+    if a.device != memferry::memory::Device::Cpu {
+        source = source
+            .to_device(a.device)
+            .with_context(|| format!("loading {} onto {}", a.source, a.device))?;
+    }
     let progress = Progress::start("save", source.layout.total_bytes(), json);
     let opts = SaveOptions {
         roots: a.transfer.roots.clone(),
@@ -214,6 +219,8 @@ fn verify(a: ReadArgs, json: bool, profile: Option<String>) -> Result<()> {
 fn export(a: ExportArgs, json: bool, profile: Option<String>) -> Result<()> {
     let progress = Progress::start("export", snapshot_bytes(&a.read.snapshot), json);
     let opts = LoadOptions {
+        // Export writes host bytes: restore to host memory unless asked.
+        device: a.device.or(Some(memferry::memory::Device::Cpu)),
         progress: Some(progress.counter()),
         ..load_options(&a.read)
     };
@@ -222,7 +229,27 @@ fn export(a: ExportArgs, json: bool, profile: Option<String>) -> Result<()> {
     drop(progress);
     let t = std::time::Instant::now();
     let layout = restored.manifest.layout();
-    let summary = export_safetensors(&layout, &restored.region_refs(), &a.to)
+    // Device memory is copied back to host memory to be written.
+    let host = restored
+        .regions
+        .iter()
+        .map(|r| match r {
+            memferry::memory::OwnedRegion::Host(_) => Ok(None),
+            device => Ok(Some(memferry::memory::HostRegion::from_bytes(
+                &device.to_vec()?,
+            )?)),
+        })
+        .collect::<memferry::Result<Vec<_>>>()?;
+    let refs: Vec<&dyn memferry::memory::Region> = restored
+        .regions
+        .iter()
+        .zip(&host)
+        .map(|(r, h)| match h {
+            Some(h) => h as &dyn memferry::memory::Region,
+            None => r as &dyn memferry::memory::Region,
+        })
+        .collect();
+    let summary = export_safetensors(&layout, &refs, &a.to)
         .with_context(|| format!("exporting to {}", a.to.display()))?;
     report.op = "export".into();
     report.profile = profile;

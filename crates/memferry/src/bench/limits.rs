@@ -257,6 +257,33 @@ fn read_all(file: &File, path: &Path, buf: &mut [u8]) -> Result<u64> {
     }
 }
 
+/// Copy bandwidth between pinned host memory and device `ordinal`, one
+/// asynchronous copy of `bytes` timed to completion (after one warm-up).
+pub fn pinned_copy(ordinal: u32, bytes: usize, to_device: bool) -> Result<f64> {
+    use crate::memory::cuda::{Stream, context};
+    use crate::memory::{CudaRegion, PinnedBuf, Region};
+    let host = PinnedBuf::new(bytes)?;
+    let dev = CudaRegion::new(ordinal, bytes as u64)?;
+    let (_, dptr) = dev.cuda().expect("device memory");
+    let stream = Stream::new(context(ordinal)?)?;
+    let copy = || -> Result<()> {
+        // SAFETY: both buffers are owned here and outlive the copy, which
+        // is awaited by `synchronize` before they are used again.
+        unsafe {
+            if to_device {
+                stream.copy_htod(dptr, host.as_mut_ptr(), bytes)?;
+            } else {
+                stream.copy_dtoh(host.as_mut_ptr(), dptr, bytes)?;
+            }
+        }
+        stream.synchronize()
+    };
+    copy()?;
+    let start = Instant::now();
+    copy()?;
+    Ok(gib_per_s(bytes as u64, start.elapsed().as_secs_f64()))
+}
+
 /// Single-threaded memcpy bandwidth between two pre-faulted buffers.
 pub fn memcpy(bytes: usize) -> Result<f64> {
     let mut src = AlignedBuf::new(bytes)?;

@@ -55,6 +55,7 @@ impl Setting {
             queue_depth: self.queue_depth,
             chunk_size: self.chunk_size,
             max_bytes_per_call: None,
+            ..Tuning::default()
         }
     }
 }
@@ -90,6 +91,12 @@ pub struct Limits {
     pub buffered_read: Limit,
     /// Host memory copy bandwidth (one thread, pre-faulted buffers).
     pub memcpy: Limit,
+    /// Pinned host-to-device copy bandwidth (only with a CUDA device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned_h2d: Option<Limit>,
+    /// Pinned device-to-host copy bandwidth (only with a CUDA device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned_d2h: Option<Limit>,
 }
 
 /// One row of the result table.
