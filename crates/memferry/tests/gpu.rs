@@ -232,3 +232,76 @@ fn every_visible_device_gets_its_own_allocations() {
         assert!(bytes(x.as_ref()) == bytes(y));
     }
 }
+
+/// KV blocks from and into device tensors: the same job API, pages copied
+/// between device memory and the store's host staging.
+#[test]
+fn kv_blocks_round_trip_through_device_tensors() {
+    use memferry::kv::{BlockKey, KvConfig, KvLayout, KvStore, KvTensor, Namespace};
+    use std::sync::Arc;
+    use std::time::Duration;
+    if !gpu() {
+        return;
+    }
+    let ns = Namespace {
+        model: "gpu/kv".into(),
+        tokens_per_block: 16,
+        blocks_per_file: 2,
+        tp_rank: 0,
+        tp_size: 1,
+        pp_rank: 0,
+        pp_size: 1,
+        dtype: "bfloat16".into(),
+        layout_version: 1,
+    };
+    let (blocks, page) = (16u64, 64u64 << 10);
+    let tensor = |fill: Option<u64>| {
+        let r = CudaRegion::new(0, blocks * page).unwrap();
+        if let Some(seed) = fill {
+            let mut host = vec![0u8; (blocks * page) as usize];
+            fill_bytes(seed, 0, &mut host);
+            // SAFETY: the region is not shared yet.
+            unsafe { r.copy_in(0, &host).unwrap() };
+        }
+        Arc::new(r)
+    };
+    let (src_k, src_v) = (tensor(Some(1)), tensor(Some(2)));
+    let (dst_k, dst_v) = (tensor(None), tensor(None));
+    let layout = |k: &Arc<CudaRegion>, v: &Arc<CudaRegion>| {
+        KvLayout::new(vec![
+            KvTensor {
+                region: k.clone(),
+                num_blocks: blocks,
+                page_bytes: page,
+            },
+            KvTensor {
+                region: v.clone(),
+                num_blocks: blocks,
+                page_bytes: page,
+            },
+        ])
+        .unwrap()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let keys: Vec<BlockKey> = (0..4u8)
+        .map(|i| BlockKey::new(vec![i + 1]).unwrap())
+        .collect();
+    let store = KvStore::open(
+        KvConfig::new(root.path(), ns.clone()),
+        layout(&src_k, &src_v),
+    )
+    .unwrap();
+    // SAFETY: the source tensors are not written while the job runs.
+    let job = unsafe { store.submit_store(&keys, &(0..8).collect::<Vec<_>>()) }.unwrap();
+    let r = store.wait(&[job], Duration::from_secs(60));
+    assert!(r[0].succeeded(), "{r:?}");
+    drop(store);
+    let store = KvStore::open(KvConfig::new(root.path(), ns), layout(&dst_k, &dst_v)).unwrap();
+    // SAFETY: the destination tensors are read only after the job.
+    let job = unsafe { store.submit_load(&keys, &(8..16).collect::<Vec<_>>()) }.unwrap();
+    let r = store.wait(&[job], Duration::from_secs(60));
+    assert!(r[0].succeeded(), "{r:?}");
+    let half = (8 * page) as usize;
+    assert_eq!(bytes(&*dst_k)[half..], bytes(&*src_k)[..half]);
+    assert_eq!(bytes(&*dst_v)[half..], bytes(&*src_v)[..half]);
+}

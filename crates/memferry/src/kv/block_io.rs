@@ -310,8 +310,7 @@ impl BlockFiles {
         let mut name = path.file_name().expect("file name").to_os_string();
         name.push(format!("{TEMP_MARK}{}", unique_id()));
         let temp = parent.join(name);
-        let file =
-            File::create_new(&temp).map_err(|e| Error::writing("block file", &temp, e))?;
+        let file = File::create_new(&temp).map_err(|e| Error::writing("block file", &temp, e))?;
         // Allocated up front: a full disk fails here, before data moves, and
         // direct writes land inside the file instead of extending it (which
         // filesystems serialise).
