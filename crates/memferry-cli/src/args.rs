@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use memferry::memory::Device;
-use memferry::transfer::{BackendKind, Tuning};
+use memferry::transfer::{BackendKind, GdsMode, Tuning};
 
 fn size(s: &str) -> Result<u64, String> {
     memferry::units::parse_size(s).map_err(|e| e.to_string())
@@ -112,12 +112,15 @@ pub enum Command {
     Quickstart(QuickstartArgs),
     /// Measure every backend against the hardware limits on these disks.
     Bench(BenchArgs),
+    /// KV-cache block stores: bench, stats, evict, verify.
+    Kv(crate::kv::KvArgs),
 }
 
 /// Settings shared by every command that moves bytes.
 #[derive(Args, Debug, Clone)]
 pub struct TransferArgs {
-    /// Backend: auto (direct where it works), buffered or direct.
+    /// Backend: auto (direct where it works), buffered, direct, pinned
+    /// (pinned staging + async device copies) or gds (GPUDirect Storage).
     #[arg(long, env = "MEMFERRY_BACKEND", default_value = "auto")]
     pub backend: BackendKind,
     /// Worker threads of the buffered backend.
@@ -132,6 +135,20 @@ pub struct TransferArgs {
     /// Storage roots (comma-separated directories, usually one per disk).
     #[arg(long, env = "MEMFERRY_ROOTS", value_delimiter = ',')]
     pub roots: Option<Vec<PathBuf>>,
+    /// With --backend gds: which directions use cuFile (read, write or
+    /// both); the other direction runs pinned.
+    #[arg(long, env = "MEMFERRY_GDS", default_value = "both", value_parser = gds_directions)]
+    pub gds: (bool, bool),
+    /// With --backend gds: leave device buffers unregistered so cuFile
+    /// bounces through its own buffers.
+    #[arg(long, env = "MEMFERRY_GDS_BOUNCE")]
+    pub gds_bounce: bool,
+}
+
+fn gds_directions(s: &str) -> Result<(bool, bool), String> {
+    GdsMode::parse_directions(s, false)
+        .map(|m| (m.read, m.write))
+        .map_err(|e| e.to_string())
 }
 
 impl TransferArgs {
@@ -141,6 +158,11 @@ impl TransferArgs {
             queue_depth: self.queue_depth,
             chunk_size: self.chunk_size,
             max_bytes_per_call: None,
+            gds: GdsMode {
+                read: self.gds.0,
+                write: self.gds.1,
+                bounce: self.gds_bounce,
+            },
         }
     }
 }
@@ -159,6 +181,10 @@ pub struct SaveArgs {
     /// Write this file atomically once the save is committed.
     #[arg(long, env = "MEMFERRY_COMPLETE_FILE")]
     pub complete_file: Option<PathBuf>,
+    /// Device the source lives on while it is saved: cpu, or cuda:N to
+    /// load the source into that GPU first and save from device memory.
+    #[arg(long, env = "MEMFERRY_DEVICE", default_value = "cpu")]
+    pub device: Device,
     #[command(flatten)]
     pub transfer: TransferArgs,
 }
@@ -178,9 +204,10 @@ pub struct RestoreArgs {
     /// Skip checksum verification (not recommended).
     #[arg(long, env = "MEMFERRY_NO_VERIFY")]
     pub no_verify: bool,
-    /// Device to restore to: cpu (CUDA comes with GPU support).
-    #[arg(long, env = "MEMFERRY_DEVICE", default_value = "cpu")]
-    pub device: Device,
+    /// Device to restore to: cpu or cuda:N (default: the device each
+    /// allocation names in the snapshot).
+    #[arg(long, env = "MEMFERRY_DEVICE")]
+    pub device: Option<Device>,
     /// Write this file atomically once the restore is complete.
     #[arg(long, env = "MEMFERRY_COMPLETE_FILE")]
     pub complete_file: Option<PathBuf>,
@@ -202,6 +229,10 @@ pub struct ExportArgs {
     /// safetensors file to write (replaced atomically).
     #[arg(long)]
     pub to: PathBuf,
+    /// Device to restore through before writing: cpu (default) or cuda:N
+    /// (the bytes are then copied back from the GPU to be written).
+    #[arg(long, env = "MEMFERRY_DEVICE")]
+    pub device: Option<Device>,
 }
 
 #[derive(Args, Debug)]
@@ -302,6 +333,10 @@ pub struct BenchArgs {
     /// (used by bench/ scripts to compare with fio on the same files).
     #[arg(long, value_name = "SNAPSHOT")]
     pub limits_on: Option<PathBuf>,
+    /// Device the model lives on: cpu, or cuda:N to measure saves from and
+    /// restores into that GPU (adds the pinned H2D/D2H copy limits).
+    #[arg(long, env = "MEMFERRY_DEVICE", default_value = "cpu")]
+    pub device: Device,
     /// Save the best settings as the profile for these disks
     /// ($MEMFERRY_PROFILE or $XDG_CONFIG_HOME/memferry/profile.toml).
     #[arg(long)]

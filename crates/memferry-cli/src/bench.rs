@@ -53,6 +53,7 @@ pub fn run(a: BenchArgs, s3: &crate::args::S3Args, json: bool) -> Result<()> {
         queue_depths: a.queue_depth.clone(),
         chunk_sizes: a.chunk_size.clone(),
         shard_size: a.shard_size,
+        device: a.device,
     };
     let mut say = |s: &str| {
         if !json {
@@ -145,7 +146,11 @@ fn print_table(r: &BenchReport) {
         &l.pread_direct,
         &l.buffered_read,
         &l.memcpy,
-    ] {
+    ]
+    .into_iter()
+    .chain(l.pinned_h2d.as_ref())
+    .chain(l.pinned_d2h.as_ref())
+    {
         println!("{}", limit_line(lim));
     }
     println!();

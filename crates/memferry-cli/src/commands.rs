@@ -29,6 +29,7 @@ pub fn op_name(c: &Command) -> &'static str {
         Command::Quickstart(_) => "quickstart",
         Command::Bench(_) => "bench",
         Command::Copy(_) => "copy",
+        Command::Kv(a) => crate::kv::op_name(a),
     }
 }
 
@@ -114,6 +115,7 @@ pub fn run(cli: Cli, m: &ArgMatches) -> Result<()> {
         }
         Command::Gc(a) => gc(a, json),
         Command::Quickstart(a) => crate::quickstart::run(a, json),
+        Command::Kv(a) => crate::kv::run(a, json),
     }
 }
 
@@ -216,7 +218,12 @@ fn snapshot_bytes(dir: &Path) -> u64 {
 }
 
 fn save(a: SaveArgs, json: bool, profile: Option<String>) -> Result<()> {
-    let source = open_source(&a.source)?;
+    let mut source = open_source(&a.source)?;
+    if a.device != memferry::memory::Device::Cpu {
+        source = source
+            .to_device(a.device)
+            .with_context(|| format!("loading {} onto {}", a.source, a.device))?;
+    }
     let progress = Progress::start("save", source.layout.total_bytes(), json);
     let opts = SaveOptions {
         roots: a.transfer.roots.clone(),
@@ -269,6 +276,8 @@ fn verify(a: ReadArgs, json: bool, profile: Option<String>) -> Result<()> {
 fn export(a: ExportArgs, json: bool, profile: Option<String>) -> Result<()> {
     let progress = Progress::start("export", snapshot_bytes(&a.read.snapshot), json);
     let opts = LoadOptions {
+        // Export writes host bytes: restore to host memory unless asked.
+        device: a.device.or(Some(memferry::memory::Device::Cpu)),
         progress: Some(progress.counter()),
         ..load_options(&a.read)
     };
@@ -277,7 +286,27 @@ fn export(a: ExportArgs, json: bool, profile: Option<String>) -> Result<()> {
     drop(progress);
     let t = std::time::Instant::now();
     let layout = restored.manifest.layout();
-    let summary = export_safetensors(&layout, &restored.region_refs(), &a.to)
+    // Device memory is copied back to host memory to be written.
+    let host = restored
+        .regions
+        .iter()
+        .map(|r| match r {
+            memferry::memory::OwnedRegion::Host(_) => Ok(None),
+            device => Ok(Some(memferry::memory::HostRegion::from_bytes(
+                &device.to_vec()?,
+            )?)),
+        })
+        .collect::<memferry::Result<Vec<_>>>()?;
+    let refs: Vec<&dyn memferry::memory::Region> = restored
+        .regions
+        .iter()
+        .zip(&host)
+        .map(|(r, h)| match h {
+            Some(h) => h as &dyn memferry::memory::Region,
+            None => r as &dyn memferry::memory::Region,
+        })
+        .collect();
+    let summary = export_safetensors(&layout, &refs, &a.to)
         .with_context(|| format!("exporting to {}", a.to.display()))?;
     report.op = "export".into();
     report.profile = profile;

@@ -7,6 +7,7 @@
 mod args;
 mod bench;
 mod commands;
+mod kv;
 mod progress;
 mod quickstart;
 mod remote;
@@ -45,6 +46,10 @@ fn main() -> ExitCode {
     match commands::run(cli, &sub) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(r) = e.downcast_ref::<AlreadyReported>() {
+                eprintln!("error: {r}");
+                return ExitCode::from(r.code);
+            }
             let code = exit_code(&e);
             eprintln!("error: {e:#}");
             if json {
@@ -89,6 +94,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
                     "quickstart",
                     "copy",
                     "bench",
+                    "kv",
                 ]
                 .contains(&a.as_str())
             })
@@ -102,6 +108,24 @@ fn usage_error(e: clap::Error) -> ExitCode {
     }
     e.exit();
 }
+
+/// A failure whose report (text or the one JSON object) the command has
+/// already printed; `main` only sets the exit code.
+#[derive(Debug)]
+pub struct AlreadyReported {
+    /// Exit code.
+    pub code: u8,
+    /// One line for stderr.
+    pub message: String,
+}
+
+impl std::fmt::Display for AlreadyReported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for AlreadyReported {}
 
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<Error>() {

@@ -91,7 +91,7 @@ pub fn run(a: QuickstartArgs, json: bool) -> Result<()> {
             .iter()
             .zip(&restored.regions)
             // SAFETY: nothing writes the source or restored regions now.
-            .all(|(src, got)| unsafe { host_bytes(src.as_ref()) } == Some(got.as_slice()));
+            .all(|(src, got)| unsafe { host_bytes(src.as_ref()) } == got.host().map(|h| h.as_slice()));
         if !same {
             bail!("restored bytes differ from the original with backend {kind}");
         }

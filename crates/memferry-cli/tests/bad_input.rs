@@ -48,7 +48,7 @@ fn unknown_backend() {
     }
     run(["restore", &arg(&f.snap), "--backend", "turbo"])
         .code(2)
-        .fails_with(&["turbo", "auto, buffered or direct"]);
+        .fails_with(&["turbo", "auto, buffered, direct"]);
     run(["verify", &arg(&f.snap), "--backend", "turbo"])
         .code(2)
         .fails_with(&["turbo"]);

@@ -25,6 +25,7 @@ fn configs() -> Vec<Config> {
         queue_depth,
         chunk_size,
         max_bytes_per_call: max,
+        ..Tuning::default()
     };
     vec![
         Config {
@@ -56,6 +57,18 @@ fn configs() -> Vec<Config> {
             label: "auto",
             backend: BackendKind::Auto,
             tuning: t(2, 4, 1 << 20, None),
+        },
+        // Host memory: aligned (non-pinned) staging and synchronous copies,
+        // so the pipeline runs without a GPU.
+        Config {
+            label: "pinned",
+            backend: BackendKind::Pinned,
+            tuning: t(4, 4, 1 << 20, None),
+        },
+        Config {
+            label: "pinned-2slots-short-4k",
+            backend: BackendKind::Pinned,
+            tuning: t(1, 2, 1 << 20, Some(4096)),
         },
     ]
 }
@@ -141,7 +154,10 @@ fn round_trip(case: &str, sizes: &[u64], shard_size: u64, nroots: usize) {
             for (i, (a, b)) in src.regions.iter().zip(&restored.regions).enumerate() {
                 // SAFETY: nothing writes the source regions during the test.
                 let want = unsafe { memferry::memory::host_bytes(a.as_ref()) }.unwrap();
-                assert!(want == b.as_slice(), "{label}: allocation {i} differs");
+                assert!(
+                    want == b.to_vec().unwrap(),
+                    "{label}: allocation {i} differs"
+                );
             }
             verify(&snap, &lo).unwrap_or_else(|e| panic!("{label}: verify: {e}"));
         }
@@ -267,7 +283,7 @@ fn restore_with_moved_roots_is_portable() {
         },
     )
     .unwrap();
-    assert_eq!(restored.regions[1].as_slice().len(), 777);
+    assert_eq!(restored.regions[1].len(), 777);
 }
 
 /// A storage layer that moves one byte per call: every read and write comes
@@ -280,10 +296,12 @@ fn one_byte_per_call_storage() {
         queue_depth: 4,
         chunk_size: 1 << 20,
         max_bytes_per_call: Some(1),
+        ..Tuning::default()
     };
     for (label, backend) in [
         ("buffered", BackendKind::Buffered),
         ("direct", BackendKind::Direct),
+        ("pinned", BackendKind::Pinned),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let snap = dir.path().join("s");
@@ -309,7 +327,9 @@ fn one_byte_per_call_storage() {
         .unwrap_or_else(|e| panic!("{label}: {e}"));
         for (a, b) in src.regions.iter().zip(&restored.regions) {
             // SAFETY: no writers.
-            assert!(unsafe { memferry::memory::host_bytes(a.as_ref()) }.unwrap() == b.as_slice());
+            assert!(
+                unsafe { memferry::memory::host_bytes(a.as_ref()) }.unwrap() == b.to_vec().unwrap()
+            );
         }
     }
 }
@@ -388,4 +408,68 @@ fn every_backend_detects_a_flipped_bit_and_names_it() {
     };
     let (_, rep) = restore(&snap, &skip).expect("--no-verify skips checksums");
     assert!(!rep.verified);
+}
+
+/// gds on host memory (or without cuFile/CUDA) runs pinned and says why.
+#[test]
+fn gds_falls_back_to_pinned_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s");
+    let src = source(&[3 << 20, 4097], 5);
+    let rep = save(
+        &src,
+        &snap,
+        &SaveOptions {
+            backend: BackendKind::Gds,
+            ..SaveOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        rep.fallbacks
+            .iter()
+            .any(|f| f.starts_with("gds: ") && f.contains("ran pinned")),
+        "{:?}",
+        rep.fallbacks
+    );
+    let (restored, rep) = restore(
+        &snap,
+        &LoadOptions {
+            backend: BackendKind::Gds,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(rep.verified, "the pinned fallback verifies in-line");
+    assert!(rep.fallbacks.iter().any(|f| f.contains("ran pinned")));
+    for (a, b) in src.regions.iter().zip(&restored.regions) {
+        // SAFETY: no writers.
+        assert!(
+            unsafe { memferry::memory::host_bytes(a.as_ref()) }.unwrap() == b.to_vec().unwrap()
+        );
+    }
+}
+
+/// Restoring onto a CUDA device without a driver fails before touching
+/// anything, and says to use --device cpu.
+#[test]
+fn cuda_device_without_a_driver_is_a_clear_error() {
+    if memferry::memory::cuda::available() {
+        eprintln!("skipped: a CUDA driver is present (tests/gpu.rs covers devices)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s");
+    save(&source(&[8192], 1), &snap, &SaveOptions::default()).unwrap();
+    let err = restore(
+        &snap,
+        &LoadOptions {
+            device: Some(Device::Cuda(0)),
+            ..LoadOptions::default()
+        },
+    )
+    .err()
+    .expect("no CUDA here");
+    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("use --device cpu"), "{err}");
 }

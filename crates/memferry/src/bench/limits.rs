@@ -257,6 +257,33 @@ fn read_all(file: &File, path: &Path, buf: &mut [u8]) -> Result<u64> {
     }
 }
 
+/// Copy bandwidth between pinned host memory and device `ordinal`, one
+/// asynchronous copy of `bytes` timed to completion (after one warm-up).
+pub fn pinned_copy(ordinal: u32, bytes: usize, to_device: bool) -> Result<f64> {
+    use crate::memory::cuda::{Stream, context};
+    use crate::memory::{CudaRegion, PinnedBuf, Region};
+    let host = PinnedBuf::new(bytes)?;
+    let dev = CudaRegion::new(ordinal, bytes as u64)?;
+    let (_, dptr) = dev.cuda().expect("device memory");
+    let stream = Stream::new(context(ordinal)?)?;
+    let copy = || -> Result<()> {
+        // SAFETY: both buffers are owned here and outlive the copy, which
+        // is awaited by `synchronize` before they are used again.
+        unsafe {
+            if to_device {
+                stream.copy_htod(dptr, host.as_mut_ptr(), bytes)?;
+            } else {
+                stream.copy_dtoh(host.as_mut_ptr(), dptr, bytes)?;
+            }
+        }
+        stream.synchronize()
+    };
+    copy()?;
+    let start = Instant::now();
+    copy()?;
+    Ok(gib_per_s(bytes as u64, start.elapsed().as_secs_f64()))
+}
+
 /// Single-threaded memcpy bandwidth between two pre-faulted buffers.
 pub fn memcpy(bytes: usize) -> Result<f64> {
     let mut src = AlignedBuf::new(bytes)?;
@@ -268,4 +295,114 @@ pub fn memcpy(bytes: usize) -> Result<f64> {
     let secs = start.elapsed().as_secs_f64();
     std::hint::black_box(dst.as_slice()[bytes / 2]);
     Ok(gib_per_s(bytes as u64, secs))
+}
+
+/// O_DIRECT random I/O through io_uring: `blocks` requests of `bs` bytes at
+/// every `bs`-aligned offset of `path` in a shuffled order, `qd` in flight.
+/// Writes create (and preallocate) the file without fsync, as KV stores do;
+/// reads need the file written first. Returns GiB/s.
+pub fn odirect_random(path: &Path, bs: usize, qd: usize, blocks: u64, write: bool) -> Result<f64> {
+    let mut ring = Ring::new(qd as u32).ctx(|| "io_uring setup".into())?;
+    let mut buf = AlignedBuf::new(bs * qd)?;
+    buf.as_mut_slice().fill(0x5a);
+    let base = buf.as_mut_ptr();
+    let file = open_direct(path, write)?;
+    if write {
+        preallocate(&file, path, blocks * bs as u64)?;
+    }
+    let fd = file.as_fd();
+    let order = shuffled(blocks);
+    let start = Instant::now();
+    // (offset, done) per slot; requests are whole `bs` blocks.
+    let mut slots: Vec<Option<(u64, u64)>> = vec![None; qd];
+    let mut next = 0usize;
+    let mut in_flight = 0;
+    let mut total = 0u64;
+    let mut error = None;
+    let len = bs as u64;
+    loop {
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if slot.is_some() || next >= order.len() || error.is_some() {
+                continue;
+            }
+            let off = order[next] * len;
+            next += 1;
+            *slot = Some((off, 0));
+            // SAFETY: slot `i` of the buffer is idle until its completion
+            // arrives; buffer and file outlive the loop, which drains every
+            // request before returning.
+            unsafe {
+                let ptr = base.add(i * bs);
+                if write {
+                    ring.push_write_plain(fd, ptr, bs as u32, off, i as u64);
+                } else {
+                    ring.push_read_plain(fd, ptr, bs as u32, off, i as u64);
+                }
+            }
+            in_flight += 1;
+        }
+        if in_flight == 0 {
+            break;
+        }
+        if let Err(e) = ring.submit_and_wait(1) {
+            // Requests may still be in flight: never free their buffer.
+            std::mem::forget(buf);
+            std::mem::forget(file);
+            return Err(Error::io("io_uring wait", e));
+        }
+        for (ud, res) in ring.completions() {
+            in_flight -= 1;
+            let i = ud as usize;
+            let (off, done) = slots[i].expect("in flight");
+            if res <= 0 {
+                error.get_or_insert_with(|| {
+                    Error::io(
+                        format!("raw I/O on {} at {}", path.display(), off + done),
+                        if res == 0 {
+                            std::io::ErrorKind::UnexpectedEof.into()
+                        } else {
+                            std::io::Error::from_raw_os_error(-res)
+                        },
+                    )
+                });
+                slots[i] = None;
+                continue;
+            }
+            let done = done + res as u64;
+            if done < len && error.is_none() {
+                slots[i] = Some((off, done));
+                // SAFETY: as above; the remainder stays inside slot `i`.
+                unsafe {
+                    let ptr = base.add(i * bs + done as usize);
+                    let rest = (len - done) as u32;
+                    if write {
+                        ring.push_write_plain(fd, ptr, rest, off + done, i as u64);
+                    } else {
+                        ring.push_read_plain(fd, ptr, rest, off + done, i as u64);
+                    }
+                }
+                in_flight += 1;
+            } else {
+                slots[i] = None;
+                total += len;
+            }
+        }
+    }
+    if let Some(e) = error {
+        return Err(e);
+    }
+    Ok(gib_per_s(total, start.elapsed().as_secs_f64()))
+}
+
+/// `0..n` in a fixed pseudo-random order (Fisher-Yates, xorshift).
+fn shuffled(n: u64) -> Vec<u64> {
+    let mut v: Vec<u64> = (0..n).collect();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in (1..v.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    v
 }

@@ -11,6 +11,7 @@
 //! - [`plot`]: the SVG chart;
 //! - [`object`]: save/restore on an S3 location against raw GET/PUT loops.
 
+pub mod kv;
 pub mod limits;
 pub mod object;
 pub mod plot;
@@ -56,6 +57,7 @@ impl Setting {
             queue_depth: self.queue_depth,
             chunk_size: self.chunk_size,
             max_bytes_per_call: None,
+            ..Tuning::default()
         }
     }
 }
@@ -91,6 +93,12 @@ pub struct Limits {
     pub buffered_read: Limit,
     /// Host memory copy bandwidth (one thread, pre-faulted buffers).
     pub memcpy: Limit,
+    /// Pinned host-to-device copy bandwidth (only with a CUDA device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned_h2d: Option<Limit>,
+    /// Pinned device-to-host copy bandwidth (only with a CUDA device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned_d2h: Option<Limit>,
 }
 
 /// One row of the result table.

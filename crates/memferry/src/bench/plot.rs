@@ -869,6 +869,8 @@ mod tests {
                 pread_direct: limit("pread-direct qd=1 bs=4MiB", Some(2.4)),
                 buffered_read: limit("buffered-read cached w=8", Some(12.4)),
                 memcpy: limit("memcpy 1 thread", Some(24.0)),
+                pinned_h2d: None,
+                pinned_d2h: None,
             },
             rows,
             best_restore: None,

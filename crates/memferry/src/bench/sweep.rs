@@ -50,6 +50,9 @@ pub struct BenchOptions {
     pub chunk_sizes: Vec<u64>,
     /// Shard size of the bench snapshot.
     pub shard_size: u64,
+    /// Where the model lives: saves run from it and restores go to it
+    /// (`cuda:N` measures the GPU paths).
+    pub device: crate::memory::Device,
 }
 
 impl BenchOptions {
@@ -199,7 +202,29 @@ pub fn measure_limits(files: &[RootFile], runs: usize, size: u64) -> Limits {
         pread_direct,
         buffered_read,
         memcpy,
+        pinned_h2d: None,
+        pinned_d2h: None,
     }
+}
+
+/// Pinned host<->device copy bandwidth on `ordinal`, or `None` without a
+/// CUDA device.
+pub fn measure_gpu_limits(ordinal: u32, runs: usize, size: u64) -> (Option<Limit>, Option<Limit>) {
+    if !crate::memory::cuda::available() {
+        return (None, None);
+    }
+    let bytes = (size as usize).clamp(64 << 20, 1 << 30);
+    let h2d = limit(
+        format!("pinned host-to-device copy, cuda:{ordinal}"),
+        runs,
+        || limits::pinned_copy(ordinal, bytes, true),
+    );
+    let d2h = limit(
+        format!("pinned device-to-host copy, cuda:{ordinal}"),
+        runs,
+        || limits::pinned_copy(ordinal, bytes, false),
+    );
+    (Some(h2d), Some(d2h))
 }
 
 /// Runs the bench; `say` receives one line per step (for a progress log).
@@ -244,7 +269,10 @@ pub fn run(opts: &BenchOptions, say: &mut dyn FnMut(&str)) -> Result<BenchReport
         "building a {} synthetic model in memory",
         crate::units::format_bytes(opts.size)
     ));
-    let source = synthetic(opts.size, 1)?.into_source();
+    crate::memory::cuda::check_device(opts.device)?;
+    let source = synthetic(opts.size, 1)?
+        .into_source()
+        .to_device(opts.device)?;
     let mut rows = Vec::new();
 
     for s in &settings {
@@ -277,12 +305,18 @@ pub fn run(opts: &BenchOptions, say: &mut dyn FnMut(&str)) -> Result<BenchReport
     let files = snapshot_files(&opened);
 
     say("measuring the limits on the same files");
-    let lims = measure_limits(&files, opts.runs, opts.size);
+    let mut lims = measure_limits(&files, opts.runs, opts.size);
+    let ordinal = match opts.device {
+        crate::memory::Device::Cuda(n) => n,
+        crate::memory::Device::Cpu => 0,
+    };
+    (lims.pinned_h2d, lims.pinned_d2h) = measure_gpu_limits(ordinal, opts.runs, opts.size);
 
     for s in &settings {
         let load = LoadOptions {
             backend: s.backend,
             tuning: s.tuning(),
+            device: Some(opts.device),
             ..LoadOptions::default()
         };
         let restore_rows = |temp: &str, before: &dyn Fn()| -> Result<Row> {

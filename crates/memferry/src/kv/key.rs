@@ -76,6 +76,12 @@ impl fmt::Display for BlockKey {
     }
 }
 
+impl serde::Serialize for BlockKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

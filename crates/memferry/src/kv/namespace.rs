@@ -131,6 +131,65 @@ impl Namespace {
     }
 }
 
+/// File recording the page sizes of the tensors whose blocks a namespace
+/// holds, written by the first store that opens it.
+pub const LAYOUT_FILE: &str = "layout.json";
+
+/// The block layout a namespace's files were written with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockLayout {
+    /// Page bytes of each registered tensor, in registration order.
+    pub page_bytes: Vec<u64>,
+}
+
+/// Records `layout` in the namespace directory `dir`, or checks it against
+/// the layout recorded there: blocks written with other page sizes would be
+/// scattered into the wrong places, so opening with a different layout is an
+/// error.
+pub fn check_layout(dir: &Path, layout: &BlockLayout) -> Result<()> {
+    let file = dir.join(LAYOUT_FILE);
+    let compare = |bytes: &[u8]| -> Result<()> {
+        let found: BlockLayout = serde_json::from_slice(bytes).map_err(|e| {
+            Error::InvalidInput(format!(
+                "{} is damaged ({e}); remove it only if the namespace's blocks are gone too",
+                file.display()
+            ))
+        })?;
+        if &found != layout {
+            return Err(Error::InvalidInput(format!(
+                "page sizes do not match: the blocks in {} were written from tensors with pages of {:?} bytes, the registered tensors have {:?}; register the same KV tensors, or use another namespace (e.g. a new layout_version)",
+                dir.display(),
+                found.page_bytes,
+                layout.page_bytes
+            )));
+        }
+        Ok(())
+    };
+    match std::fs::read(&file) {
+        Ok(bytes) => return compare(&bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("reading {}", file.display()), e)),
+    }
+    // First store here: publish without replacing, so two processes racing
+    // with different layouts cannot both win.
+    let temp = dir.join(format!(
+        ".{LAYOUT_FILE}.{}",
+        crate::storage::durable::unique_id()
+    ));
+    let body = serde_json::to_vec_pretty(layout).expect("layout serialises");
+    crate::storage::durable::write_new_file(&temp, &body)?;
+    let published = crate::storage::durable::rename_noreplace(&temp, &file);
+    let _ = std::fs::remove_file(&temp);
+    match published {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            let bytes = std::fs::read(&file)
+                .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
+            compare(&bytes)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

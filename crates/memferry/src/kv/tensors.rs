@@ -77,6 +77,11 @@ impl KvLayout {
         self.num_blocks
     }
 
+    /// Page bytes of each tensor, in registration order.
+    pub fn page_bytes(&self) -> Vec<u64> {
+        self.tensors.iter().map(|t| t.page_bytes).collect()
+    }
+
     /// Bytes of one block across all tensors.
     pub fn block_bytes(&self) -> u64 {
         self.block_bytes

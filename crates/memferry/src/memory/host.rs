@@ -50,6 +50,13 @@ impl HostRegion {
         })
     }
 
+    /// A region holding a copy of `bytes`.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let mut r = Self::new(bytes.len() as u64)?;
+        r.as_mut_slice().copy_from_slice(bytes);
+        Ok(r)
+    }
+
     /// Asks the kernel to back `offset..offset+len` with memory now
     /// (MADV_POPULATE_WRITE), so later I/O does not stop to fault pages in.
     /// Never changes the contents, so it may run while I/O fills the same

@@ -1,17 +1,21 @@
 //! Where bytes live in memory.
 //!
 //! A [`Region`] is one contiguous allocation on a [`Device`]. The transfer
-//! engine only moves bytes through this trait, so host memory today and CUDA
-//! device memory later plug in without changing the engine: a region either
-//! exposes host-addressable pointers (fast path: storage I/O lands in it
-//! directly) or copies to and from host staging buffers.
+//! engine only moves bytes through this trait, so host memory and CUDA
+//! device memory ([`CudaRegion`]) plug in without changing the engine: a
+//! region either exposes host-addressable pointers (fast path: storage I/O
+//! lands in it directly), or a device address for asynchronous copies from
+//! pinned staging ([`Region::cuda`]), or copies to and from host staging
+//! buffers.
 
+pub mod cuda;
 mod device;
 mod discard;
 mod host;
 mod mapped;
 mod staging;
 
+pub use cuda::{CudaRegion, PinnedBuf};
 pub use device::Device;
 pub use discard::DiscardRegion;
 pub use host::HostRegion;
@@ -47,6 +51,12 @@ pub trait Region: Send + Sync {
     /// Slack bytes carry no meaning (checksums cover `len` bytes only).
     fn host_capacity(&self) -> u64 {
         self.len()
+    }
+
+    /// For CUDA device memory: the owning context and the device address of
+    /// byte 0, so backends can queue asynchronous copies on a stream.
+    fn cuda(&self) -> Option<(&cuda::Context, u64)> {
+        None
     }
 
     /// Copies `src` into the region at `offset`.
@@ -113,4 +123,82 @@ pub unsafe fn host_bytes(region: &dyn Region) -> Option<&[u8]> {
     // SAFETY: the region guarantees `len` readable bytes at `ptr` for its
     // lifetime, which bounds the returned slice; the caller rules out writers.
     Some(unsafe { std::slice::from_raw_parts(ptr, region.len() as usize) })
+}
+
+/// Memory memferry allocated for a restore: host or CUDA device memory.
+pub enum OwnedRegion {
+    /// Page-aligned host memory.
+    Host(HostRegion),
+    /// CUDA device memory.
+    Cuda(CudaRegion),
+}
+
+impl OwnedRegion {
+    /// Allocates `len` bytes on `device` (host memory is zeroed; device
+    /// memory is unspecified until written).
+    pub fn allocate(device: Device, len: u64) -> Result<Self> {
+        Ok(match device {
+            Device::Cpu => OwnedRegion::Host(HostRegion::new(len)?),
+            Device::Cuda(n) => OwnedRegion::Cuda(CudaRegion::new(n, len)?),
+        })
+    }
+
+    /// The host region, when the memory is on the host.
+    pub fn host(&self) -> Option<&HostRegion> {
+        match self {
+            OwnedRegion::Host(h) => Some(h),
+            OwnedRegion::Cuda(_) => None,
+        }
+    }
+
+    /// A copy of the bytes in host memory (copied back from the device for
+    /// device memory).
+    pub fn to_vec(&self) -> Result<Vec<u8>> {
+        match self {
+            OwnedRegion::Host(h) => Ok(h.as_slice().to_vec()),
+            OwnedRegion::Cuda(c) => {
+                let mut v = vec![0u8; c.len() as usize];
+                // SAFETY: `&self` rules out writers going through this
+                // owner; `v` is a distinct buffer.
+                unsafe { c.copy_out(0, &mut v)? };
+                Ok(v)
+            }
+        }
+    }
+
+    fn inner(&self) -> &dyn Region {
+        match self {
+            OwnedRegion::Host(h) => h,
+            OwnedRegion::Cuda(c) => c,
+        }
+    }
+}
+
+impl Region for OwnedRegion {
+    fn len(&self) -> u64 {
+        self.inner().len()
+    }
+    fn device(&self) -> Device {
+        self.inner().device()
+    }
+    fn host_ptr(&self) -> Option<*const u8> {
+        self.inner().host_ptr()
+    }
+    fn host_ptr_mut(&self) -> Option<*mut u8> {
+        self.inner().host_ptr_mut()
+    }
+    fn host_capacity(&self) -> u64 {
+        self.inner().host_capacity()
+    }
+    fn cuda(&self) -> Option<(&cuda::Context, u64)> {
+        self.inner().cuda()
+    }
+    unsafe fn copy_in(&self, offset: u64, src: &[u8]) -> Result<()> {
+        // SAFETY: forwarded: the caller's guarantees hold for the inner region.
+        unsafe { self.inner().copy_in(offset, src) }
+    }
+    unsafe fn copy_out(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        // SAFETY: as above.
+        unsafe { self.inner().copy_out(offset, dst) }
+    }
 }

@@ -44,7 +44,7 @@ use super::report::{Phases, Report};
 use super::restore::{LoadOptions, RestoredSnapshot};
 use super::save::SaveOptions;
 use super::source::SnapshotSource;
-use crate::memory::{Device, DiscardRegion, HostRegion, Region};
+use crate::memory::{Device, DiscardRegion, OwnedRegion, Region};
 use crate::storage::durable::unique_id;
 use crate::storage::location::S3Url;
 use crate::storage::s3::{ObjectClient, ObjectInfo, PutCondition, now_ms};
@@ -401,18 +401,15 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Restores the snapshot at `url` into host memory: ranged GETs, verified in
-/// the same pass, staging bounded by concurrency x request size.
+/// Restores the snapshot at `url` into memory (host, or CUDA devices as
+/// `opts.device` or the manifest says): ranged GETs, verified in the same
+/// pass before the bytes are copied in, staging bounded by concurrency x
+/// request size.
 pub fn restore(
     client: &ObjectClient,
     url: &S3Url,
     opts: &LoadOptions,
 ) -> Result<(RestoredSnapshot, Report)> {
-    if let Device::Cuda(n) = opts.device {
-        return Err(Error::Unsupported(format!(
-            "cannot restore to cuda:{n}: this build of memferry restores into host memory only; use --device cpu"
-        )));
-    }
     let save_id = || {
         read_manifest(client, url)
             .ok()
@@ -460,10 +457,24 @@ fn load(
 
     let t = Instant::now();
     let m = &snap.manifest;
-    let host: Vec<HostRegion> = if keep {
+    let host: Vec<OwnedRegion> = if keep {
+        // Each allocation goes where --device says, else where it was saved
+        // from (host or a CUDA device); region copies do the rest.
+        let targets: Vec<Device> = m
+            .allocations
+            .iter()
+            .map(|a| opts.device.unwrap_or(a.allocation.device))
+            .collect();
+        let mut devices = targets.clone();
+        devices.sort_by_key(|d| d.to_string());
+        devices.dedup();
+        for &d in &devices {
+            crate::memory::cuda::check_device(d)?;
+        }
         m.allocations
             .iter()
-            .map(|a| HostRegion::new(a.allocation.size))
+            .zip(&targets)
+            .map(|(a, &d)| OwnedRegion::allocate(d, a.allocation.size))
             .collect::<Result<_>>()?
     } else {
         Vec::new()
@@ -526,9 +537,9 @@ fn load(
 
 /// Populates `regions` in order, 64 MiB at a time, until `done` is set or
 /// the kernel does not support populating.
-fn prefault(regions: &[HostRegion], done: &AtomicBool) {
+fn prefault(regions: &[OwnedRegion], done: &AtomicBool) {
     const STEP: u64 = 64 << 20;
-    for r in regions {
+    for r in regions.iter().filter_map(OwnedRegion::host) {
         let mut off = 0;
         while off < r.len() {
             if done.load(Ordering::Relaxed) || !r.populate(off, STEP.min(r.len() - off)) {

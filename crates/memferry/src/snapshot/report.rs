@@ -75,6 +75,9 @@ impl Report {
         self.fallbacks = stats.fallbacks.clone();
         self.peak_staging_bytes = stats.peak_staging_bytes;
         self.checksum_cpu_seconds = stats.checksum_cpu_seconds;
+        if stats.unverified {
+            self.verified = false;
+        }
         let p = &self.phases;
         self.seconds = p.plan + p.allocate + p.transfer + p.verify + p.commit;
         self.gib_per_s = crate::units::gib_per_s(self.bytes, self.seconds);

@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::manifest::Manifest;
 use super::open::OpenedSnapshot;
 use super::report::{Phases, Report};
-use crate::memory::{Device, DiscardRegion, HostRegion, Region};
+use crate::memory::{Device, DiscardRegion, OwnedRegion, Region};
 use crate::transfer::{BackendKind, Checksums, TransferJob, TransferStats, Tuning, backend};
 use crate::{Error, Result};
 
@@ -28,8 +28,9 @@ pub struct LoadOptions {
     pub tuning: Tuning,
     /// Verify checksums in the same pass (default true).
     pub verify: bool,
-    /// Where to restore to (only `cpu` in this build).
-    pub device: Device,
+    /// Where to restore to: `None` puts each allocation on the device its
+    /// layout entry names; `Some` puts every allocation there.
+    pub device: Option<Device>,
     /// Written atomically after a successful restore.
     pub complete_file: Option<PathBuf>,
     /// Bytes moved so far.
@@ -45,7 +46,7 @@ impl Default for LoadOptions {
             backend: BackendKind::Auto,
             tuning: Tuning::default(),
             verify: true,
-            device: Device::Cpu,
+            device: None,
             complete_file: None,
             progress: None,
             cancel: None,
@@ -53,13 +54,13 @@ impl Default for LoadOptions {
     }
 }
 
-/// A restored snapshot: the manifest and one host region per allocation,
-/// in layout order.
+/// A restored snapshot: the manifest and one region (host or device
+/// memory) per allocation, in layout order.
 pub struct RestoredSnapshot {
     /// The manifest that was restored.
     pub manifest: Manifest,
     /// `regions[i]` holds allocation `i`.
-    pub regions: Vec<HostRegion>,
+    pub regions: Vec<OwnedRegion>,
 }
 
 impl RestoredSnapshot {
@@ -69,12 +70,13 @@ impl RestoredSnapshot {
     }
 }
 
-/// Restores the snapshot at `dir` into host memory.
+/// Restores the snapshot at `dir` into memory on the devices chosen by
+/// `opts.device` (see [`LoadOptions::device`]). A device that does not
+/// exist here (e.g. `cuda:0` without a CUDA driver) fails before anything
+/// is read or allocated.
 pub fn restore(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Report)> {
-    if let Device::Cuda(n) = opts.device {
-        return Err(Error::Unsupported(format!(
-            "cannot restore to cuda:{n}: this build of memferry has no CUDA support and restores into host memory only; use --device cpu"
-        )));
+    if let Some(d) = opts.device {
+        crate::memory::cuda::check_device(d)?;
     }
     let save_id = || Manifest::load(dir).ok().map(|m| m.identity.save_id);
     let before = save_id();
@@ -93,11 +95,24 @@ fn restore_once(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Rep
     let (snap, plan, sums) = open_and_plan(dir, opts, &mut phases)?;
 
     let t = Instant::now();
+    let targets: Vec<Device> = snap
+        .manifest
+        .allocations
+        .iter()
+        .map(|a| opts.device.unwrap_or(a.allocation.device))
+        .collect();
+    let mut devices = targets.clone();
+    devices.sort_by_key(|d| d.to_string());
+    devices.dedup();
+    for &d in &devices {
+        crate::memory::cuda::check_device(d)?;
+    }
     let regions = snap
         .manifest
         .allocations
         .iter()
-        .map(|a| HostRegion::new(a.allocation.size))
+        .zip(&targets)
+        .map(|(a, &d)| OwnedRegion::allocate(d, a.allocation.size))
         .collect::<Result<Vec<_>>>()?;
     phases.allocate = t.elapsed().as_secs_f64();
 
@@ -133,10 +148,15 @@ fn restore_once(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Rep
 
 /// Populates destination pages in plan order, in steps of up to 64 MiB,
 /// until `done` is set or the kernel does not support populating.
-fn prefault(plan: &crate::transfer::TransferPlan, regions: &[HostRegion], done: &AtomicBool) {
+fn prefault(plan: &crate::transfer::TransferPlan, regions: &[OwnedRegion], done: &AtomicBool) {
     const STEP: u64 = 64 << 20;
     let mut pending: Option<(usize, u64, u64)> = None;
-    let flush = |p: (usize, u64, u64)| regions[p.0].populate(p.1, p.2 - p.1);
+    // Device memory needs no faulting in: skip it.
+    let flush = |p: (usize, u64, u64)| {
+        regions[p.0]
+            .host()
+            .is_none_or(|h| h.populate(p.1, p.2 - p.1))
+    };
     for op in &plan.ops {
         if done.load(std::sync::atomic::Ordering::Relaxed) {
             return;

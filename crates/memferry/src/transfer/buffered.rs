@@ -47,6 +47,7 @@ impl Backend for BufferedBackend {
             fallbacks: Vec::new(),
             peak_staging_bytes: peak,
             checksum_cpu_seconds: job.checksum_seconds(),
+            ..TransferStats::default()
         })
     }
 }

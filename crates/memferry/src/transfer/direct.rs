@@ -60,16 +60,22 @@ impl Backend for DirectBackend {
             per_root[job.plan.files[op.file].root].push(i);
         }
         per_root.retain(|ops| !ops.is_empty());
-        let results: Vec<Result<RootRun>> = std::thread::scope(|s| {
-            let handles: Vec<_> = per_root
-                .iter()
-                .map(|ops| s.spawn(|| run_root(job, ops, &self.tuning)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("root worker panicked"))
-                .collect()
-        });
+        // One root (the common case for small KV jobs) runs on the calling
+        // thread: no thread to spawn per call.
+        let results: Vec<Result<RootRun>> = if per_root.len() == 1 {
+            vec![run_root(job, &per_root[0], &self.tuning)]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = per_root
+                    .iter()
+                    .map(|ops| s.spawn(|| run_root(job, ops, &self.tuning)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("root worker panicked"))
+                    .collect()
+            })
+        };
         let mut stats = TransferStats {
             bytes: job.plan.bytes(),
             ..Default::default()
@@ -177,6 +183,52 @@ fn in_place_target(job: &TransferJob<'_>, op_index: usize) -> Option<*mut u8> {
     Some(unsafe { base.add(op.mem_offset as usize) })
 }
 
+/// Opens the files `ops` touch with O_DIRECT for the job's direction.
+/// `Ok(Err(reason))` means the filesystem refuses O_DIRECT (fall back).
+pub(super) fn open_direct(
+    job: &TransferJob<'_>,
+    ops: &[usize],
+) -> Result<std::result::Result<Vec<Option<File>>, String>> {
+    let plan = job.plan;
+    let mut files: Vec<Option<File>> = (0..plan.files.len()).map(|_| None).collect();
+    for &i in ops {
+        let f = plan.ops[i].file;
+        if files[f].is_some() {
+            continue;
+        }
+        let path = &plan.files[f].path;
+        let mut oo = OpenOptions::new();
+        match plan.direction {
+            Direction::Load => oo.read(true),
+            Direction::Store => oo.write(true),
+        };
+        match oo.custom_flags(libc::O_DIRECT).open(path) {
+            Ok(file) => files[f] = Some(file),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return Ok(Err(format!(
+                    "the filesystem holding {} refuses O_DIRECT (EINVAL)",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(open_error(path, e)),
+        }
+    }
+    Ok(Ok(files))
+}
+
+/// What to tell the user when registering `bytes` of buffers with io_uring
+/// failed with `e`.
+pub(super) fn register_hint(e: &std::io::Error, bytes: u64) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOMEM) => format!(
+            " (the memlock limit is too small for {} of staging: raise `ulimit -l`, lower --queue-depth or --chunk-size, or grant CAP_IPC_LOCK)",
+            crate::units::format_bytes(bytes)
+        ),
+        Some(libc::EPERM) => " (not permitted: io_uring may be disabled by policy)".into(),
+        _ => String::new(),
+    }
+}
+
 impl Engine {
     /// Opens files with O_DIRECT, builds the ring and registers staging.
     /// `Ok(Err(reason))` means "fall back to buffered"; `Err` is fatal.
@@ -186,29 +238,10 @@ impl Engine {
         tuning: &Tuning,
     ) -> Result<std::result::Result<Self, String>> {
         let plan = job.plan;
-        let mut files: Vec<Option<File>> = (0..plan.files.len()).map(|_| None).collect();
-        for &i in ops {
-            let f = plan.ops[i].file;
-            if files[f].is_some() {
-                continue;
-            }
-            let path = &plan.files[f].path;
-            let mut oo = OpenOptions::new();
-            match plan.direction {
-                Direction::Load => oo.read(true),
-                Direction::Store => oo.write(true),
-            };
-            match oo.custom_flags(libc::O_DIRECT).open(path) {
-                Ok(file) => files[f] = Some(file),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    return Ok(Err(format!(
-                        "the filesystem holding {} refuses O_DIRECT (EINVAL)",
-                        path.display()
-                    )));
-                }
-                Err(e) => return Err(open_error(path, e)),
-            }
-        }
+        let files = match open_direct(job, ops)? {
+            Ok(files) => files,
+            Err(reason) => return Ok(Err(reason)),
+        };
         let largest = ops.iter().map(|&i| plan.ops[i].len).max().unwrap_or(0);
         let slot_size = align_up(largest.max(1), IO_ALIGN) as usize;
         let depth = tuning
@@ -231,16 +264,7 @@ impl Engine {
             // and `run` returns only when no request is in flight, so the
             // buffers outlive every use the kernel makes of them.
             if let Err(e) = unsafe { ring.register(&bufs) } {
-                let hint = match e.raw_os_error() {
-                    Some(libc::ENOMEM) => format!(
-                        " (the memlock limit is too small for {} of staging: raise `ulimit -l`, lower --queue-depth or --chunk-size, or grant CAP_IPC_LOCK)",
-                        crate::units::format_bytes((slot_size * depth) as u64)
-                    ),
-                    Some(libc::EPERM) => {
-                        " (not permitted: io_uring may be disabled by policy)".into()
-                    }
-                    _ => String::new(),
-                };
+                let hint = register_hint(&e, (slot_size * depth) as u64);
                 return Ok(Err(format!(
                     "io_uring buffer registration failed: {e}{hint}"
                 )));

@@ -12,14 +12,18 @@
 
 mod buffered;
 mod direct;
+pub mod gds;
 mod job;
+mod pinned;
 mod plan;
 mod s3;
 pub(crate) mod uring;
 
 pub use buffered::BufferedBackend;
 pub use direct::DirectBackend;
+pub use gds::{GdsBackend, GdsMode};
 pub use job::{Checksums, TransferJob};
+pub use pinned::PinnedBackend;
 pub use plan::{Direction, FileTarget, IoOp, PlanBuilder, TransferPlan};
 pub use s3::{MAX_PARTS, MIN_PART_SIZE, ObjectBackend, part_size};
 
@@ -43,6 +47,13 @@ pub enum BackendKind {
     Buffered,
     /// O_DIRECT through io_uring with registered staging buffers.
     Direct,
+    /// O_DIRECT into a ring of pinned staging buffers overlapped with
+    /// asynchronous host<->device copies (plain aligned staging for host
+    /// memory).
+    Pinned,
+    /// GPUDirect Storage through cuFile (falls back to `pinned` when cuFile
+    /// or device memory is absent).
+    Gds,
 }
 
 impl BackendKind {
@@ -55,6 +66,8 @@ impl BackendKind {
             BackendKind::Auto => "auto",
             BackendKind::Buffered => "buffered",
             BackendKind::Direct => "direct",
+            BackendKind::Pinned => "pinned",
+            BackendKind::Gds => "gds",
         }
     }
 }
@@ -72,8 +85,10 @@ impl FromStr for BackendKind {
             "auto" => Ok(BackendKind::Auto),
             "buffered" => Ok(BackendKind::Buffered),
             "direct" => Ok(BackendKind::Direct),
+            "pinned" => Ok(BackendKind::Pinned),
+            "gds" => Ok(BackendKind::Gds),
             other => Err(Error::InvalidInput(format!(
-                "unknown backend {other:?}: choose auto, buffered or direct"
+                "unknown backend {other:?}: choose auto, buffered, direct, pinned or gds"
             ))),
         }
     }
@@ -91,6 +106,8 @@ pub struct Tuning {
     /// Test hook: the storage layer moves at most this many bytes per call,
     /// so every request completes short and must be resumed.
     pub max_bytes_per_call: Option<u64>,
+    /// GPUDirect Storage settings (the `gds` backend only).
+    pub gds: GdsMode,
 }
 
 impl Default for Tuning {
@@ -100,6 +117,7 @@ impl Default for Tuning {
             queue_depth: 16,
             chunk_size: 4 << 20,
             max_bytes_per_call: None,
+            gds: GdsMode::default(),
         }
     }
 }
@@ -148,6 +166,10 @@ pub struct TransferStats {
     pub peak_staging_bytes: u64,
     /// CPU seconds spent on checksums, summed over threads (overlaps I/O).
     pub checksum_cpu_seconds: f64,
+    /// True when loaded bytes bypassed host memory and were *not* checked
+    /// against their checksums in-line (GPUDirect Storage reads).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unverified: bool,
 }
 
 /// Builds the backend for `kind`. `Auto` is the direct backend, which falls
@@ -156,6 +178,8 @@ pub fn backend(kind: BackendKind, tuning: Tuning) -> Box<dyn Backend> {
     match kind {
         BackendKind::Buffered => Box::new(BufferedBackend::new(tuning)),
         BackendKind::Direct | BackendKind::Auto => Box::new(DirectBackend::new(tuning)),
+        BackendKind::Pinned => Box::new(PinnedBackend::new(tuning)),
+        BackendKind::Gds => Box::new(GdsBackend::new(tuning)),
     }
 }
 

@@ -141,6 +141,7 @@ impl<'c> ObjectBackend<'c> {
             fallbacks: Vec::new(),
             peak_staging_bytes: peak.load(Ordering::Relaxed),
             checksum_cpu_seconds: job.checksum_seconds(),
+            unverified: false,
         })
     }
 
@@ -288,6 +289,7 @@ impl<'c> ObjectBackend<'c> {
             fallbacks: Vec::new(),
             peak_staging_bytes: peak.load(Ordering::Relaxed),
             checksum_cpu_seconds: job.checksum_seconds(),
+            unverified: false,
         })
     }
 }

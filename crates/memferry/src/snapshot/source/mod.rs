@@ -46,6 +46,44 @@ impl SnapshotSource {
     }
 }
 
+impl SnapshotSource {
+    /// Copies every allocation onto `device` (e.g. `cuda:0`), so the save
+    /// runs from device memory; the layout then names that device. `cpu`
+    /// returns the source unchanged.
+    pub fn to_device(self, device: crate::memory::Device) -> Result<SnapshotSource> {
+        let crate::memory::Device::Cuda(n) = device else {
+            return Ok(self);
+        };
+        crate::memory::cuda::check_device(device)?;
+        let mut layout = self.layout;
+        let mut regions: Vec<Box<dyn Region>> = Vec::with_capacity(self.regions.len());
+        let mut bounce = Vec::new();
+        for (a, src) in layout.allocations.iter_mut().zip(&self.regions) {
+            let dst = crate::memory::CudaRegion::new(n, src.len())?;
+            const STEP: u64 = 64 << 20;
+            let mut off = 0;
+            while off < src.len() {
+                let len = STEP.min(src.len() - off) as usize;
+                bounce.resize(len, 0);
+                // SAFETY: nothing else uses the source or the fresh device
+                // region while they are copied.
+                unsafe {
+                    src.copy_out(off, &mut bounce)?;
+                    dst.copy_in(off, &bounce)?;
+                }
+                off += len as u64;
+            }
+            a.device = device;
+            regions.push(Box::new(dst));
+        }
+        Ok(SnapshotSource {
+            description: self.description,
+            layout,
+            regions,
+        })
+    }
+}
+
 /// Opens a source from its command-line spelling.
 pub fn open_source(spec: &str) -> Result<SnapshotSource> {
     let (kind, arg) = spec.split_once(':').unwrap_or((spec, ""));

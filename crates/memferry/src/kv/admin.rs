@@ -1,0 +1,306 @@
+//! Operator tasks on a KV root or one namespace directory, without opening
+//! a store: counting, evicting and verifying blocks.
+//!
+//! These run alongside live stores: a block removed here while a process
+//! reads it is still read whole from its open file, and a process that has
+//! not opened it yet reports that key as missing, never wrong bytes.
+//! Protections are per process and not visible here.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::access::last_access;
+use super::format::{BlockHeader, HEADER_BYTES};
+use super::namespace::{NAMESPACE_FILE, Namespace};
+use super::scan::{ScannedBlock, scan};
+use super::stats::{self, Counters};
+use crate::integrity::crc32c;
+use crate::transfer::IO_ALIGN;
+use crate::units::align_up;
+use crate::{Error, Result};
+
+/// A namespace directory and what its `namespace.json` says.
+#[derive(Debug, Clone)]
+pub struct NamespaceDir {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Its description.
+    pub namespace: Namespace,
+}
+
+/// The namespaces at `dir`: `dir` itself when it is a namespace directory,
+/// otherwise every subdirectory holding a `namespace.json`.
+pub fn namespaces_under(dir: &Path) -> Result<Vec<NamespaceDir>> {
+    crate::storage::roots::check_dir(dir).map_err(|_| {
+        Error::InvalidInput(format!(
+            "{} is not a directory: pass a KV root or a namespace directory",
+            dir.display()
+        ))
+    })?;
+    let read = |d: &Path| -> Result<Option<NamespaceDir>> {
+        let file = d.join(NAMESPACE_FILE);
+        match std::fs::read(&file) {
+            Ok(bytes) => {
+                let namespace = serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::InvalidInput(format!(
+                        "{} is not a valid namespace description ({e})",
+                        file.display()
+                    ))
+                })?;
+                Ok(Some(NamespaceDir {
+                    dir: d.to_path_buf(),
+                    namespace,
+                }))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", file.display()), e)),
+        }
+    };
+    if let Some(ns) = read(dir)? {
+        return Ok(vec![ns]);
+    }
+    let mut out = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        if entry.file_type().is_ok_and(|t| t.is_dir())
+            && let Some(ns) = read(&entry.path())?
+        {
+            out.push(ns);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "no KV namespace under {}: pass the --root a store used, or one of its namespace directories",
+            dir.display()
+        )));
+    }
+    out.sort_by(|a, b| a.dir.cmp(&b.dir));
+    Ok(out)
+}
+
+/// One namespace's contents and counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct NamespaceStats {
+    /// Directory.
+    pub dir: PathBuf,
+    /// Model id.
+    pub model: String,
+    /// Block files.
+    pub blocks: u64,
+    /// Bytes of block files.
+    pub bytes: u64,
+    /// Counters summed over every process that used the namespace.
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// Stats of every namespace at a path, and their sum.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootStats {
+    /// Block files.
+    pub blocks: u64,
+    /// Bytes of block files.
+    pub bytes: u64,
+    /// Summed counters.
+    #[serde(flatten)]
+    pub counters: Counters,
+    /// Per namespace.
+    pub namespaces: Vec<NamespaceStats>,
+}
+
+/// Counts blocks and bytes on disk and reads the recorded counters.
+pub fn stats(dir: &Path) -> Result<RootStats> {
+    let mut out = RootStats {
+        blocks: 0,
+        bytes: 0,
+        counters: Counters::default(),
+        namespaces: Vec::new(),
+    };
+    for ns in namespaces_under(dir)? {
+        let found = scan(&ns.dir)?;
+        let counters = stats::read_file(&ns.dir)?;
+        let s = NamespaceStats {
+            blocks: found.blocks.len() as u64,
+            bytes: found.bytes(),
+            model: ns.namespace.model.clone(),
+            dir: ns.dir,
+            counters,
+        };
+        out.blocks += s.blocks;
+        out.bytes += s.bytes;
+        out.counters = add(out.counters, s.counters);
+        out.namespaces.push(s);
+    }
+    Ok(out)
+}
+
+fn add(a: Counters, b: Counters) -> Counters {
+    Counters {
+        hits: a.hits + b.hits,
+        misses: a.misses + b.misses,
+        stores: a.stores + b.stores,
+        already_stored: a.already_stored + b.already_stored,
+        dropped: a.dropped + b.dropped,
+        loads: a.loads + b.loads,
+        failed: a.failed + b.failed,
+        evictions: a.evictions + b.evictions,
+    }
+}
+
+/// What an eviction did.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvictReport {
+    /// The limit asked for.
+    pub target_bytes: u64,
+    /// Blocks removed.
+    pub evicted: u64,
+    /// Bytes removed.
+    pub freed_bytes: u64,
+    /// Bytes of block files left.
+    pub remaining_bytes: u64,
+}
+
+/// Removes the least recently used blocks across every namespace at `dir`
+/// until at most `to_bytes` of block files remain. A block used since the
+/// scan (its access record moved) is kept.
+pub fn evict(dir: &Path, to_bytes: u64) -> Result<EvictReport> {
+    let namespaces = namespaces_under(dir)?;
+    let mut all: Vec<(usize, ScannedBlock)> = Vec::new();
+    for (i, ns) in namespaces.iter().enumerate() {
+        all.extend(scan(&ns.dir)?.blocks.into_iter().map(|b| (i, b)));
+    }
+    all.sort_by_key(|(_, b)| b.accessed);
+    let mut held: u64 = all.iter().map(|(_, b)| b.file_bytes).sum();
+    let mut report = EvictReport {
+        target_bytes: to_bytes,
+        evicted: 0,
+        freed_bytes: 0,
+        remaining_bytes: held,
+    };
+    let mut per_ns = vec![0u64; namespaces.len()];
+    for (ns, block) in all {
+        if held <= to_bytes {
+            break;
+        }
+        match last_access(&block.path) {
+            None => held -= block.file_bytes,
+            Some(t) if t > block.accessed => {}
+            Some(_) => match std::fs::remove_file(&block.path) {
+                Ok(()) => {
+                    held -= block.file_bytes;
+                    report.evicted += 1;
+                    report.freed_bytes += block.file_bytes;
+                    per_ns[ns] += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => held -= block.file_bytes,
+                Err(e) => {
+                    return Err(Error::io(format!("removing {}", block.path.display()), e));
+                }
+            },
+        }
+    }
+    for (ns, n) in namespaces.iter().zip(per_ns) {
+        stats::add_to_file(
+            &ns.dir,
+            &Counters {
+                evictions: n,
+                ..Counters::default()
+            },
+        )?;
+    }
+    report.remaining_bytes = held;
+    Ok(report)
+}
+
+/// A block that failed verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct CorruptBlock {
+    /// The key (from the file name).
+    pub key: String,
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// Block files read.
+    pub checked: u64,
+    /// Files that passed every check.
+    pub ok: u64,
+    /// Files that did not.
+    pub corrupt: Vec<CorruptBlock>,
+    /// Corrupt files removed (`--repair`).
+    pub removed: u64,
+}
+
+/// Reads every block file at `dir` and checks its header (magic, version,
+/// header checksum, namespace, key matching the file name, size) and payload
+/// checksum. With `repair`, corrupt files are removed.
+pub fn verify(dir: &Path, repair: bool) -> Result<VerifyReport> {
+    let mut report = VerifyReport {
+        checked: 0,
+        ok: 0,
+        corrupt: Vec::new(),
+        removed: 0,
+    };
+    let mut buf = Vec::new();
+    for ns in namespaces_under(dir)? {
+        let hash = ns.namespace.hash();
+        for block in scan(&ns.dir)?.blocks {
+            report.checked += 1;
+            match check_block(&block, hash, &mut buf) {
+                Ok(()) => report.ok += 1,
+                Err(reason) => {
+                    if repair && std::fs::remove_file(&block.path).is_ok() {
+                        report.removed += 1;
+                    }
+                    report.corrupt.push(CorruptBlock {
+                        key: block.key.hex(),
+                        path: block.path,
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn check_block(
+    block: &ScannedBlock,
+    namespace_hash: u64,
+    buf: &mut Vec<u8>,
+) -> std::result::Result<(), String> {
+    buf.clear();
+    File::open(&block.path)
+        .and_then(|mut f| f.read_to_end(buf))
+        .map_err(|e| format!("unreadable: {e}"))?;
+    let header = BlockHeader::decode(buf).map_err(|e| e.to_string())?;
+    header
+        .expect(namespace_hash, &block.key, header.payload_len)
+        .map_err(|e| e.to_string())?;
+    let want = HEADER_BYTES as u64 + align_up(header.payload_len, IO_ALIGN);
+    if buf.len() as u64 != want {
+        return Err(format!(
+            "file is {} bytes, its header describes {want}",
+            buf.len()
+        ));
+    }
+    let payload = &buf[HEADER_BYTES..HEADER_BYTES + header.payload_len as usize];
+    let found = crc32c(payload);
+    if found != header.payload_crc32c {
+        return Err(format!(
+            "payload checksum mismatch (recorded {:08x}, found {found:08x})",
+            header.payload_crc32c
+        ));
+    }
+    Ok(())
+}

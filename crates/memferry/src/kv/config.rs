@@ -1,0 +1,124 @@
+//! Settings of a KV block store.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::namespace::Namespace;
+use crate::transfer::{BackendKind, Tuning};
+use crate::{Error, Result};
+
+/// With a capacity, eviction frees space down to this fraction of it.
+pub const CAPACITY_LOW_FRACTION: f64 = 0.9;
+
+/// How a [`super::KvStore`] is opened.
+#[derive(Debug, Clone)]
+pub struct KvConfig {
+    /// Directory holding namespaces (a local disk or a shared filesystem).
+    pub root: PathBuf,
+    /// Which blocks this store reads and writes.
+    pub namespace: Namespace,
+    /// I/O backend for the block bytes.
+    pub backend: BackendKind,
+    /// Backend knobs (`chunk_size`, test hooks); the queue depth of one
+    /// backend call is `batch`.
+    pub tuning: Tuning,
+    /// I/O worker threads; loads may always use every worker, stores all
+    /// but one (so a load never waits behind stores). With a single worker,
+    /// queued loads still go first, but a running store finishes first.
+    pub workers: usize,
+    /// Keys moved by one backend call (requests in flight per worker).
+    pub batch: usize,
+    /// Store keys allowed to wait for a worker; a store job that would
+    /// exceed it is reported `dropped`.
+    pub store_queue: usize,
+    /// Most bytes of block files this namespace may hold; a store that would
+    /// exceed it first evicts least recently used blocks down to 90%.
+    pub capacity: Option<u64>,
+    /// Fraction of the filesystem's space in use above which background
+    /// eviction starts.
+    pub high_watermark: Option<f64>,
+    /// Fraction background eviction frees down to (default: high - 0.1).
+    pub low_watermark: Option<f64>,
+    /// How long the in-memory index trusts an entry before checking the
+    /// file again. Longer than `rescan_interval`, so a steady-state lookup
+    /// never touches the disk; other processes' evictions show up within
+    /// this bound (a stale hit costs one failed key on load, never wrong
+    /// bytes).
+    pub index_ttl: Duration,
+    /// How often the whole namespace is rescanned to pick up other
+    /// processes' stores and evictions.
+    pub rescan_interval: Duration,
+    /// fsync each block file before publishing it (off: a crash may leave a
+    /// block that fails verification, which loads report and `kv verify
+    /// --repair` removes; never wrong bytes).
+    pub fsync: bool,
+}
+
+impl KvConfig {
+    /// Defaults for everything but the root and namespace.
+    pub fn new(root: impl Into<PathBuf>, namespace: Namespace) -> Self {
+        Self {
+            root: root.into(),
+            namespace,
+            backend: BackendKind::Auto,
+            tuning: Tuning::default(),
+            workers: 4,
+            batch: 4,
+            store_queue: 4096,
+            capacity: None,
+            high_watermark: None,
+            low_watermark: None,
+            index_ttl: Duration::from_secs(30),
+            rescan_interval: Duration::from_secs(20),
+            fsync: false,
+        }
+    }
+
+    /// Rejects settings that cannot work, saying which one to change.
+    pub fn validate(&self) -> Result<()> {
+        self.namespace.validate()?;
+        self.tuning.validate()?;
+        let bad = |m: String| Err(Error::InvalidInput(m));
+        if !(1..=256).contains(&self.workers) {
+            return bad(format!(
+                "workers {} is out of range: use 1..=256",
+                self.workers
+            ));
+        }
+        if !(1..=1024).contains(&self.batch) {
+            return bad(format!(
+                "batch {} is out of range: use 1..=1024",
+                self.batch
+            ));
+        }
+        if self.capacity == Some(0) {
+            return bad("a capacity of 0 bytes cannot hold any block".into());
+        }
+        let (high, low) = self.watermarks();
+        if let Some(h) = high {
+            if !(h > 0.0 && h <= 1.0) {
+                return bad(format!("high watermark {h} must be in (0, 1]"));
+            }
+            let l = low.expect("derived from high");
+            if !(0.0..h).contains(&l) {
+                return bad(format!(
+                    "low watermark {l} must be in [0, high watermark {h})"
+                ));
+            }
+        } else if self.low_watermark.is_some() {
+            return bad("a low watermark needs a high watermark".into());
+        }
+        Ok(())
+    }
+
+    /// High and low watermarks, the low one defaulted.
+    pub fn watermarks(&self) -> (Option<f64>, Option<f64>) {
+        match self.high_watermark {
+            Some(h) => (
+                Some(h),
+                Some(self.low_watermark.unwrap_or((h - 0.1).max(0.0))),
+            ),
+            None => (None, self.low_watermark),
+        }
+    }
+}

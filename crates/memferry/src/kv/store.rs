@@ -1,0 +1,964 @@
+//! The KV block store: an asynchronous job engine over one namespace.
+//!
+//! The API maps one to one onto vLLM's offloading manager
+//! (`lookup`, `prepare_load`/`complete_load` = [`KvStore::protect`]/
+//! [`KvStore::unprotect`], `touch`, `prepare_store` =
+//! [`KvStore::contains`], `complete_store`) and handler
+//! (`transfer_async` = [`KvStore::submit_load`]/[`KvStore::submit_store`],
+//! `get_finished` = [`KvStore::poll`], `wait` = [`KvStore::wait`]).
+//!
+//! Guarantees:
+//! - `poll` never blocks and never does I/O on the caller's thread; `wait`
+//!   returns by its timeout;
+//! - every submitted job yields exactly one [`JobResult`] with an outcome
+//!   per key;
+//! - loads run before stores: stores never occupy every worker, and queued
+//!   loads are always taken first;
+//! - at most `store_queue` store keys wait; a store job beyond that is
+//!   reported `dropped`, distinct from success and failure;
+//! - a block protected (explicitly, or because a load job names it) is
+//!   never evicted by this process.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use super::access::{last_access, record_access};
+use super::block_io::{BlockFiles, Staging};
+use super::config::{CAPACITY_LOW_FRACTION, KvConfig};
+use super::index::Index;
+use super::job::{JobId, JobKind, JobResult, KeyOutcome, KeyResult, KeyTask, split_groups};
+use super::key::BlockKey;
+use super::namespace::{BlockLayout, check_layout};
+use super::scan::scan;
+use super::stats::{Counters, Flushed, LiveCounters};
+use super::tensors::KvLayout;
+use crate::storage::roots::check_dir;
+use crate::transfer::{Tuning, backend};
+use crate::{Error, Result};
+
+/// How often the housekeeper flushes touches and counters and checks the
+/// watermarks.
+const TICK: Duration = Duration::from_millis(500);
+/// A file whose access time is this much newer than the index believed was
+/// used by someone else since: eviction skips it.
+const ACCESS_SLACK: Duration = Duration::from_secs(1);
+
+/// What a store holds now, and what it did.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct KvStats {
+    /// Block files in the namespace (as far as the index knows).
+    pub blocks: u64,
+    /// Bytes of those files.
+    pub bytes: u64,
+    /// This process's counters since the store was opened.
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// An open KV block store. Dropping it cancels jobs that have not started,
+/// finishes running ones and flushes the access record and counters.
+pub struct KvStore {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    files: BlockFiles,
+    config: KvConfig,
+    sched: Mutex<Sched>,
+    /// Signalled when work is queued or a store worker frees up.
+    work: Condvar,
+    /// Signalled when a job finishes.
+    done: Condvar,
+    index: Mutex<Space>,
+    protected: Mutex<HashMap<BlockKey, u32>>,
+    touches: Mutex<Vec<BlockKey>>,
+    counters: LiveCounters,
+    flushed: Flushed,
+    housekeeping: Mutex<bool>,
+    wake_housekeeper: Condvar,
+    next_job: AtomicU64,
+}
+
+/// The index plus bytes reserved by stores in flight.
+struct Space {
+    index: Index,
+    reserved: u64,
+}
+
+#[derive(Default)]
+struct Sched {
+    jobs: HashMap<JobId, JobState>,
+    loads: VecDeque<JobId>,
+    stores: VecDeque<JobId>,
+    store_keys_waiting: usize,
+    store_workers_busy: usize,
+    finished: VecDeque<JobResult>,
+    shutdown: bool,
+}
+
+struct JobState {
+    kind: JobKind,
+    tasks: Arc<Vec<KeyTask>>,
+    outcomes: Vec<Option<KeyOutcome>>,
+    next: usize,
+    running: usize,
+    bytes: u64,
+    submitted: Instant,
+    cancel: Arc<AtomicBool>,
+}
+
+/// A slice of a job handed to one worker.
+struct Piece {
+    job: JobId,
+    kind: JobKind,
+    tasks: Arc<Vec<KeyTask>>,
+    range: std::ops::Range<usize>,
+    cancel: Arc<AtomicBool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().expect("KV store lock poisoned by a panic")
+}
+
+impl KvStore {
+    /// Opens (creating if needed) the namespace under `config.root` for the
+    /// registered tensors in `layout`, scans it to warm the index and starts
+    /// the workers.
+    pub fn open(config: KvConfig, layout: KvLayout) -> Result<Self> {
+        config.validate()?;
+        check_dir(&config.root).map_err(|_| {
+            Error::InvalidInput(format!(
+                "KV root {} does not exist or is not a directory: create it or fix --root",
+                config.root.display()
+            ))
+        })?;
+        let dir = config.namespace.open(&config.root).map_err(|e| match e {
+            Error::Io { ref source, .. }
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::EROFS | libc::EACCES | libc::EPERM)
+                ) =>
+            {
+                Error::InvalidInput(format!(
+                    "KV root {} is not writable ({e}): stores need write access; fix the permissions or the mount",
+                    config.root.display()
+                ))
+            }
+            e => e,
+        })?;
+        probe_writable(&dir)?;
+        check_layout(
+            &dir,
+            &BlockLayout {
+                page_bytes: layout.page_bytes(),
+            },
+        )?;
+        let tuning = Tuning {
+            queue_depth: config.batch,
+            workers: config.batch,
+            ..config.tuning.clone()
+        };
+        let files = BlockFiles::new(
+            dir,
+            config.namespace.hash(),
+            layout,
+            config.namespace.blocks_per_file as usize,
+            backend(config.backend, tuning.clone()),
+            tuning.chunk_size,
+            config.fsync,
+        );
+        let started = Instant::now();
+        let mut found = scan(&files.dir)?;
+        found.blocks.retain(|b| b.file_bytes == files.file_len);
+        let mut index = Index::new(config.index_ttl);
+        index.replace_with_scan(found.blocks, started);
+        let shared = Arc::new(Shared {
+            files,
+            sched: Mutex::new(Sched::default()),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            index: Mutex::new(Space { index, reserved: 0 }),
+            protected: Mutex::new(HashMap::new()),
+            touches: Mutex::new(Vec::new()),
+            counters: LiveCounters::default(),
+            flushed: Flushed::default(),
+            housekeeping: Mutex::new(false),
+            wake_housekeeper: Condvar::new(),
+            next_job: AtomicU64::new(1),
+            config,
+        });
+        for temp in found.stale_temps {
+            let _ = std::fs::remove_file(temp);
+        }
+        let mut threads = Vec::new();
+        for i in 0..shared.config.workers {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("memferry-kv-io-{i}"))
+                    .spawn(move || s.worker())
+                    .map_err(|e| Error::io("starting a KV worker thread", e))?,
+            );
+        }
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("memferry-kv-housekeeper".into())
+                .spawn(move || s.housekeeper())
+                .map_err(|e| Error::io("starting the KV housekeeper thread", e))?,
+        );
+        Ok(Self { shared, threads })
+    }
+
+    /// The namespace directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.files.dir
+    }
+
+    /// The I/O mechanism the backend last ran (e.g. `odirect-uring`, or
+    /// `buffered-fallback (why)`); empty before any I/O.
+    pub fn mode(&self) -> String {
+        self.shared.files.mode.lock().expect("mode lock").clone()
+    }
+
+    /// Bytes of one stored block file (header, payload, padding).
+    pub fn file_bytes(&self) -> u64 {
+        self.shared.files.file_len
+    }
+
+    /// Length of the longest prefix of `keys` that is stored. Known keys
+    /// confirmed within the index TTL cost a hash lookup; others are
+    /// checked on disk (and remembered).
+    pub fn lookup(&self, keys: &[BlockKey]) -> usize {
+        let s = &self.shared;
+        let now = Instant::now();
+        let mut n = 0;
+        {
+            let space = lock(&s.index);
+            while n < keys.len() && space.index.fresh(&keys[n], now) {
+                n += 1;
+            }
+        }
+        while n < keys.len() {
+            if !s.confirm_on_disk(&keys[n]) {
+                break;
+            }
+            n += 1;
+        }
+        s.counters.hits.fetch_add(n as u64, Ordering::Relaxed);
+        s.counters
+            .misses
+            .fetch_add((keys.len() - n) as u64, Ordering::Relaxed);
+        n
+    }
+
+    /// For each key, whether it is stored (vLLM's `prepare_store` stores
+    /// only the keys for which this is false).
+    pub fn contains(&self, keys: &[BlockKey]) -> Vec<bool> {
+        let now = Instant::now();
+        keys.iter()
+            .map(|k| lock(&self.shared.index).index.fresh(k, now) || self.shared.confirm_on_disk(k))
+            .collect()
+    }
+
+    /// Records a use of `keys` now (for LRU eviction). The index is updated
+    /// at once; the on-disk record within a housekeeping tick.
+    pub fn touch(&self, keys: &[BlockKey]) {
+        let now = SystemTime::now();
+        {
+            let mut space = lock(&self.shared.index);
+            for k in keys {
+                space.index.touch(k, now);
+            }
+        }
+        lock(&self.shared.touches).extend(keys.iter().cloned());
+    }
+
+    /// Removes stored blocks (protected ones are kept); returns how many
+    /// files were removed.
+    pub fn remove(&self, keys: &[BlockKey]) -> Result<usize> {
+        let s = &self.shared;
+        let mut removed = 0;
+        for k in keys {
+            let prot = lock(&s.protected);
+            if prot.contains_key(k) {
+                continue;
+            }
+            let path = s.files.path(k);
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
+            }
+            drop(prot);
+            lock(&s.index).index.remove(k);
+        }
+        Ok(removed)
+    }
+
+    /// Keeps `keys` from being evicted until as many [`KvStore::unprotect`]
+    /// calls (counted per key).
+    pub fn protect(&self, keys: &[BlockKey]) {
+        self.shared.protect(keys);
+    }
+
+    /// Undoes one [`KvStore::protect`] of `keys`.
+    pub fn unprotect(&self, keys: &[BlockKey]) {
+        self.shared.unprotect(keys);
+    }
+
+    /// Queues a load of `keys` into `block_ids`: every key fills
+    /// `blocks_per_file` ids, except the first, which may fill fewer (the
+    /// last blocks of its file) when a request starts mid-group. The keys
+    /// are protected from eviction until the job finishes.
+    ///
+    /// # Safety
+    /// The pages of `block_ids` must not be read or written by anyone else
+    /// until the job's result has been returned by `poll` or `wait`.
+    pub unsafe fn submit_load(&self, keys: &[BlockKey], block_ids: &[u64]) -> Result<JobId> {
+        let tasks = self.shared.tasks(JobKind::Load, keys, block_ids)?;
+        let mut seen = HashSet::new();
+        if let Some(dup) = block_ids.iter().find(|id| !seen.insert(**id)) {
+            return Err(Error::InvalidInput(format!(
+                "block id {dup} appears twice in one load: name each destination block once (split the request into two jobs)"
+            )));
+        }
+        self.shared.protect(keys);
+        Ok(self.shared.enqueue(JobKind::Load, tasks))
+    }
+
+    /// Queues a store of `keys` from `block_ids` (`blocks_per_file` ids per
+    /// key). When the store queue is full the job finishes at once with
+    /// every key `Dropped`.
+    ///
+    /// # Safety
+    /// The pages of `block_ids` must not be written by anyone until the
+    /// job's result has been returned by `poll` or `wait`.
+    pub unsafe fn submit_store(&self, keys: &[BlockKey], block_ids: &[u64]) -> Result<JobId> {
+        let tasks = self.shared.tasks(JobKind::Store, keys, block_ids)?;
+        Ok(self.shared.enqueue(JobKind::Store, tasks))
+    }
+
+    /// Results of every job that finished since the last call. Never blocks
+    /// on I/O: it only takes the queue's lock.
+    pub fn poll(&self) -> Vec<JobResult> {
+        lock(&self.shared.sched).finished.drain(..).collect()
+    }
+
+    /// Waits until every job in `jobs` has finished or `timeout` passed;
+    /// returns (and removes from the poll queue) the results of those of
+    /// `jobs` that finished. Jobs already returned earlier count as
+    /// finished and yield nothing.
+    pub fn wait(&self, jobs: &[JobId], timeout: Duration) -> Vec<JobResult> {
+        let deadline = Instant::now() + timeout;
+        let s = &self.shared;
+        let mut sched = lock(&s.sched);
+        loop {
+            let pending = jobs.iter().any(|j| sched.jobs.contains_key(j));
+            let now = Instant::now();
+            if !pending || now >= deadline {
+                let wanted: HashSet<JobId> = jobs.iter().copied().collect();
+                let (mine, rest): (Vec<JobResult>, Vec<JobResult>) = sched
+                    .finished
+                    .drain(..)
+                    .partition(|r| wanted.contains(&r.job));
+                sched.finished = rest.into();
+                return mine;
+            }
+            sched = s
+                .done
+                .wait_timeout(sched, deadline - now)
+                .expect("KV store lock poisoned by a panic")
+                .0;
+        }
+    }
+
+    /// Cancels a job: keys not started yet finish as `Cancelled`, and the
+    /// backend stops issuing I/O for the keys in flight. Returns false when
+    /// the job had already finished.
+    pub fn cancel(&self, job: JobId) -> bool {
+        let s = &self.shared;
+        let mut sched = lock(&s.sched);
+        let Some(state) = sched.jobs.get_mut(&job) else {
+            return false;
+        };
+        state.cancel.store(true, Ordering::Relaxed);
+        let kind = state.kind;
+        let skipped = state.tasks.len() - state.next;
+        for o in &mut state.outcomes[state.next..] {
+            *o = Some(KeyOutcome::Cancelled);
+        }
+        state.next = state.tasks.len();
+        let idle = state.running == 0;
+        match kind {
+            JobKind::Load => sched.loads.retain(|j| *j != job),
+            JobKind::Store => {
+                sched.stores.retain(|j| *j != job);
+                sched.store_keys_waiting -= skipped;
+            }
+        }
+        let release = if idle {
+            s.finish(&mut sched, job)
+        } else {
+            Vec::new()
+        };
+        drop(sched);
+        s.unprotect(&release);
+        true
+    }
+
+    /// Blocks and bytes held, and this process's counters.
+    pub fn stats(&self) -> KvStats {
+        let space = lock(&self.shared.index);
+        KvStats {
+            blocks: space.index.len() as u64,
+            bytes: space.index.total_bytes(),
+            counters: self.shared.counters.snapshot(),
+        }
+    }
+
+    /// Rescans the namespace now (the housekeeper also does it every
+    /// `rescan_interval`), so the index reflects other processes' work.
+    pub fn rescan(&self) -> Result<()> {
+        self.shared.rescan()
+    }
+
+    /// Evicts least recently used, unprotected blocks until the namespace
+    /// holds at most `bytes`; returns how many blocks were removed.
+    pub fn evict_to(&self, bytes: u64) -> u64 {
+        self.shared.evict_to(bytes)
+    }
+
+    /// Writes pending access records and counters to disk now.
+    pub fn flush(&self) -> Result<()> {
+        self.shared.flush_touches();
+        self.shared
+            .flushed
+            .flush(&self.shared.files.dir, &self.shared.counters)
+    }
+}
+
+impl Drop for KvStore {
+    fn drop(&mut self) {
+        let s = &self.shared;
+        {
+            let mut sched = lock(&s.sched);
+            sched.shutdown = true;
+            let queued: Vec<JobId> = sched.loads.iter().chain(&sched.stores).copied().collect();
+            drop(sched);
+            for job in queued {
+                self.cancel(job);
+            }
+        }
+        s.work.notify_all();
+        *lock(&s.housekeeping) = true;
+        s.wake_housekeeper.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Err(e) = self.flush() {
+            tracing::warn!("could not flush the KV store's records: {e}");
+        }
+    }
+}
+
+impl Shared {
+    fn tasks(&self, kind: JobKind, keys: &[BlockKey], ids: &[u64]) -> Result<Vec<KeyTask>> {
+        self.files.layout.check_ids(ids)?;
+        split_groups(kind, keys, ids, self.files.per_file).map_err(Error::InvalidInput)
+    }
+
+    fn enqueue(&self, kind: JobKind, tasks: Vec<KeyTask>) -> JobId {
+        let id = JobId(self.next_job.fetch_add(1, Ordering::Relaxed));
+        let n = tasks.len();
+        let mut sched = lock(&self.sched);
+        let dropped = kind == JobKind::Store
+            && (sched.shutdown || sched.store_keys_waiting + n > self.config.store_queue);
+        let mut state = JobState {
+            kind,
+            tasks: Arc::new(tasks),
+            outcomes: vec![None; n],
+            next: 0,
+            running: 0,
+            bytes: 0,
+            submitted: Instant::now(),
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        if dropped || sched.shutdown {
+            let outcome = if dropped {
+                self.counters.dropped.fetch_add(n as u64, Ordering::Relaxed);
+                KeyOutcome::Dropped
+            } else {
+                KeyOutcome::Cancelled
+            };
+            state.outcomes.fill(Some(outcome));
+            state.next = n;
+            sched.jobs.insert(id, state);
+            let release = self.finish(&mut sched, id);
+            drop(sched);
+            self.unprotect(&release);
+            return id;
+        }
+        sched.jobs.insert(id, state);
+        match kind {
+            JobKind::Load => sched.loads.push_back(id),
+            JobKind::Store => {
+                sched.stores.push_back(id);
+                sched.store_keys_waiting += n;
+            }
+        }
+        drop(sched);
+        self.work.notify_all();
+        id
+    }
+
+    /// Hands out the next slice of the oldest job of `kind`.
+    fn take(&self, sched: &mut Sched, kind: JobKind) -> Option<Piece> {
+        let queue = match kind {
+            JobKind::Load => &mut sched.loads,
+            JobKind::Store => &mut sched.stores,
+        };
+        let &id = queue.front()?;
+        let state = sched.jobs.get_mut(&id).expect("queued jobs exist");
+        let start = state.next;
+        let end = (start + self.config.batch).min(state.tasks.len());
+        state.next = end;
+        state.running += 1;
+        let piece = Piece {
+            job: id,
+            kind,
+            tasks: state.tasks.clone(),
+            range: start..end,
+            cancel: state.cancel.clone(),
+        };
+        if end == state.tasks.len() {
+            queue.pop_front();
+        }
+        if kind == JobKind::Store {
+            sched.store_keys_waiting -= end - start;
+            sched.store_workers_busy += 1;
+        }
+        Some(piece)
+    }
+
+    fn worker(&self) {
+        let store_workers = self.config.workers.saturating_sub(1).max(1);
+        let mut staging = Staging::default();
+        loop {
+            let piece = {
+                let mut sched = lock(&self.sched);
+                loop {
+                    if let Some(p) = self.take(&mut sched, JobKind::Load) {
+                        break p;
+                    }
+                    if sched.store_workers_busy < store_workers
+                        && let Some(p) = self.take(&mut sched, JobKind::Store)
+                    {
+                        break p;
+                    }
+                    if sched.shutdown && sched.loads.is_empty() && sched.stores.is_empty() {
+                        return;
+                    }
+                    sched = self
+                        .work
+                        .wait(sched)
+                        .expect("KV store lock poisoned by a panic");
+                }
+            };
+            let tasks = &piece.tasks[piece.range.clone()];
+            let outcomes = if piece.cancel.load(Ordering::Relaxed) {
+                vec![KeyOutcome::Cancelled; tasks.len()]
+            } else {
+                match piece.kind {
+                    // SAFETY: submit_load's caller keeps the pages to us
+                    // until the job's result is returned.
+                    JobKind::Load => unsafe { self.run_load(&mut staging, tasks, &piece.cancel) },
+                    // SAFETY: as above, for submit_store.
+                    JobKind::Store => unsafe { self.run_store(&mut staging, tasks, &piece.cancel) },
+                }
+            };
+            let bytes: u64 = tasks
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| matches!(o, KeyOutcome::Loaded | KeyOutcome::Stored))
+                .map(|(t, _)| t.ids.len() as u64 * self.files.layout.block_bytes())
+                .sum();
+            let mut sched = lock(&self.sched);
+            if piece.kind == JobKind::Store {
+                sched.store_workers_busy -= 1;
+                self.work.notify_one();
+            }
+            let state = sched.jobs.get_mut(&piece.job).expect("running jobs exist");
+            for (slot, o) in state.outcomes[piece.range.clone()].iter_mut().zip(outcomes) {
+                *slot = Some(o);
+            }
+            state.running -= 1;
+            state.bytes += bytes;
+            if state.running == 0 && state.next == state.tasks.len() {
+                let release = self.finish(&mut sched, piece.job);
+                drop(sched);
+                self.unprotect(&release);
+            }
+        }
+    }
+
+    /// # Safety
+    /// See [`KvStore::submit_load`].
+    unsafe fn run_load(
+        &self,
+        staging: &mut Staging,
+        tasks: &[KeyTask],
+        cancel: &AtomicBool,
+    ) -> Vec<KeyOutcome> {
+        // SAFETY: forwarded from the caller.
+        let outcomes = unsafe { self.files.load(staging, tasks, cancel) };
+        let now = SystemTime::now();
+        for (t, o) in tasks.iter().zip(&outcomes) {
+            match o {
+                KeyOutcome::Loaded => {
+                    self.counters.loads.fetch_add(1, Ordering::Relaxed);
+                    let path = self.files.path(&t.key);
+                    if record_access(&path, now) {
+                        lock(&self.index).index.touch(&t.key, now);
+                    }
+                }
+                KeyOutcome::Failed(_) => {
+                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    if !self.files.path(&t.key).exists() {
+                        lock(&self.index).index.remove(&t.key);
+                    }
+                }
+                _ => {}
+            }
+        }
+        outcomes
+    }
+
+    /// # Safety
+    /// See [`KvStore::submit_store`].
+    unsafe fn run_store(
+        &self,
+        staging: &mut Staging,
+        tasks: &[KeyTask],
+        cancel: &AtomicBool,
+    ) -> Vec<KeyOutcome> {
+        let mut outcomes: Vec<Option<KeyOutcome>> = vec![None; tasks.len()];
+        let mut to_write = Vec::new();
+        let now = SystemTime::now();
+        for (i, t) in tasks.iter().enumerate() {
+            if self.files.stored_and_valid(&t.key) {
+                let path = self.files.path(&t.key);
+                record_access(&path, now);
+                let mut space = lock(&self.index);
+                space.index.insert(t.key.clone(), self.files.file_len, now);
+                outcomes[i] = Some(KeyOutcome::AlreadyStored);
+                self.counters.already_stored.fetch_add(1, Ordering::Relaxed);
+            } else {
+                to_write.push(i);
+            }
+        }
+        let need = to_write.len() as u64 * self.files.file_len;
+        if let Err(reason) = self.make_room(need) {
+            for &i in &to_write {
+                outcomes[i] = Some(KeyOutcome::Failed(reason.clone()));
+            }
+            self.counters
+                .failed
+                .fetch_add(to_write.len() as u64, Ordering::Relaxed);
+            return outcomes
+                .into_iter()
+                .map(|o| o.expect("every key has an outcome"))
+                .collect();
+        }
+        let writing: Vec<KeyTask> = to_write.iter().map(|&i| tasks[i].clone()).collect();
+        // SAFETY: forwarded from the caller.
+        let written = unsafe { self.files.store(staging, &writing, cancel) };
+        {
+            let mut space = lock(&self.index);
+            space.reserved -= need;
+            for (t, o) in writing.iter().zip(&written) {
+                if *o == KeyOutcome::Stored {
+                    space
+                        .index
+                        .insert(t.key.clone(), self.files.file_len, SystemTime::now());
+                }
+            }
+        }
+        for (&i, o) in to_write.iter().zip(written) {
+            match &o {
+                KeyOutcome::Stored => self.counters.stores.fetch_add(1, Ordering::Relaxed),
+                KeyOutcome::Failed(_) => self.counters.failed.fetch_add(1, Ordering::Relaxed),
+                _ => 0,
+            };
+            outcomes[i] = Some(o);
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every key has an outcome"))
+            .collect()
+    }
+
+    /// Reserves `need` bytes under the capacity, evicting least recently
+    /// used blocks when they do not fit.
+    fn make_room(&self, need: u64) -> std::result::Result<(), String> {
+        let Some(cap) = self.config.capacity else {
+            lock(&self.index).reserved += need;
+            return Ok(());
+        };
+        if need > cap {
+            return Err(format!(
+                "these blocks need {need} bytes, more than the store's whole capacity of {cap}: raise the capacity"
+            ));
+        }
+        let mut stalled = 0;
+        loop {
+            {
+                let mut space = lock(&self.index);
+                if space.index.total_bytes() + space.reserved + need <= cap {
+                    space.reserved += need;
+                    return Ok(());
+                }
+            }
+            // Free down to the low mark (hysteresis), counting what is
+            // reserved by stores in flight and this request.
+            let reserved = lock(&self.index).reserved;
+            let low = (cap as f64 * CAPACITY_LOW_FRACTION) as u64;
+            let target = low.saturating_sub(need + reserved);
+            let before = lock(&self.index).index.total_bytes();
+            self.evict_to(target);
+            // Progress is bytes leaving the index: evicted files, files gone
+            // meanwhile. Blocks found in use elsewhere get a new access time
+            // and are retried on the next pass.
+            let after = lock(&self.index).index.total_bytes();
+            if after >= before {
+                stalled += 1;
+            } else {
+                stalled = 0;
+            }
+            if stalled >= 2 {
+                let space = lock(&self.index);
+                if space.index.total_bytes() + space.reserved + need <= cap {
+                    continue;
+                }
+                return Err(format!(
+                    "the store is at its capacity of {cap} bytes and no block can be evicted (all are protected or in use): raise the capacity or unprotect blocks"
+                ));
+            }
+        }
+    }
+
+    /// Evicts least recently used unprotected blocks until the index holds
+    /// at most `target` bytes. Returns how many blocks were removed.
+    fn evict_to(&self, target: u64) -> u64 {
+        let candidates = {
+            let space = lock(&self.index);
+            if space.index.total_bytes() <= target {
+                return 0;
+            }
+            space.index.least_recently_used()
+        };
+        let mut evicted = 0;
+        for (key, entry) in candidates {
+            if lock(&self.index).index.total_bytes() <= target {
+                break;
+            }
+            let path = self.files.path(&key);
+            // Protection is checked and the file removed under the
+            // protection lock, so a load protecting the key cannot slip in.
+            let prot = lock(&self.protected);
+            if prot.contains_key(&key) {
+                continue;
+            }
+            match last_access(&path) {
+                None => {
+                    lock(&self.index).index.remove(&key);
+                }
+                Some(t) if t > entry.accessed + ACCESS_SLACK => {
+                    lock(&self.index).index.touch(&key, t);
+                }
+                Some(_) => match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        evicted += 1;
+                        self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                        lock(&self.index).index.remove(&key);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        lock(&self.index).index.remove(&key);
+                    }
+                    Err(e) => tracing::warn!("cannot evict {}: {e}", path.display()),
+                },
+            }
+        }
+        evicted
+    }
+
+    fn protect(&self, keys: &[BlockKey]) {
+        {
+            let mut prot = lock(&self.protected);
+            for k in keys {
+                *prot.entry(k.clone()).or_insert(0) += 1;
+            }
+        }
+        // Protection is per process; recording an access tells evictors in
+        // other processes (which skip blocks used since they looked) too.
+        lock(&self.touches).extend(keys.iter().cloned());
+    }
+
+    fn unprotect(&self, keys: &[BlockKey]) {
+        let mut prot = lock(&self.protected);
+        for k in keys {
+            if let Some(n) = prot.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    prot.remove(k);
+                }
+            }
+        }
+    }
+
+    /// Checks `key`'s file on disk and updates the index; true when present.
+    fn confirm_on_disk(&self, key: &BlockKey) -> bool {
+        match std::fs::metadata(self.files.path(key)) {
+            Ok(m) if m.len() == self.files.file_len => {
+                let accessed = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                lock(&self.index)
+                    .index
+                    .insert(key.clone(), m.len(), accessed);
+                true
+            }
+            _ => {
+                lock(&self.index).index.remove(key);
+                false
+            }
+        }
+    }
+
+    /// Moves a job to the finished queue (its outcomes are all set).
+    /// Returns the keys a load protected: the caller unprotects them after
+    /// releasing the scheduler lock, so `poll` never waits on eviction I/O.
+    #[must_use]
+    fn finish(&self, sched: &mut Sched, job: JobId) -> Vec<BlockKey> {
+        let state = sched.jobs.remove(&job).expect("finishing a known job");
+        let release = match state.kind {
+            JobKind::Load => state.tasks.iter().map(|t| t.key.clone()).collect(),
+            JobKind::Store => Vec::new(),
+        };
+        let keys = state
+            .tasks
+            .iter()
+            .zip(state.outcomes)
+            .map(|(t, o)| KeyResult {
+                key: t.key.clone(),
+                outcome: o.expect("finished jobs have every outcome"),
+            })
+            .collect();
+        sched.finished.push_back(JobResult {
+            job,
+            kind: state.kind,
+            keys,
+            bytes: state.bytes,
+            seconds: state.submitted.elapsed().as_secs_f64(),
+        });
+        self.done.notify_all();
+        release
+    }
+
+    fn rescan(&self) -> Result<()> {
+        let started = Instant::now();
+        let mut found = scan(&self.files.dir)?;
+        // Files of another size are not blocks this store can load.
+        found.blocks.retain(|b| b.file_bytes == self.files.file_len);
+        lock(&self.index)
+            .index
+            .replace_with_scan(found.blocks, started);
+        for temp in found.stale_temps {
+            let _ = std::fs::remove_file(temp);
+        }
+        Ok(())
+    }
+
+    fn flush_touches(&self) {
+        let keys = std::mem::take(&mut *lock(&self.touches));
+        let now = SystemTime::now();
+        for k in keys {
+            record_access(&self.files.path(&k), now);
+        }
+    }
+
+    /// Frees space when the filesystem is above the high watermark or the
+    /// namespace above its capacity.
+    fn enforce_limits(&self) {
+        if let Some(cap) = self.config.capacity
+            && lock(&self.index).index.total_bytes() > cap
+        {
+            self.evict_to((cap as f64 * CAPACITY_LOW_FRACTION) as u64);
+        }
+        let (Some(high), Some(low)) = self.config.watermarks() else {
+            return;
+        };
+        let Ok(fs) = rustix::fs::statvfs(&self.files.dir) else {
+            return;
+        };
+        let total = fs.f_blocks as f64 * fs.f_frsize as f64;
+        let used = (fs.f_blocks - fs.f_bfree) as f64 * fs.f_frsize as f64;
+        if total > 0.0 && used / total > high {
+            let to_free = (used - low * total).max(0.0) as u64;
+            let held = lock(&self.index).index.total_bytes();
+            self.evict_to(held.saturating_sub(to_free));
+        }
+    }
+
+    fn housekeeper(&self) {
+        let mut last_scan = Instant::now();
+        let mut last_flush = Instant::now();
+        loop {
+            let stop = {
+                let g = lock(&self.housekeeping);
+                let (g, _) = self
+                    .wake_housekeeper
+                    .wait_timeout_while(g, TICK, |stop| !*stop)
+                    .expect("KV store lock poisoned by a panic");
+                *g
+            };
+            if stop {
+                return;
+            }
+            self.flush_touches();
+            if last_scan.elapsed() >= self.config.rescan_interval {
+                if let Err(e) = self.rescan() {
+                    tracing::warn!("KV rescan failed: {e}");
+                }
+                last_scan = Instant::now();
+            }
+            self.enforce_limits();
+            if last_flush.elapsed() >= Duration::from_secs(2) {
+                if let Err(e) = self.flushed.flush(&self.files.dir, &self.counters) {
+                    tracing::warn!("could not write KV counters: {e}");
+                }
+                last_flush = Instant::now();
+            }
+        }
+    }
+}
+
+/// Fails with a clear message unless files can be created in `dir`.
+fn probe_writable(dir: &Path) -> Result<()> {
+    let probe = dir.join(format!(".probe-{}", crate::storage::durable::unique_id()));
+    match std::fs::File::create_new(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(Error::InvalidInput(format!(
+            "KV namespace directory {} is not writable ({e}): stores need write access; fix the permissions or the mount",
+            dir.display()
+        ))),
+    }
+}

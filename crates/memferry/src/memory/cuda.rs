@@ -1,0 +1,838 @@
+//! CUDA device memory, pinned host memory, streams and events.
+//!
+//! The CUDA driver (`libcuda.so`) is loaded at run time (cudarc with
+//! dynamic loading), so building memferry needs no CUDA toolkit and a binary
+//! runs on machines without a GPU: asking for `cuda:N` there fails with a
+//! clear error instead. Builds without the cargo feature `cuda` keep the same
+//! API; every entry point then reports that CUDA support was not compiled in.
+//!
+//! Every CUDA call lives in the private `sys` fence below. Contexts are the
+//! devices' primary contexts, retained once per process; every call that
+//! touches a device first makes its context current on the calling thread,
+//! so any worker thread may use any region.
+
+use std::collections::HashMap;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde::Serialize;
+
+use super::{Device, Region, check_range};
+use crate::{Error, Result};
+
+/// The error text when CUDA support is not compiled in.
+pub const NO_CUDA_BUILD: &str = "this memferry was built without CUDA support (cargo feature `cuda`): rebuild with `--features cuda`, or use --device cpu";
+
+/// What the CUDA driver reported at initialisation.
+#[derive(Debug, Clone, Serialize)]
+pub struct CudaInfo {
+    /// Driver API version, e.g. 12080 for CUDA 12.8.
+    pub driver_version: i32,
+    /// The visible devices, by ordinal.
+    pub devices: Vec<CudaDeviceInfo>,
+}
+
+/// One visible CUDA device.
+#[derive(Debug, Clone, Serialize)]
+pub struct CudaDeviceInfo {
+    /// Ordinal (`cuda:N`).
+    pub ordinal: u32,
+    /// Marketing name, e.g. "NVIDIA H100 80GB HBM3".
+    pub name: String,
+    /// Device memory in bytes.
+    pub total_bytes: u64,
+}
+
+/// Loads and initialises the CUDA driver once per process.
+///
+/// Fails with [`Error::Unsupported`] when the build has no CUDA support or
+/// no driver can be loaded (the message ends with "use --device cpu").
+pub fn driver() -> Result<&'static CudaInfo> {
+    static INFO: OnceLock<std::result::Result<CudaInfo, String>> = OnceLock::new();
+    INFO.get_or_init(sys::init)
+        .as_ref()
+        .map_err(|e| Error::Unsupported(e.clone()))
+}
+
+/// True when CUDA is usable in this process (support compiled in, driver
+/// loaded, at least one device).
+pub fn available() -> bool {
+    driver().is_ok_and(|i| !i.devices.is_empty())
+}
+
+/// Checks that `device` exists here: `cpu` always does; `cuda:N` needs the
+/// driver and at least N+1 devices.
+pub fn check_device(device: Device) -> Result<()> {
+    let Device::Cuda(n) = device else {
+        return Ok(());
+    };
+    let info = driver()?;
+    if (n as usize) < info.devices.len() {
+        return Ok(());
+    }
+    Err(Error::InvalidInput(format!(
+        "cuda:{n} does not exist: this machine has {} CUDA device(s){}; use --device cpu or an existing device",
+        info.devices.len(),
+        if info.devices.is_empty() {
+            String::new()
+        } else {
+            format!(" (cuda:0..cuda:{})", info.devices.len() - 1)
+        }
+    )))
+}
+
+/// A device's primary context. Obtain with [`context`]; lives for the rest
+/// of the process.
+pub struct Context {
+    ordinal: u32,
+    raw: sys::Ctx,
+}
+
+impl Context {
+    /// The device ordinal.
+    pub fn ordinal(&self) -> u32 {
+        self.ordinal
+    }
+
+    /// Makes this context current on the calling thread. Cheap; call it
+    /// before any CUDA work on a thread.
+    pub fn bind(&self) -> Result<()> {
+        sys::set_current(self.raw)
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Context(cuda:{})", self.ordinal)
+    }
+}
+
+/// The primary context of device `ordinal`, retained on first use.
+pub fn context(ordinal: u32) -> Result<Arc<Context>> {
+    check_device(Device::Cuda(ordinal))?;
+    static CONTEXTS: OnceLock<Mutex<HashMap<u32, Arc<Context>>>> = OnceLock::new();
+    let mut map = CONTEXTS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("no panics while holding the lock");
+    if let Some(c) = map.get(&ordinal) {
+        return Ok(c.clone());
+    }
+    let ctx = Arc::new(Context {
+        ordinal,
+        raw: sys::retain_primary(ordinal)?,
+    });
+    map.insert(ordinal, ctx.clone());
+    Ok(ctx)
+}
+
+/// A device-memory region: allocated by memferry (freed on drop) or
+/// wrapping memory the caller owns (e.g. a framework tensor).
+///
+/// The host cannot address it: the engine moves bytes with synchronous
+/// copies ([`Region::copy_in`]/[`Region::copy_out`]) or, in the `pinned`
+/// backend, with asynchronous copies from pinned staging buffers.
+pub struct CudaRegion {
+    ctx: Arc<Context>,
+    ptr: u64,
+    len: u64,
+    owned: bool,
+}
+
+impl CudaRegion {
+    /// Allocates `len` bytes on device `ordinal` (contents unspecified).
+    pub fn new(ordinal: u32, len: u64) -> Result<Self> {
+        let ctx = context(ordinal)?;
+        ctx.bind()?;
+        let ptr = if len == 0 {
+            0
+        } else {
+            sys::mem_alloc(len as usize).map_err(|e| match e {
+                Error::Io { context, source } => Error::Io {
+                    context: format!(
+                        "{context}: allocating {} on cuda:{ordinal}",
+                        crate::units::format_bytes(len)
+                    ),
+                    source,
+                },
+                other => other,
+            })?
+        };
+        Ok(Self {
+            ctx,
+            ptr,
+            len,
+            owned: true,
+        })
+    }
+
+    /// Wraps `len` bytes of device memory at `ptr` on device `ordinal`
+    /// without taking ownership (nothing is freed on drop). When the driver
+    /// can tell, a pointer that is not device memory of that device is
+    /// refused.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be device memory of `ordinal` that stays
+    /// allocated while the region lives, and nobody else may access a range
+    /// while memferry transfers it.
+    pub unsafe fn from_raw(ordinal: u32, ptr: u64, len: u64) -> Result<Self> {
+        let ctx = context(ordinal)?;
+        ctx.bind()?;
+        if len > 0 {
+            match sys::pointer_device(ptr) {
+                Ok(Some(d)) if d == ordinal => {}
+                Ok(Some(d)) => {
+                    return Err(Error::InvalidInput(format!(
+                        "device pointer {ptr:#x} belongs to cuda:{d}, not cuda:{ordinal}"
+                    )));
+                }
+                Ok(None) | Err(_) => {
+                    return Err(Error::InvalidInput(format!(
+                        "{ptr:#x} is not CUDA device memory known to the driver"
+                    )));
+                }
+            }
+        }
+        Ok(Self {
+            ctx,
+            ptr,
+            len,
+            owned: false,
+        })
+    }
+
+    /// The device address of byte 0.
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// The context the memory belongs to.
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Sets every byte to `value` (synchronous).
+    pub fn fill(&self, value: u8) -> Result<()> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        self.ctx.bind()?;
+        // SAFETY: the range is this region's allocation; `&self` callers
+        // are bound by the Region contract not to race on it.
+        unsafe { sys::memset(self.ptr, value, self.len as usize) }
+    }
+}
+
+impl Drop for CudaRegion {
+    fn drop(&mut self) {
+        if self.owned && self.ptr != 0 && self.ctx.bind().is_ok() {
+            // SAFETY: the allocation was made by `new`, is freed once, and
+            // no copy can still use it (copies are synchronous or awaited by
+            // the backend before the job returns).
+            unsafe { sys::mem_free(self.ptr) };
+        }
+    }
+}
+
+impl Region for CudaRegion {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn device(&self) -> Device {
+        Device::Cuda(self.ctx.ordinal)
+    }
+    fn host_ptr(&self) -> Option<*const u8> {
+        None
+    }
+    fn host_ptr_mut(&self) -> Option<*mut u8> {
+        None
+    }
+    fn cuda(&self) -> Option<(&Context, u64)> {
+        Some((&self.ctx, self.ptr))
+    }
+    unsafe fn copy_in(&self, offset: u64, src: &[u8]) -> Result<()> {
+        check_range(self.len, offset, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind()?;
+        // SAFETY: bounds checked; the caller has exclusive use of the range;
+        // the copy is synchronous, so `src` outlives it.
+        unsafe { sys::htod(self.ptr + offset, src.as_ptr(), src.len()) }
+    }
+    unsafe fn copy_out(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        check_range(self.len, offset, dst.len())?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind()?;
+        // SAFETY: bounds checked; nobody writes the range (caller contract);
+        // the copy is synchronous, so `dst` outlives it.
+        unsafe { sys::dtoh(dst.as_mut_ptr(), self.ptr + offset, dst.len()) }
+    }
+}
+
+/// Page-locked (pinned) host memory from `cuMemHostAlloc`, usable by every
+/// context (portable) and page-aligned, so it serves as O_DIRECT staging
+/// and as the host side of asynchronous copies.
+pub struct PinnedBuf {
+    ptr: NonNull<u8>,
+    raw: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is owned exclusively by this value; page-locked memory
+// may be used from any thread.
+unsafe impl Send for PinnedBuf {}
+// SAFETY: shared references only hand out raw pointers; users synchronise.
+unsafe impl Sync for PinnedBuf {}
+
+impl PinnedBuf {
+    /// Allocates `len` pinned bytes (start aligned to 4096). Needs a CUDA
+    /// driver; the memory counts against no memlock limit of memferry's own.
+    pub fn new(len: usize) -> Result<Self> {
+        let info = driver()?;
+        if info.devices.is_empty() {
+            return Err(Error::Unsupported(
+                "no CUDA device found: pinned memory needs one; use --device cpu".into(),
+            ));
+        }
+        // Any context will do: the allocation is portable.
+        context(0)?.bind()?;
+        let total = len.max(1) + 4096;
+        let raw = sys::host_alloc(total)?;
+        let aligned = crate::units::align_up(raw as u64, 4096) as usize - raw as usize;
+        // SAFETY: `aligned < 4096`, so the aligned start lies inside the
+        // allocation of `len + 4096` bytes and `len` bytes follow it.
+        let ptr = unsafe { raw.add(aligned) };
+        Ok(Self {
+            ptr: NonNull::new(ptr).expect("host_alloc never returns null on success"),
+            raw,
+            len,
+        })
+    }
+
+    /// Start address (4096-aligned).
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `host_alloc` in `new` and freed once; owners
+        // wait for every copy and I/O on it before dropping it.
+        unsafe { sys::host_free(self.raw) };
+    }
+}
+
+/// A non-blocking stream on one device.
+pub struct Stream {
+    ctx: Arc<Context>,
+    raw: sys::Stream,
+}
+
+impl Stream {
+    /// Creates a stream on `ctx`'s device.
+    pub fn new(ctx: Arc<Context>) -> Result<Self> {
+        ctx.bind()?;
+        let raw = sys::stream_create()?;
+        Ok(Self { ctx, raw })
+    }
+
+    /// The context the stream belongs to.
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Queues a copy of `len` bytes from host `src` to device `dst`.
+    ///
+    /// # Safety
+    /// `src..src+len` must stay valid and unmodified, and `dst..dst+len`
+    /// must be device memory of this context, untouched by others, until
+    /// the copy completes (an event recorded after it has fired, or the
+    /// stream was synchronised).
+    pub unsafe fn copy_htod(&self, dst: u64, src: *const u8, len: usize) -> Result<()> {
+        self.ctx.bind()?;
+        // SAFETY: forwarded to the caller.
+        unsafe { sys::htod_async(dst, src, len, self.raw) }
+    }
+
+    /// Queues a copy of `len` bytes from device `src` to host `dst`.
+    ///
+    /// # Safety
+    /// As for [`Stream::copy_htod`], with `dst` host memory that nobody
+    /// reads or writes until the copy completes.
+    pub unsafe fn copy_dtoh(&self, dst: *mut u8, src: u64, len: usize) -> Result<()> {
+        self.ctx.bind()?;
+        // SAFETY: forwarded to the caller.
+        unsafe { sys::dtoh_async(dst, src, len, self.raw) }
+    }
+
+    /// Waits until everything queued on the stream has completed.
+    pub fn synchronize(&self) -> Result<()> {
+        self.ctx.bind()?;
+        sys::stream_sync(self.raw)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_ok() {
+            let _ = sys::stream_sync(self.raw);
+            sys::stream_destroy(self.raw);
+        }
+    }
+}
+
+/// An event without timing, used to learn when a queued copy completed.
+pub struct Event {
+    ctx: Arc<Context>,
+    raw: sys::Event,
+}
+
+impl Event {
+    /// Creates an event on `ctx`'s device.
+    pub fn new(ctx: Arc<Context>) -> Result<Self> {
+        ctx.bind()?;
+        let raw = sys::event_create()?;
+        Ok(Self { ctx, raw })
+    }
+
+    /// Records the event after the work queued so far on `stream`.
+    pub fn record(&self, stream: &Stream) -> Result<()> {
+        self.ctx.bind()?;
+        sys::event_record(self.raw, stream.raw)
+    }
+
+    /// True once the recorded work has completed (never blocks).
+    pub fn done(&self) -> Result<bool> {
+        self.ctx.bind()?;
+        sys::event_query(self.raw)
+    }
+
+    /// Blocks until the recorded work has completed.
+    pub fn wait(&self) -> Result<()> {
+        self.ctx.bind()?;
+        sys::event_sync(self.raw)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_ok() {
+            sys::event_destroy(self.raw);
+        }
+    }
+}
+
+// SAFETY: primary contexts, streams and events are thread-safe driver
+// handles; memferry makes the context current before every use.
+unsafe impl Send for Stream {}
+// SAFETY: as above.
+unsafe impl Sync for Stream {}
+// SAFETY: as above.
+unsafe impl Send for Event {}
+// SAFETY: as above.
+unsafe impl Sync for Event {}
+
+/// The CUDA fence: every driver call memferry makes lives here.
+#[cfg(feature = "cuda")]
+mod sys {
+    use std::ffi::{CStr, c_char, c_void};
+
+    use cudarc::driver::sys as cu;
+    use cudarc::driver::sys::CUresult;
+
+    use super::{CudaDeviceInfo, CudaInfo};
+    use crate::{Error, Result};
+
+    /// A `CUcontext` kept as an address so handles are plain data.
+    pub type Ctx = usize;
+    /// A `CUstream` as an address.
+    pub type Stream = usize;
+    /// A `CUevent` as an address.
+    pub type Event = usize;
+
+    fn describe(r: CUresult) -> String {
+        let mut name: *const c_char = std::ptr::null();
+        let mut text: *const c_char = std::ptr::null();
+        // SAFETY: both calls only write a pointer to a static string (or
+        // leave it null for unknown codes), which we check before reading.
+        unsafe {
+            cu::cuGetErrorName(r, &mut name);
+            cu::cuGetErrorString(r, &mut text);
+        }
+        let s = |p: *const c_char| {
+            if p.is_null() {
+                None
+            } else {
+                // SAFETY: non-null pointers from the driver are static,
+                // NUL-terminated strings.
+                Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            }
+        };
+        match (s(name), s(text)) {
+            (Some(n), Some(t)) => format!("{n}: {t}"),
+            (Some(n), None) => n,
+            _ => format!("CUDA error {}", r as i32),
+        }
+    }
+
+    fn check(r: CUresult, what: &str) -> Result<()> {
+        if r == CUresult::CUDA_SUCCESS {
+            return Ok(());
+        }
+        Err(Error::Io {
+            context: format!("CUDA {what}"),
+            source: std::io::Error::other(describe(r)),
+        })
+    }
+
+    pub fn init() -> std::result::Result<CudaInfo, String> {
+        // SAFETY: only tries to open the driver library; no symbols are used.
+        if !unsafe { cu::is_culib_present() } {
+            return Err("no CUDA driver found (libcuda.so could not be loaded): this machine has no NVIDIA driver, or it is not on the library path; use --device cpu".into());
+        }
+        // SAFETY: cuInit has no preconditions; the library is present.
+        let r = unsafe { cu::cuInit(0) };
+        if r != CUresult::CUDA_SUCCESS {
+            return Err(format!(
+                "the CUDA driver failed to initialise ({}); check `nvidia-smi`, or use --device cpu",
+                describe(r)
+            ));
+        }
+        let mut version = 0;
+        let mut count = 0;
+        // SAFETY: out-pointers to locals; the driver is initialised.
+        unsafe {
+            cu::cuDriverGetVersion(&mut version);
+            if cu::cuDeviceGetCount(&mut count) != CUresult::CUDA_SUCCESS {
+                count = 0;
+            }
+        }
+        let mut devices = Vec::new();
+        for i in 0..count {
+            let mut dev = 0;
+            let mut name = [0 as c_char; 256];
+            let mut total = 0usize;
+            // SAFETY: out-pointers to locals of the sizes passed.
+            unsafe {
+                if cu::cuDeviceGet(&mut dev, i) != CUresult::CUDA_SUCCESS {
+                    continue;
+                }
+                cu::cuDeviceGetName(name.as_mut_ptr(), name.len() as i32, dev);
+                cu::cuDeviceTotalMem_v2(&mut total, dev);
+            }
+            // SAFETY: the driver NUL-terminates the name within the buffer
+            // (zero-initialised, so a terminator exists in any case).
+            let name = unsafe { CStr::from_ptr(name.as_ptr()) }
+                .to_string_lossy()
+                .into_owned();
+            devices.push(CudaDeviceInfo {
+                ordinal: i as u32,
+                name,
+                total_bytes: total as u64,
+            });
+        }
+        Ok(CudaInfo {
+            driver_version: version,
+            devices,
+        })
+    }
+
+    pub fn retain_primary(ordinal: u32) -> Result<Ctx> {
+        let mut dev = 0;
+        let mut ctx: cu::CUcontext = std::ptr::null_mut();
+        // SAFETY: out-pointers to locals; the driver was initialised by
+        // `init` (callers go through `check_device`).
+        unsafe {
+            check(cu::cuDeviceGet(&mut dev, ordinal as i32), "cuDeviceGet")?;
+            check(
+                cu::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+                "cuDevicePrimaryCtxRetain",
+            )?;
+        }
+        Ok(ctx as Ctx)
+    }
+
+    pub fn set_current(ctx: Ctx) -> Result<()> {
+        // SAFETY: `ctx` is a retained primary context, never released.
+        check(
+            unsafe { cu::cuCtxSetCurrent(ctx as cu::CUcontext) },
+            "cuCtxSetCurrent",
+        )
+    }
+
+    pub fn mem_alloc(len: usize) -> Result<u64> {
+        let mut p = 0;
+        // SAFETY: out-pointer to a local; a context is current.
+        check(unsafe { cu::cuMemAlloc_v2(&mut p, len) }, "cuMemAlloc")?;
+        Ok(p)
+    }
+
+    /// # Safety
+    /// `p` came from `mem_alloc` and is not used afterwards.
+    pub unsafe fn mem_free(p: u64) {
+        // SAFETY: forwarded to the caller.
+        let _ = unsafe { cu::cuMemFree_v2(p) };
+    }
+
+    /// # Safety
+    /// `dst..dst+len` is device memory nobody else uses during the call.
+    pub unsafe fn memset(dst: u64, value: u8, len: usize) -> Result<()> {
+        // SAFETY: forwarded to the caller.
+        check(unsafe { cu::cuMemsetD8_v2(dst, value, len) }, "cuMemsetD8")
+    }
+
+    /// # Safety
+    /// Valid ranges on both sides, exclusive use of `dst` during the call.
+    pub unsafe fn htod(dst: u64, src: *const u8, len: usize) -> Result<()> {
+        // SAFETY: forwarded to the caller.
+        check(
+            unsafe { cu::cuMemcpyHtoD_v2(dst, src.cast::<c_void>(), len) },
+            "cuMemcpyHtoD",
+        )
+    }
+
+    /// # Safety
+    /// Valid ranges on both sides, exclusive use of `dst` during the call.
+    pub unsafe fn dtoh(dst: *mut u8, src: u64, len: usize) -> Result<()> {
+        // SAFETY: forwarded to the caller.
+        check(
+            unsafe { cu::cuMemcpyDtoH_v2(dst.cast::<c_void>(), src, len) },
+            "cuMemcpyDtoH",
+        )
+    }
+
+    /// # Safety
+    /// As `htod`, until the copy completes on `stream`.
+    pub unsafe fn htod_async(dst: u64, src: *const u8, len: usize, stream: Stream) -> Result<()> {
+        // SAFETY: forwarded to the caller.
+        check(
+            unsafe {
+                cu::cuMemcpyHtoDAsync_v2(dst, src.cast::<c_void>(), len, stream as cu::CUstream)
+            },
+            "cuMemcpyHtoDAsync",
+        )
+    }
+
+    /// # Safety
+    /// As `dtoh`, until the copy completes on `stream`.
+    pub unsafe fn dtoh_async(dst: *mut u8, src: u64, len: usize, stream: Stream) -> Result<()> {
+        // SAFETY: forwarded to the caller.
+        check(
+            unsafe {
+                cu::cuMemcpyDtoHAsync_v2(dst.cast::<c_void>(), src, len, stream as cu::CUstream)
+            },
+            "cuMemcpyDtoHAsync",
+        )
+    }
+
+    pub fn host_alloc(len: usize) -> Result<*mut u8> {
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; a context is current.
+        check(
+            unsafe { cu::cuMemHostAlloc(&mut p, len, cu::CU_MEMHOSTALLOC_PORTABLE) },
+            "cuMemHostAlloc",
+        )?;
+        Ok(p.cast())
+    }
+
+    /// # Safety
+    /// `p` came from `host_alloc` and is not used afterwards.
+    pub unsafe fn host_free(p: *mut u8) {
+        // SAFETY: forwarded to the caller.
+        let _ = unsafe { cu::cuMemFreeHost(p.cast()) };
+    }
+
+    pub fn pointer_device(p: u64) -> Result<Option<u32>> {
+        let mut ordinal: i32 = -1;
+        // SAFETY: the attribute is an int written to a local.
+        let r = unsafe {
+            cu::cuPointerGetAttribute(
+                (&mut ordinal as *mut i32).cast(),
+                cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                p,
+            )
+        };
+        if r == CUresult::CUDA_ERROR_INVALID_VALUE {
+            return Ok(None);
+        }
+        check(r, "cuPointerGetAttribute")?;
+        Ok(u32::try_from(ordinal).ok())
+    }
+
+    pub fn stream_create() -> Result<Stream> {
+        let mut s: cu::CUstream = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; a context is current.
+        check(
+            unsafe {
+                cu::cuStreamCreate(&mut s, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+            },
+            "cuStreamCreate",
+        )?;
+        Ok(s as Stream)
+    }
+
+    pub fn stream_sync(s: Stream) -> Result<()> {
+        // SAFETY: `s` is a live stream of the current context.
+        check(
+            unsafe { cu::cuStreamSynchronize(s as cu::CUstream) },
+            "cuStreamSynchronize",
+        )
+    }
+
+    pub fn stream_destroy(s: Stream) {
+        // SAFETY: destroyed once, by the owning `Stream`'s drop.
+        let _ = unsafe { cu::cuStreamDestroy_v2(s as cu::CUstream) };
+    }
+
+    pub fn event_create() -> Result<Event> {
+        let mut e: cu::CUevent = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; a context is current.
+        check(
+            unsafe { cu::cuEventCreate(&mut e, cu::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) },
+            "cuEventCreate",
+        )?;
+        Ok(e as Event)
+    }
+
+    pub fn event_record(e: Event, s: Stream) -> Result<()> {
+        // SAFETY: live event and stream of the current context.
+        check(
+            unsafe { cu::cuEventRecord(e as cu::CUevent, s as cu::CUstream) },
+            "cuEventRecord",
+        )
+    }
+
+    pub fn event_query(e: Event) -> Result<bool> {
+        // SAFETY: a live event.
+        let r = unsafe { cu::cuEventQuery(e as cu::CUevent) };
+        if r == CUresult::CUDA_ERROR_NOT_READY {
+            return Ok(false);
+        }
+        check(r, "cuEventQuery").map(|()| true)
+    }
+
+    pub fn event_sync(e: Event) -> Result<()> {
+        // SAFETY: a live event.
+        check(
+            unsafe { cu::cuEventSynchronize(e as cu::CUevent) },
+            "cuEventSynchronize",
+        )
+    }
+
+    pub fn event_destroy(e: Event) {
+        // SAFETY: destroyed once, by the owning `Event`'s drop.
+        let _ = unsafe { cu::cuEventDestroy_v2(e as cu::CUevent) };
+    }
+}
+
+/// Without the `cuda` feature: the same entry points, each reporting that
+/// CUDA support is not compiled in. Nothing can be allocated, so the
+/// functions that act on handles are never reached.
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::missing_safety_doc)]
+mod sys {
+    use super::{CudaInfo, NO_CUDA_BUILD};
+    use crate::{Error, Result};
+
+    pub type Ctx = usize;
+    pub type Stream = usize;
+    pub type Event = usize;
+
+    fn none<T>() -> Result<T> {
+        Err(Error::Unsupported(NO_CUDA_BUILD.into()))
+    }
+
+    pub fn init() -> std::result::Result<CudaInfo, String> {
+        Err(NO_CUDA_BUILD.into())
+    }
+    pub fn retain_primary(_ordinal: u32) -> Result<Ctx> {
+        none()
+    }
+    pub fn set_current(_ctx: Ctx) -> Result<()> {
+        none()
+    }
+    pub fn mem_alloc(_len: usize) -> Result<u64> {
+        none()
+    }
+    pub unsafe fn mem_free(_p: u64) {}
+    pub unsafe fn memset(_dst: u64, _value: u8, _len: usize) -> Result<()> {
+        none()
+    }
+    pub unsafe fn htod(_dst: u64, _src: *const u8, _len: usize) -> Result<()> {
+        none()
+    }
+    pub unsafe fn dtoh(_dst: *mut u8, _src: u64, _len: usize) -> Result<()> {
+        none()
+    }
+    pub unsafe fn htod_async(_dst: u64, _src: *const u8, _len: usize, _s: Stream) -> Result<()> {
+        none()
+    }
+    pub unsafe fn dtoh_async(_dst: *mut u8, _src: u64, _len: usize, _s: Stream) -> Result<()> {
+        none()
+    }
+    pub fn host_alloc(_len: usize) -> Result<*mut u8> {
+        none()
+    }
+    pub unsafe fn host_free(_p: *mut u8) {}
+    pub fn pointer_device(_p: u64) -> Result<Option<u32>> {
+        none()
+    }
+    pub fn stream_create() -> Result<Stream> {
+        none()
+    }
+    pub fn stream_sync(_s: Stream) -> Result<()> {
+        none()
+    }
+    pub fn stream_destroy(_s: Stream) {}
+    pub fn event_create() -> Result<Event> {
+        none()
+    }
+    pub fn event_record(_e: Event, _s: Stream) -> Result<()> {
+        none()
+    }
+    pub fn event_query(_e: Event) -> Result<bool> {
+        none()
+    }
+    pub fn event_sync(_e: Event) -> Result<()> {
+        none()
+    }
+    pub fn event_destroy(_e: Event) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_always_exists() {
+        assert!(check_device(Device::Cpu).is_ok());
+    }
+
+    #[test]
+    fn missing_cuda_is_a_clear_error() {
+        if available() {
+            // A real device: a far-away ordinal must be refused instead.
+            let e = check_device(Device::Cuda(4096)).unwrap_err().to_string();
+            assert!(e.contains("does not exist"), "{e}");
+            return;
+        }
+        let e = CudaRegion::new(0, 4096).err().expect("no CUDA here");
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
+        assert!(e.to_string().contains("use --device cpu"), "{e}");
+        assert!(PinnedBuf::new(4096).is_err());
+    }
+}

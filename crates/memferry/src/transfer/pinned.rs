@@ -1,0 +1,660 @@
+//! `pinned`: O_DIRECT through io_uring into a small ring of pinned staging
+//! buffers, overlapped with asynchronous copies to and from the device.
+//!
+//! Per root, one thread owns one io_uring ring and `slots` staging buffers
+//! of one chunk each, allocated (and registered with the ring) once: the
+//! staging held is `slots x chunk` per root, whatever the snapshot size.
+//! A load reads a chunk into a free slot, verifies its checksums *in the
+//! slot*, then queues `cuMemcpyHtoDAsync` on the root's stream for the
+//! destination device and records an event; the slot is reused once the
+//! event has fired. Meanwhile the other slots keep reads in flight, so disk
+//! reads and PCIe copies overlap (slot i+1 fills while slot i is copied).
+//! A store runs the same pipeline backwards: an asynchronous device-to-host
+//! copy into a slot, then the checksum of exactly those bytes, zero padding
+//! to 4096 and an O_DIRECT write.
+//!
+//! Staging is page-locked memory from `cuMemHostAlloc` whenever the job
+//! touches device memory. A job on host memory only (no CUDA needed) stages
+//! through page-aligned host memory and copies synchronously, and the
+//! report says so. Polling never blocks on the device while reads could be
+//! completing, except for the short wait on the oldest copy when nothing
+//! else can make progress. When io_uring or O_DIRECT are unavailable the
+//! root runs `buffered` (synchronous copies) and the report says why.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::buffered::run_ops;
+use super::direct::{open_direct, register_hint};
+use super::job::TransferJob;
+use super::plan::Direction;
+use super::uring::Ring;
+use super::{Backend, IO_ALIGN, TransferStats, Tuning};
+use crate::memory::cuda::{Context, Event, Stream};
+use crate::memory::{AlignedBuf, PinnedBuf};
+use crate::units::align_up;
+use crate::{Error, Result};
+
+/// Most staging slots per root.
+pub const MAX_SLOTS: usize = 32;
+
+/// The pinned-staging pipeline backend.
+pub struct PinnedBackend {
+    tuning: Tuning,
+}
+
+impl PinnedBackend {
+    /// A pinned backend; `queue_depth` sets the slots per root (2..=32).
+    pub fn new(tuning: Tuning) -> Self {
+        Self { tuning }
+    }
+}
+
+/// What one root did.
+struct RootRun {
+    /// `None`: the pipeline ran; `Some`: why the root ran buffered.
+    fallback: Option<String>,
+    /// Notes on a slower path inside the pipeline (e.g. unregistered slots).
+    notes: Vec<String>,
+    staging: u64,
+    pinned: bool,
+    device_copies: bool,
+}
+
+impl Backend for PinnedBackend {
+    fn name(&self) -> &'static str {
+        "pinned"
+    }
+
+    fn run(&self, job: &TransferJob<'_>) -> Result<TransferStats> {
+        job.validate()?;
+        let start = Instant::now();
+        let mut per_root: Vec<Vec<usize>> = vec![Vec::new(); job.plan.root_count()];
+        for (i, op) in job.plan.ops.iter().enumerate() {
+            per_root[job.plan.files[op.file].root].push(i);
+        }
+        per_root.retain(|ops| !ops.is_empty());
+        let results: Vec<Result<RootRun>> = std::thread::scope(|s| {
+            let handles: Vec<_> = per_root
+                .iter()
+                .map(|ops| s.spawn(|| run_root(job, ops, &self.tuning)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("root worker panicked"))
+                .collect()
+        });
+        let mut stats = TransferStats {
+            bytes: job.plan.bytes(),
+            ..Default::default()
+        };
+        let (mut piped, mut fallback_roots) = (0, 0);
+        let (mut pinned, mut device) = (false, false);
+        let mut first_error = None;
+        for r in results {
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
+            stats.peak_staging_bytes += r.staging;
+            pinned |= r.pinned;
+            device |= r.device_copies;
+            let mut push = |line: String| {
+                if !stats.fallbacks.contains(&line) {
+                    stats.fallbacks.push(line);
+                }
+            };
+            for n in r.notes {
+                push(n);
+            }
+            match r.fallback {
+                Some(reason) => {
+                    fallback_roots += 1;
+                    push(reason);
+                }
+                None => piped += 1,
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        if piped > 0 && !device {
+            stats.fallbacks.push(
+                "pinned: no CUDA device memory in this job, so staging is page-aligned host memory and copies are synchronous".into(),
+            );
+        }
+        let pipeline = match (pinned, device) {
+            (true, true) => "odirect-uring-pinned-async-copy",
+            (true, false) => "odirect-uring-pinned",
+            (false, _) => "odirect-uring-staged-host",
+        };
+        stats.mode = match (piped, fallback_roots) {
+            (_, 0) => pipeline.into(),
+            (0, _) => "buffered-fallback".into(),
+            (p, f) => format!("{pipeline}({p} roots)+buffered-fallback({f} roots)"),
+        };
+        stats.seconds = start.elapsed().as_secs_f64();
+        stats.checksum_cpu_seconds = job.checksum_seconds();
+        Ok(stats)
+    }
+}
+
+fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<RootRun> {
+    match Pipeline::setup(job, ops, tuning)? {
+        Ok(mut p) => {
+            let outcome = p.run(job, ops);
+            let run = RootRun {
+                fallback: None,
+                notes: std::mem::take(&mut p.notes),
+                staging: p.staging.len() as u64,
+                pinned: p.staging.is_pinned(),
+                device_copies: !p.devices.is_empty(),
+            };
+            outcome.map(|()| run)
+        }
+        Err(reason) => {
+            tracing::warn!("pinned pipeline unavailable, using buffered: {reason}");
+            let staging = run_ops(job, ops, tuning)?;
+            Ok(RootRun {
+                fallback: Some(reason),
+                notes: Vec::new(),
+                staging,
+                pinned: false,
+                device_copies: false,
+            })
+        }
+    }
+}
+
+/// Staging memory: pinned when the job touches a device, else plain.
+enum Staging {
+    Pinned(PinnedBuf),
+    Host(AlignedBuf),
+}
+
+impl Staging {
+    fn base(&mut self) -> *mut u8 {
+        match self {
+            Staging::Pinned(p) => p.as_mut_ptr(),
+            Staging::Host(h) => h.as_mut_ptr(),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Staging::Pinned(p) => p.len(),
+            Staging::Host(h) => h.len(),
+        }
+    }
+    fn is_pinned(&self) -> bool {
+        matches!(self, Staging::Pinned(_))
+    }
+}
+
+/// Where a slot is in the pipeline.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Free,
+    /// A read or write is in the kernel.
+    Io,
+    /// An asynchronous device copy is queued on `dev`'s stream.
+    Copy,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    op: usize,
+    done: u64,
+    want: u64,
+    stage: Stage,
+    /// Index into `Pipeline::devices` of the device the op's region is on.
+    dev: Option<usize>,
+    /// Order in which copies were queued (oldest is waited for first).
+    seq: u64,
+}
+
+/// One device's stream and one event per slot.
+struct DeviceQueue {
+    stream: Stream,
+    events: Vec<Event>,
+}
+
+/// One root's pipeline.
+struct Pipeline {
+    ring: Ring,
+    /// Streams and events: dropped (synchronised) before `staging`.
+    devices: Vec<DeviceQueue>,
+    device_index: HashMap<u32, usize>,
+    /// Registered with `ring` when `registered`: outlives every request.
+    staging: Staging,
+    registered: bool,
+    slot_size: usize,
+    slots: Vec<Slot>,
+    files: Vec<Option<File>>,
+    cap: u64,
+    notes: Vec<String>,
+    seq: u64,
+}
+
+impl Pipeline {
+    /// Opens files, builds the ring and allocates (and registers) staging.
+    /// `Ok(Err(reason))` means "fall back to buffered"; `Err` is fatal.
+    fn setup(
+        job: &TransferJob<'_>,
+        ops: &[usize],
+        tuning: &Tuning,
+    ) -> Result<std::result::Result<Self, String>> {
+        let plan = job.plan;
+        let files = match open_direct(job, ops)? {
+            Ok(f) => f,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        let largest = ops.iter().map(|&i| plan.ops[i].len).max().unwrap_or(0);
+        let slot_size = align_up(largest.max(1), IO_ALIGN) as usize;
+        let depth = tuning.queue_depth.clamp(2, MAX_SLOTS).min(ops.len()).max(1);
+        let ring = match Ring::new(depth as u32) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(format!("io_uring setup failed: {e}"))),
+        };
+        let on_device = ops
+            .iter()
+            .any(|&i| job.regions[plan.ops[i].region].cuda().is_some());
+        let mut staging = if on_device {
+            Staging::Pinned(PinnedBuf::new(slot_size * depth)?)
+        } else {
+            Staging::Host(AlignedBuf::new(slot_size * depth)?)
+        };
+        let base = staging.base();
+        let bufs: Vec<(*mut u8, usize)> = (0..depth)
+            // SAFETY: slot `i` lies inside the staging allocation.
+            .map(|i| (unsafe { base.add(i * slot_size) }, slot_size))
+            .collect();
+        let mut notes = Vec::new();
+        // SAFETY: the staging is owned by the pipeline together with the
+        // ring, and `run` returns only when no request is in flight, so the
+        // buffers outlive every use the kernel makes of them.
+        let registered = match unsafe { ring.register(&bufs) } {
+            Ok(()) => true,
+            Err(e) => {
+                notes.push(format!(
+                    "pinned: io_uring buffer registration failed: {e}{}; reading into unregistered staging",
+                    register_hint(&e, (slot_size * depth) as u64)
+                ));
+                false
+            }
+        };
+        let cap = tuning
+            .max_bytes_per_call
+            .map_or(u64::MAX, |c| align_up(c.max(1), IO_ALIGN));
+        Ok(Ok(Self {
+            ring,
+            devices: Vec::new(),
+            device_index: HashMap::new(),
+            staging,
+            registered,
+            slot_size,
+            slots: vec![
+                Slot {
+                    op: 0,
+                    done: 0,
+                    want: 0,
+                    stage: Stage::Free,
+                    dev: None,
+                    seq: 0,
+                };
+                depth
+            ],
+            files,
+            cap,
+            notes,
+            seq: 0,
+        }))
+    }
+
+    fn slot_ptr(&mut self, slot: usize) -> *mut u8 {
+        // SAFETY: slot < depth, so the offset stays inside the staging.
+        unsafe { self.staging.base().add(slot * self.slot_size) }
+    }
+
+    /// The queue of `ctx`'s device, created on first use.
+    fn device(&mut self, ctx: &Context) -> Result<usize> {
+        if let Some(&i) = self.device_index.get(&ctx.ordinal()) {
+            return Ok(i);
+        }
+        let ctx: Arc<Context> = crate::memory::cuda::context(ctx.ordinal())?;
+        let stream = Stream::new(ctx.clone())?;
+        let events = (0..self.slots.len())
+            .map(|_| Event::new(ctx.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        self.devices.push(DeviceQueue { stream, events });
+        self.device_index
+            .insert(ctx.ordinal(), self.devices.len() - 1);
+        Ok(self.devices.len() - 1)
+    }
+
+    /// Queues the not yet transferred part of `slot`'s request.
+    fn submit_rest(&mut self, job: &TransferJob<'_>, slot: usize) {
+        let s = self.slots[slot];
+        let op = &job.plan.ops[s.op];
+        let ptr = self.slot_ptr(slot);
+        let fd = self.files[op.file]
+            .as_ref()
+            .expect("opened in setup")
+            .as_fd();
+        let len = (s.want - s.done) as u32;
+        // SAFETY: `done < want <= slot_size`.
+        let ptr = unsafe { ptr.add(s.done as usize) };
+        let offset = op.file_offset + s.done;
+        // SAFETY: the slot is not in flight (we only (re)submit after its
+        // completion or copy) and is untouched until the next completion;
+        // staging and files outlive the ring's requests because `run`
+        // returns only once nothing is in flight.
+        unsafe {
+            match (job.plan.direction, self.registered) {
+                (Direction::Load, true) => {
+                    self.ring
+                        .push_read(fd, ptr, len, offset, slot as u16, slot as u64)
+                }
+                (Direction::Load, false) => {
+                    self.ring.push_read_plain(fd, ptr, len, offset, slot as u64)
+                }
+                (Direction::Store, true) => {
+                    self.ring
+                        .push_write(fd, ptr, len, offset, slot as u16, slot as u64)
+                }
+                (Direction::Store, false) => {
+                    self.ring
+                        .push_write_plain(fd, ptr, len, offset, slot as u64)
+                }
+            }
+        }
+        self.slots[slot].stage = Stage::Io;
+    }
+
+    /// Starts `op_index` on the free `slot`: a read (load), or fetching the
+    /// source bytes (store: an async device copy or a synchronous copy
+    /// followed by the write).
+    fn start(&mut self, job: &TransferJob<'_>, slot: usize, op_index: usize) -> Result<()> {
+        let op = &job.plan.ops[op_index];
+        let want = align_up(op.len, IO_ALIGN);
+        self.slots[slot] = Slot {
+            op: op_index,
+            done: 0,
+            want,
+            stage: Stage::Free,
+            dev: None,
+            seq: 0,
+        };
+        if job.plan.direction == Direction::Load {
+            self.submit_rest(job, slot);
+            return Ok(());
+        }
+        let region = job.regions[op.region];
+        let buf = self.slot_ptr(slot);
+        if let Some((ctx, base)) = region.cuda() {
+            let d = self.device(ctx)?;
+            let q = &self.devices[d];
+            // SAFETY: the slot is free, so nobody uses `buf..buf+len` until
+            // the event recorded below fires; the source range is inside the
+            // region (validated) and not written during a store.
+            unsafe {
+                q.stream
+                    .copy_dtoh(buf, base + op.mem_offset, op.len as usize)?
+            };
+            q.events[slot].record(&q.stream)?;
+            self.seq += 1;
+            self.slots[slot].stage = Stage::Copy;
+            self.slots[slot].dev = Some(d);
+            self.slots[slot].seq = self.seq;
+            return Ok(());
+        }
+        // SAFETY: the slot is free and `want <= slot_size`.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(buf, want as usize) };
+        job.fetch_for_store(op, &mut bytes[..op.len as usize])?;
+        bytes[op.len as usize..].fill(0);
+        self.submit_rest(job, slot);
+        Ok(())
+    }
+
+    /// A queued copy of `slot` has completed: finish the load, or checksum
+    /// and write the store.
+    fn copied(&mut self, job: &TransferJob<'_>, slot: usize) {
+        let s = self.slots[slot];
+        let op = &job.plan.ops[s.op];
+        match job.plan.direction {
+            Direction::Load => {
+                job.op_done(op);
+                self.slots[slot].stage = Stage::Free;
+            }
+            Direction::Store => {
+                let buf = self.slot_ptr(slot);
+                // SAFETY: the copy into the slot has completed and the slot
+                // is ours until we submit the write; `want <= slot_size`.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(buf, s.want as usize) };
+                job.record_stored(op, &bytes[..op.len as usize]);
+                bytes[op.len as usize..].fill(0);
+                self.submit_rest(job, slot);
+            }
+        }
+    }
+
+    /// A read into `slot` completed in full: verify in the slot, then hand
+    /// the bytes on (async device copy, or a synchronous host copy).
+    fn loaded(&mut self, job: &TransferJob<'_>, slot: usize) -> Result<()> {
+        let s = self.slots[slot];
+        let op = &job.plan.ops[s.op];
+        let buf = self.slot_ptr(slot);
+        // SAFETY: the read completed, so the kernel no longer writes the
+        // slot; `op.len <= want <= slot_size`.
+        let data = unsafe { std::slice::from_raw_parts(buf, op.len as usize) };
+        job.verify_loaded(op, data)?;
+        let region = job.regions[op.region];
+        if let Some((ctx, base)) = region.cuda() {
+            let d = self.device(ctx)?;
+            let q = &self.devices[d];
+            // SAFETY: the slot stays untouched until the event recorded
+            // below fires; the destination range is inside the region
+            // (validated) and exclusive to this op (plans never overlap).
+            unsafe {
+                q.stream
+                    .copy_htod(base + op.mem_offset, buf, op.len as usize)?
+            };
+            q.events[slot].record(&q.stream)?;
+            self.seq += 1;
+            self.slots[slot].stage = Stage::Copy;
+            self.slots[slot].dev = Some(d);
+            self.slots[slot].seq = self.seq;
+            return Ok(());
+        }
+        // SAFETY: plans never overlap in a region, so this op has exclusive
+        // use of its destination range.
+        unsafe { region.copy_in(op.mem_offset, data)? };
+        job.op_done(op);
+        self.slots[slot].stage = Stage::Free;
+        Ok(())
+    }
+
+    /// Finishes every queued copy that has completed; with `block`, first
+    /// waits for the oldest one. Returns how many finished.
+    fn poll_copies(
+        &mut self,
+        job: &TransferJob<'_>,
+        block: bool,
+        error: &mut Option<Error>,
+    ) -> usize {
+        if block
+            && let Some(slot) = (0..self.slots.len())
+                .filter(|&i| self.slots[i].stage == Stage::Copy)
+                .min_by_key(|&i| self.slots[i].seq)
+        {
+            let d = self.slots[slot].dev.expect("copies have a device");
+            if let Err(e) = self.devices[d].events[slot].wait() {
+                error.get_or_insert(e);
+            }
+        }
+        let mut finished = 0;
+        for slot in 0..self.slots.len() {
+            let s = self.slots[slot];
+            if s.stage != Stage::Copy {
+                continue;
+            }
+            let d = s.dev.expect("copies have a device");
+            let done = match self.devices[d].events[slot].done() {
+                Ok(done) => done,
+                Err(e) => {
+                    // The copy failed: the stream is unusable; wait for it
+                    // so nothing still uses the slot, then give it back.
+                    let _ = self.devices[d].stream.synchronize();
+                    error.get_or_insert(e);
+                    true
+                }
+            };
+            if !done {
+                continue;
+            }
+            finished += 1;
+            if error.is_some() {
+                self.slots[slot].stage = Stage::Free;
+            } else {
+                self.copied(job, slot);
+            }
+        }
+        finished
+    }
+
+    fn run(&mut self, job: &TransferJob<'_>, ops: &[usize]) -> Result<()> {
+        let plan = job.plan;
+        let mut next = 0;
+        let mut error: Option<Error> = None;
+        loop {
+            if error.is_none() && job.cancelled() {
+                error = Some(Error::Cancelled);
+            }
+            while error.is_none() && next < ops.len() {
+                let Some(slot) =
+                    (0..self.slots.len()).find(|&i| self.slots[i].stage == Stage::Free)
+                else {
+                    break;
+                };
+                let op_index = ops[next];
+                next += 1;
+                if let Err(e) = self.start(job, slot, op_index) {
+                    self.slots[slot].stage = Stage::Free;
+                    error = Some(e);
+                }
+            }
+            let io = self.slots.iter().filter(|s| s.stage == Stage::Io).count();
+            let copies = self.slots.iter().filter(|s| s.stage == Stage::Copy).count();
+            if io == 0 && copies == 0 {
+                break;
+            }
+            let mut progressed = self.poll_copies(job, false, &mut error) > 0;
+            if io > 0 {
+                // With copies pending, only collect what has completed;
+                // otherwise sleep until a request completes.
+                let want = usize::from(copies == 0 && !progressed);
+                if let Err(e) = self.ring.submit_and_wait(want) {
+                    // The kernel may still own buffers: never free them.
+                    std::mem::forget(std::mem::take(&mut self.files));
+                    let staging =
+                        std::mem::replace(&mut self.staging, Staging::Host(AlignedBuf::new(0)?));
+                    std::mem::forget(staging);
+                    return Err(Error::io("waiting for io_uring completions", e));
+                }
+            }
+            for (user_data, res) in self.ring.completions() {
+                progressed = true;
+                let slot = user_data as usize;
+                self.slots[slot].stage = Stage::Free;
+                if error.is_some() {
+                    continue;
+                }
+                if let Err(e) = self.completed(job, slot, res) {
+                    self.slots[slot].stage = Stage::Free;
+                    error = Some(e);
+                }
+            }
+            if !progressed && copies > 0 {
+                self.poll_copies(job, true, &mut error);
+            }
+        }
+        let _ = plan;
+        error.map_or(Ok(()), Err)
+    }
+
+    /// Handles the completion of `slot`'s request with result `res`.
+    fn completed(&mut self, job: &TransferJob<'_>, slot: usize, res: i32) -> Result<()> {
+        let plan = job.plan;
+        let s = self.slots[slot];
+        let op = &plan.ops[s.op];
+        let path = &plan.files[op.file].path;
+        if res < 0 {
+            let e = std::io::Error::from_raw_os_error(-res);
+            return Err(if crate::error::is_no_space(&e) {
+                Error::NoSpace {
+                    path: path.clone(),
+                    needed: s.want - s.done,
+                }
+            } else {
+                Error::io(
+                    format!(
+                        "{} {} at offset {}, length {}",
+                        if plan.direction == Direction::Load {
+                            "reading"
+                        } else {
+                            "writing"
+                        },
+                        path.display(),
+                        op.file_offset + s.done,
+                        s.want - s.done
+                    ),
+                    e,
+                )
+            });
+        }
+        let n = (res as u64).min(self.cap);
+        let done = s.done + n;
+        self.slots[slot].done = done;
+        if done < s.want {
+            let at_eof = n == 0 || !done.is_multiple_of(512);
+            if !at_eof {
+                self.submit_rest(job, slot);
+                return Ok(());
+            }
+            if plan.direction == Direction::Store || done < op.len {
+                let file_size = self.files[op.file]
+                    .as_ref()
+                    .and_then(|f| f.metadata().ok())
+                    .map_or(0, |m| m.len());
+                return Err(match plan.direction {
+                    Direction::Load => Error::Truncated {
+                        path: path.clone(),
+                        offset: op.file_offset,
+                        length: op.len,
+                        file_size,
+                    },
+                    Direction::Store => Error::io(
+                        format!(
+                            "writing {} at offset {}",
+                            path.display(),
+                            op.file_offset + done
+                        ),
+                        std::io::ErrorKind::WriteZero.into(),
+                    ),
+                });
+            }
+        }
+        match plan.direction {
+            Direction::Load => self.loaded(job, slot),
+            Direction::Store => {
+                job.op_done(op);
+                Ok(())
+            }
+        }
+    }
+}

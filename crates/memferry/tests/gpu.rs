@@ -1,0 +1,307 @@
+//! CUDA device memory through every backend. Each test prints
+//! "skipped: no CUDA driver" and returns when the machine has no GPU (CI).
+
+use memferry::Error;
+use memferry::memory::cuda::{self, PinnedBuf};
+use memferry::memory::{CudaRegion, Device, HostRegion, OwnedRegion, Region};
+use memferry::snapshot::layout::{Allocation, Layout};
+use memferry::snapshot::source::{SnapshotSource, fill_bytes};
+use memferry::snapshot::{LoadOptions, SaveOptions, restore, save, verify};
+use memferry::transfer::{BackendKind, Tuning};
+
+fn gpu() -> bool {
+    if cuda::available() {
+        return true;
+    }
+    eprintln!(
+        "skipped: no CUDA driver ({})",
+        cuda::driver()
+            .err()
+            .map_or(String::new(), |e| e.to_string())
+    );
+    false
+}
+
+/// A host source with allocations of `sizes` bytes on `device`.
+fn source(sizes: &[u64], device: Device) -> SnapshotSource {
+    let mut layout = Layout::default();
+    let mut regions: Vec<Box<dyn Region>> = Vec::new();
+    for (i, &s) in sizes.iter().enumerate() {
+        layout.allocations.push(Allocation {
+            id: i as u64,
+            size: s,
+            device: Device::Cpu,
+            tag: "t".into(),
+        });
+        let mut r = HostRegion::new(s).unwrap();
+        fill_bytes(11, i as u64, r.as_mut_slice());
+        regions.push(Box::new(r));
+    }
+    SnapshotSource {
+        description: "gpu test".into(),
+        layout,
+        regions,
+    }
+    .to_device(device)
+    .unwrap()
+}
+
+fn bytes(r: &dyn Region) -> Vec<u8> {
+    let mut v = vec![0; r.len() as usize];
+    // SAFETY: no writers during the test.
+    unsafe { r.copy_out(0, &mut v).unwrap() };
+    v
+}
+
+#[test]
+fn device_regions_copy_both_ways_from_any_thread() {
+    if !gpu() {
+        return;
+    }
+    let r = CudaRegion::new(0, (8 << 20) + 3).unwrap();
+    let mut want = vec![0u8; r.len() as usize];
+    fill_bytes(3, 0, &mut want);
+    std::thread::scope(|s| {
+        for (i, piece) in want.chunks(1 << 20).enumerate() {
+            let r = &r;
+            s.spawn(move || {
+                // SAFETY: each thread writes its own disjoint range.
+                unsafe { r.copy_in((i << 20) as u64, piece).unwrap() };
+            });
+        }
+    });
+    assert!(bytes(&r) == want);
+    // A caller-owned pointer wraps the same memory without owning it.
+    // SAFETY: `r` outlives `view` and nobody writes it meanwhile.
+    let view = unsafe { CudaRegion::from_raw(0, r.device_ptr() + 4096, 4096) }.unwrap();
+    assert!(bytes(&view) == want[4096..8192]);
+    drop(view);
+    assert!(bytes(&r) == want, "dropping a wrapper frees nothing");
+    // SAFETY: a host pointer is not device memory.
+    let host = [0u8; 64];
+    assert!(unsafe { CudaRegion::from_raw(0, host.as_ptr() as u64, 64) }.is_err());
+    let p = PinnedBuf::new(1 << 20).unwrap();
+    assert!((p.as_mut_ptr() as usize).is_multiple_of(4096));
+}
+
+#[test]
+fn snapshots_round_trip_through_device_memory_with_every_backend() {
+    if !gpu() {
+        return;
+    }
+    let sizes = [(5 << 20) + 7, 4096, 1, 0, 3 << 20];
+    let src = source(&sizes, Device::Cuda(0));
+    let tuning = Tuning {
+        chunk_size: 1 << 20,
+        queue_depth: 4,
+        ..Tuning::default()
+    };
+    for save_backend in [
+        BackendKind::Buffered,
+        BackendKind::Direct,
+        BackendKind::Pinned,
+        BackendKind::Gds,
+    ] {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let snap = dir.path().join("s");
+        let roots = vec![dir.path().join("r0"), dir.path().join("r1")];
+        for r in &roots {
+            std::fs::create_dir(r).unwrap();
+        }
+        let rep = save(
+            &src,
+            &snap,
+            &SaveOptions {
+                roots: Some(roots),
+                shard_size: 2 << 20,
+                backend: save_backend,
+                tuning: tuning.clone(),
+                ..SaveOptions::default()
+            },
+        )
+        .unwrap();
+        eprintln!("save {save_backend}: {} {:?}", rep.mode, rep.fallbacks);
+        for load in [
+            BackendKind::Buffered,
+            BackendKind::Direct,
+            BackendKind::Pinned,
+            BackendKind::Gds,
+        ] {
+            let label = format!("saved with {save_backend}, loaded with {load}");
+            let lo = LoadOptions {
+                backend: load,
+                tuning: tuning.clone(),
+                ..LoadOptions::default()
+            };
+            let (restored, rep) = restore(&snap, &lo).unwrap_or_else(|e| panic!("{label}: {e}"));
+            eprintln!(
+                "{label}: {} verified={} {:?}",
+                rep.mode, rep.verified, rep.fallbacks
+            );
+            if load == BackendKind::Pinned {
+                assert!(
+                    rep.mode.contains("pinned-async-copy") || rep.mode == "buffered-fallback",
+                    "{label}: {}",
+                    rep.mode
+                );
+            }
+            if rep.mode.starts_with("cufile") {
+                assert!(
+                    !rep.verified,
+                    "{label}: gds never claims in-line verification"
+                );
+            } else {
+                assert!(rep.verified, "{label}");
+            }
+            for (i, (a, b)) in src.regions.iter().zip(&restored.regions).enumerate() {
+                assert!(matches!(b, OwnedRegion::Cuda(_)), "{label}: on the device");
+                assert_eq!(b.device(), Device::Cuda(0));
+                assert!(
+                    bytes(a.as_ref()) == bytes(b),
+                    "{label}: allocation {i} differs"
+                );
+            }
+        }
+        verify(&snap, &LoadOptions::default()).unwrap();
+    }
+}
+
+#[test]
+fn a_flipped_bit_is_caught_before_reaching_the_device() {
+    if !gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let snap = dir.path().join("s");
+    save(
+        &source(&[3 << 20], Device::Cuda(0)),
+        &snap,
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let m = memferry::snapshot::Manifest::load(&snap).unwrap();
+    let e = &m.allocations[0].extents[0];
+    let shard = snap.join(&m.shards[e.shard].path);
+    let mut b = std::fs::read(&shard).unwrap();
+    b[(e.offset + (1 << 20) + 5) as usize] ^= 1;
+    std::fs::write(&shard, b).unwrap();
+    let err = restore(
+        &snap,
+        &LoadOptions {
+            backend: BackendKind::Pinned,
+            ..LoadOptions::default()
+        },
+    )
+    .err()
+    .expect("corruption is detected");
+    assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
+}
+
+#[test]
+fn every_visible_device_gets_its_own_allocations() {
+    if !gpu() {
+        return;
+    }
+    let n = cuda::driver().unwrap().devices.len() as u32;
+    if n < 2 {
+        eprintln!("skipped: one CUDA device, multi-device layouts need two");
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let snap = dir.path().join("s");
+    let a = source(&[1 << 20], Device::Cuda(0));
+    let b = source(&[2 << 20], Device::Cuda(1));
+    let mut src = a;
+    src.layout.allocations.push(Allocation {
+        id: 1,
+        ..b.layout.allocations[0].clone()
+    });
+    src.regions.extend(b.regions);
+    save(&src, &snap, &SaveOptions::default()).unwrap();
+    let (restored, _) = restore(
+        &snap,
+        &LoadOptions {
+            backend: BackendKind::Pinned,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(restored.regions[0].device(), Device::Cuda(0));
+    assert_eq!(restored.regions[1].device(), Device::Cuda(1));
+    for (x, y) in src.regions.iter().zip(&restored.regions) {
+        assert!(bytes(x.as_ref()) == bytes(y));
+    }
+}
+
+/// KV blocks from and into device tensors: the same job API, pages copied
+/// between device memory and the store's host staging.
+#[test]
+fn kv_blocks_round_trip_through_device_tensors() {
+    use memferry::kv::{BlockKey, KvConfig, KvLayout, KvStore, KvTensor, Namespace};
+    use std::sync::Arc;
+    use std::time::Duration;
+    if !gpu() {
+        return;
+    }
+    let ns = Namespace {
+        model: "gpu/kv".into(),
+        tokens_per_block: 16,
+        blocks_per_file: 2,
+        tp_rank: 0,
+        tp_size: 1,
+        pp_rank: 0,
+        pp_size: 1,
+        dtype: "bfloat16".into(),
+        layout_version: 1,
+    };
+    let (blocks, page) = (16u64, 64u64 << 10);
+    let tensor = |fill: Option<u64>| {
+        let r = CudaRegion::new(0, blocks * page).unwrap();
+        if let Some(seed) = fill {
+            let mut host = vec![0u8; (blocks * page) as usize];
+            fill_bytes(seed, 0, &mut host);
+            // SAFETY: the region is not shared yet.
+            unsafe { r.copy_in(0, &host).unwrap() };
+        }
+        Arc::new(r)
+    };
+    let (src_k, src_v) = (tensor(Some(1)), tensor(Some(2)));
+    let (dst_k, dst_v) = (tensor(None), tensor(None));
+    let layout = |k: &Arc<CudaRegion>, v: &Arc<CudaRegion>| {
+        KvLayout::new(vec![
+            KvTensor {
+                region: k.clone(),
+                num_blocks: blocks,
+                page_bytes: page,
+            },
+            KvTensor {
+                region: v.clone(),
+                num_blocks: blocks,
+                page_bytes: page,
+            },
+        ])
+        .unwrap()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let keys: Vec<BlockKey> = (0..4u8)
+        .map(|i| BlockKey::new(vec![i + 1]).unwrap())
+        .collect();
+    let store = KvStore::open(
+        KvConfig::new(root.path(), ns.clone()),
+        layout(&src_k, &src_v),
+    )
+    .unwrap();
+    // SAFETY: the source tensors are not written while the job runs.
+    let job = unsafe { store.submit_store(&keys, &(0..8).collect::<Vec<_>>()) }.unwrap();
+    let r = store.wait(&[job], Duration::from_secs(60));
+    assert!(r[0].succeeded(), "{r:?}");
+    drop(store);
+    let store = KvStore::open(KvConfig::new(root.path(), ns), layout(&dst_k, &dst_v)).unwrap();
+    // SAFETY: the destination tensors are read only after the job.
+    let job = unsafe { store.submit_load(&keys, &(8..16).collect::<Vec<_>>()) }.unwrap();
+    let r = store.wait(&[job], Duration::from_secs(60));
+    assert!(r[0].succeeded(), "{r:?}");
+    let half = (8 * page) as usize;
+    assert_eq!(bytes(&*dst_k)[half..], bytes(&*src_k)[..half]);
+    assert_eq!(bytes(&*dst_v)[half..], bytes(&*src_v)[..half]);
+}

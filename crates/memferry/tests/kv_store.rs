@@ -1,0 +1,698 @@
+//! The KV block store against real files: round trips, per-key failures,
+//! eviction, the job engine's queue rules, restarts and bad input.
+//! Needs root for the tmpfs mounts (disk full, read-only root).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memferry::kv::{
+    BlockKey, JobId, JobResult, KeyOutcome, KvConfig, KvLayout, KvStore, KvTensor, Namespace,
+};
+use memferry::memory::{HostRegion, Region};
+use memferry::transfer::{BackendKind, Tuning};
+
+const BLOCKS: u64 = 32;
+/// Two tensors per block, one of them with a page size that is not a
+/// multiple of 4096, so gathers are scattered and unaligned.
+const PAGES: [u64; 2] = [8192, 3000];
+
+fn namespace(per_file: u32) -> Namespace {
+    Namespace {
+        model: "test/model".into(),
+        tokens_per_block: 16,
+        blocks_per_file: per_file,
+        tp_rank: 0,
+        tp_size: 1,
+        pp_rank: 0,
+        pp_size: 1,
+        dtype: "bfloat16".into(),
+        layout_version: 1,
+    }
+}
+
+/// Tensors whose every page holds a pattern derived from (seed, tensor,
+/// block); seed 0 gives zeroed memory.
+fn tensors(seed: u64) -> (KvLayout, Vec<Arc<HostRegion>>) {
+    let mut regions = Vec::new();
+    let mut list = Vec::new();
+    for (t, &page) in PAGES.iter().enumerate() {
+        let mut r = HostRegion::new(BLOCKS * page).unwrap();
+        if seed != 0 {
+            for b in 0..BLOCKS {
+                fill(
+                    &mut r.as_mut_slice()[(b * page) as usize..((b + 1) * page) as usize],
+                    seed,
+                    t as u64,
+                    b,
+                );
+            }
+        }
+        let r = Arc::new(r);
+        regions.push(r.clone());
+        list.push(KvTensor {
+            region: r,
+            num_blocks: BLOCKS,
+            page_bytes: page,
+        });
+    }
+    (KvLayout::new(list).unwrap(), regions)
+}
+
+fn fill(buf: &mut [u8], seed: u64, t: u64, b: u64) {
+    let mut x = seed
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(t * 1000 + b + 1);
+    for byte in buf {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = x as u8;
+    }
+}
+
+/// One tensor of `BLOCKS` pages of 1 MiB: with 512 bytes per system call a
+/// key takes thousands of calls, so a single worker stays provably busy.
+fn big_layout() -> KvLayout {
+    let big = Arc::new(HostRegion::new(BLOCKS << 20).unwrap());
+    KvLayout::new(vec![KvTensor {
+        region: big,
+        num_blocks: BLOCKS,
+        page_bytes: 1 << 20,
+    }])
+    .unwrap()
+}
+
+fn slow(root: &Path) -> KvConfig {
+    let mut c = config(root, 1, BackendKind::Buffered);
+    c.namespace.model = "test/big-pages".into();
+    c.workers = 1;
+    c.batch = 1;
+    // Slow I/O: 512 bytes per system call.
+    c.tuning = Tuning {
+        max_bytes_per_call: Some(512),
+        ..Tuning::default()
+    };
+    c
+}
+
+fn page(regions: &[Arc<HostRegion>], t: usize, block: u64) -> &[u8] {
+    let p = PAGES[t] as usize;
+    &regions[t].as_slice()[block as usize * p..(block as usize + 1) * p]
+}
+
+fn key(i: u64) -> BlockKey {
+    BlockKey::new(format!("key-{i:04}").into_bytes()).unwrap()
+}
+
+fn config(root: &Path, per_file: u32, backend: BackendKind) -> KvConfig {
+    let mut c = KvConfig::new(root, namespace(per_file));
+    c.backend = backend;
+    c
+}
+
+fn wait_one(store: &KvStore, job: JobId) -> JobResult {
+    let mut r = store.wait(&[job], Duration::from_secs(60));
+    assert_eq!(r.len(), 1, "job {job} did not finish within 60 s");
+    r.remove(0)
+}
+
+fn store_keys(store: &KvStore, keys: &[BlockKey], ids: &[u64]) -> JobResult {
+    // SAFETY: the test does not touch the source pages while the job runs.
+    let job = unsafe { store.submit_store(keys, ids) }.unwrap();
+    wait_one(store, job)
+}
+
+fn load_keys(store: &KvStore, keys: &[BlockKey], ids: &[u64]) -> JobResult {
+    // SAFETY: the test does not touch the destination pages while the job runs.
+    let job = unsafe { store.submit_load(keys, ids) }.unwrap();
+    wait_one(store, job)
+}
+
+fn outcomes(r: &JobResult) -> Vec<KeyOutcome> {
+    r.keys.iter().map(|k| k.outcome.clone()).collect()
+}
+
+fn block_files(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "kvb") {
+                out.insert(p);
+            }
+        }
+    }
+    out
+}
+
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().contains(".tmp-") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn round_trips_with_1_2_and_4_blocks_per_file_and_a_partial_first_group() {
+    for backend in [BackendKind::Buffered, BackendKind::Direct] {
+        for per_file in [1u32, 2, 4] {
+            let root = tempfile::tempdir().unwrap();
+            let (src, src_mem) = tensors(7);
+            let store = KvStore::open(config(root.path(), per_file, backend), src).unwrap();
+            let pf = per_file as u64;
+            let keys: Vec<BlockKey> = (0..3).map(key).collect();
+            // Source blocks 5.. in groups of `per_file`.
+            let ids: Vec<u64> = (5..5 + 3 * pf).collect();
+            let r = store_keys(&store, &keys, &ids);
+            assert!(r.succeeded(), "{backend} {per_file}: {r:?}");
+            assert_eq!(r.bytes, 3 * pf * (PAGES[0] + PAGES[1]));
+            assert_eq!(store.lookup(&keys), 3);
+            drop(store);
+
+            // Another process's view: fresh zeroed memory, same namespace.
+            let (dst, dst_mem) = tensors(0);
+            let store = KvStore::open(config(root.path(), per_file, backend), dst).unwrap();
+            assert_eq!(store.lookup(&keys), 3, "found after restart");
+            // The request starts at the last block of the first group.
+            let first = 1;
+            let n = first + 2 * pf;
+            let targets: Vec<u64> = (20..20 + n).collect();
+            let r = load_keys(&store, &keys, &targets);
+            assert!(r.succeeded(), "{backend} {per_file}: {r:?}");
+            assert_eq!(r.bytes, n * (PAGES[0] + PAGES[1]));
+            // Source block of each target: the tail of group 0, then groups 1, 2.
+            let sources: Vec<u64> = ids[(pf - first) as usize..].to_vec();
+            for (&t, &s) in targets.iter().zip(&sources) {
+                for tensor in 0..2 {
+                    assert!(
+                        page(&dst_mem, tensor, t) == page(&src_mem, tensor, s),
+                        "{backend} per_file {per_file}: block {t} (from {s}) tensor {tensor} differs"
+                    );
+                }
+            }
+            // Pages that were not named stay untouched (zero).
+            assert!(page(&dst_mem, 0, 19).iter().all(|&b| b == 0));
+            assert!(page(&dst_mem, 1, 20 + n).iter().all(|&b| b == 0));
+        }
+    }
+}
+
+#[test]
+fn corrupt_truncated_missing_and_foreign_blocks_fail_per_key() {
+    let root = tempfile::tempdir().unwrap();
+    let (src, _) = tensors(3);
+    let store = KvStore::open(config(root.path(), 1, BackendKind::Direct), src).unwrap();
+    let keys: Vec<BlockKey> = (0..5).map(key).collect();
+    assert!(store_keys(&store, &keys, &[0, 1, 2, 3, 4]).succeeded());
+    let path = |i: u64| store.dir().join(key(i).rel_path());
+    // 1: one payload bit flipped.
+    let mut bytes = std::fs::read(path(1)).unwrap();
+    bytes[4096 + 100] ^= 0x10;
+    std::fs::write(path(1), &bytes).unwrap();
+    // 2: truncated.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path(2))
+        .unwrap();
+    f.set_len(4096 + 10).unwrap();
+    // 3: missing.
+    std::fs::remove_file(path(3)).unwrap();
+    // 4: a block of another namespace under this key's name.
+    let (other_mem, _) = tensors(3);
+    let mut ns = namespace(1);
+    ns.tp_size = 2;
+    let other_root = tempfile::tempdir().unwrap();
+    let mut c = KvConfig::new(other_root.path(), ns);
+    c.backend = BackendKind::Buffered;
+    let other = KvStore::open(c, other_mem).unwrap();
+    assert!(store_keys(&other, &[key(4)], &[4]).succeeded());
+    std::fs::copy(other.dir().join(key(4).rel_path()), path(4)).unwrap();
+
+    let (dst, dst_mem) = tensors(0);
+    let reader = KvStore::open(config(root.path(), 1, BackendKind::Direct), dst).unwrap();
+    let r = load_keys(&reader, &keys, &[10, 11, 12, 13, 14]);
+    let o = outcomes(&r);
+    assert_eq!(o[0], KeyOutcome::Loaded);
+    let reason = |i: usize| match &o[i] {
+        KeyOutcome::Failed(m) => m.clone(),
+        other => panic!("key {i}: expected a failure, got {other:?}"),
+    };
+    assert!(reason(1).contains("checksum mismatch"), "{}", reason(1));
+    assert!(reason(2).contains("truncated"), "{}", reason(2));
+    assert!(reason(3).contains("missing"), "{}", reason(3));
+    assert!(reason(4).contains("another namespace"), "{}", reason(4));
+    for i in 1..5 {
+        assert!(
+            reason(i).contains(&key(i as u64).hex()),
+            "names the file: {}",
+            reason(i)
+        );
+    }
+    assert!(!r.succeeded());
+    assert_eq!(r.bytes, PAGES[0] + PAGES[1], "only the good key counts");
+    assert_eq!(reader.stats().counters.failed, 4);
+    assert_eq!(
+        reader.lookup(&[key(3)]),
+        0,
+        "the index forgets missing keys"
+    );
+    // The corrupt and foreign files were removed, so lookups miss them and
+    // the next store writes them again instead of skipping a bad block.
+    assert!(reason(1).contains("removed"), "{}", reason(1));
+    assert_eq!(reader.lookup(&[key(1)]), 0);
+    // A valid block of another namespace is refused but never deleted.
+    assert!(!reason(4).contains("removed"), "{}", reason(4));
+    assert_eq!(reader.lookup(&[key(4)]), 1);
+    assert_eq!(reader.lookup(&[key(0)]), 1);
+    drop(dst_mem);
+}
+
+#[test]
+fn stores_are_idempotent_and_concurrent_stores_of_one_key_stay_valid() {
+    let root = tempfile::tempdir().unwrap();
+    let keys: Vec<BlockKey> = (0..8).map(key).collect();
+    let ids: Vec<u64> = (0..8).collect();
+    // Four stores (separate instances, as separate processes would be)
+    // write the same keys at once.
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let (src, _) = tensors(9);
+                let store =
+                    KvStore::open(config(root.path(), 2, BackendKind::Buffered), src).unwrap();
+                let r = store_keys(&store, &keys[..4], &ids);
+                assert!(r.succeeded(), "{r:?}");
+            });
+        }
+    });
+    let report = memferry::kv::admin::verify(root.path(), false).unwrap();
+    assert_eq!(report.checked, 4);
+    assert!(report.corrupt.is_empty(), "{:?}", report.corrupt);
+    let (src, _) = tensors(9);
+    let store = KvStore::open(config(root.path(), 2, BackendKind::Buffered), src).unwrap();
+    let r = store_keys(&store, &keys[..4], &ids);
+    assert!(
+        r.keys
+            .iter()
+            .all(|k| k.outcome == KeyOutcome::AlreadyStored),
+        "{r:?}"
+    );
+    assert!(temp_files(root.path()).is_empty());
+}
+
+#[test]
+fn eviction_holds_usage_under_capacity_and_spares_protected_and_recent_blocks() {
+    let root = tempfile::tempdir().unwrap();
+    let (src, _) = tensors(5);
+    let mut c = config(root.path(), 1, BackendKind::Buffered);
+    let probe = KvStore::open(c.clone(), tensors(5).0).unwrap();
+    let file = probe.file_bytes();
+    drop(probe);
+    c.capacity = Some(5 * file);
+    let store = KvStore::open(c, src).unwrap();
+    assert!(store_keys(&store, &[key(0)], &[0]).succeeded());
+    store.protect(&[key(0)]);
+    for i in 1..20u64 {
+        let r = store_keys(&store, &[key(i)], &[i]);
+        assert!(r.succeeded(), "{r:?}");
+        if i == 2 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Keep key 1 hot: it is touched after every store.
+        store.touch(&[key(1)]);
+        let on_disk = block_files(store.dir()).len() as u64 * file;
+        assert!(on_disk <= 5 * file, "usage {on_disk} over capacity");
+        assert!(store.stats().bytes <= 5 * file);
+        assert!(
+            store.dir().join(key(0).rel_path()).exists(),
+            "protected block evicted at step {i}"
+        );
+    }
+    assert!(
+        store.dir().join(key(1).rel_path()).exists(),
+        "hot block kept"
+    );
+    assert!(store.stats().counters.evictions >= 10);
+    store.unprotect(&[key(0)]);
+    // Unprotected and least recently used: goes first now.
+    let before = store.stats();
+    assert_eq!(store.evict_to(before.bytes - file), 1);
+    assert!(!store.dir().join(key(0).rel_path()).exists());
+    assert_eq!(store.stats().blocks, before.blocks - 1);
+    // A capacity every block is protected from reaching fails the store
+    // cleanly instead of evicting a protected block.
+    let all: Vec<BlockKey> = (0..20).map(key).collect();
+    store.protect(&all);
+    let mut refused = None;
+    for i in 25..32u64 {
+        let r = store_keys(&store, &[key(i)], &[i]);
+        match &r.keys[0].outcome {
+            KeyOutcome::Stored => store.protect(&[key(i)]),
+            KeyOutcome::Failed(m) => {
+                refused = Some(m.clone());
+                break;
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+    let m = refused.expect("a store beyond a fully protected capacity fails");
+    assert!(m.contains("capacity"), "{m}");
+    assert_eq!(block_files(store.dir()).len(), 5, "full, nothing evicted");
+}
+
+#[test]
+fn a_full_store_queue_reports_dropped_and_loads_go_first() {
+    let root = tempfile::tempdir().unwrap();
+    let mut c = slow(root.path());
+    c.store_queue = 2;
+    let store = KvStore::open(c, big_layout()).unwrap();
+    let keys: Vec<BlockKey> = (0..6).map(key).collect();
+    // SAFETY: the test leaves the pages alone while jobs run.
+    let a = unsafe { store.submit_store(&keys[0..2], &[0, 1]) }.unwrap();
+    // SAFETY: as above.
+    let b = unsafe { store.submit_store(&keys[2..4], &[2, 3]) }.unwrap();
+    // SAFETY: as above.
+    let too_big = unsafe { store.submit_store(&keys[0..3], &[0, 1, 2]) }.unwrap();
+    let mut results = store.wait(&[a, b, too_big], Duration::from_secs(60));
+    results.sort_by_key(|r| r.job);
+    assert_eq!(results.len(), 3);
+    assert!(results[0].succeeded(), "{:?}", results[0]);
+    assert!(
+        results[1]
+            .keys
+            .iter()
+            .all(|k| k.outcome == KeyOutcome::Dropped),
+        "the second job exceeds the queue while the first waits: {:?}",
+        results[1]
+    );
+    assert!(
+        results[2]
+            .keys
+            .iter()
+            .all(|k| k.outcome == KeyOutcome::Dropped)
+    );
+    assert!(!results[1].succeeded());
+    assert_eq!(store.stats().counters.dropped, 5);
+    assert!(!store.dir().join(keys[2].rel_path()).exists());
+
+    // Loads overtake queued stores.
+    // SAFETY: as above.
+    let s1 = unsafe { store.submit_store(&keys[4..5], &[4]) }.unwrap();
+    // SAFETY: as above.
+    let s2 = unsafe { store.submit_store(&keys[5..6], &[5]) }.unwrap();
+    // SAFETY: as above.
+    let l = unsafe { store.submit_load(&keys[0..1], &[10]) }.unwrap();
+    let mut order = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while order.len() < 3 && Instant::now() < deadline {
+        order.extend(store.poll().into_iter().map(|r| r.job));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(order.len(), 3);
+    let pos = |j: JobId| order.iter().position(|&x| x == j).unwrap();
+    assert!(
+        pos(l) < pos(s2),
+        "the load ran before the queued store: {order:?}"
+    );
+    let _ = s1;
+}
+
+#[test]
+fn cancel_stops_a_job_and_publishes_nothing_partial() {
+    let root = tempfile::tempdir().unwrap();
+    let store = KvStore::open(slow(root.path()), big_layout()).unwrap();
+    let keys: Vec<BlockKey> = (0..16).map(key).collect();
+    let ids: Vec<u64> = (0..16).collect();
+    // SAFETY: the test leaves the pages alone while the job runs.
+    let job = unsafe { store.submit_store(&keys, &ids) }.unwrap();
+    assert!(store.cancel(job));
+    let r = wait_one(&store, job);
+    let cancelled = r.count(|o| *o == KeyOutcome::Cancelled);
+    assert!(cancelled >= 14, "{r:?}");
+    for k in &r.keys {
+        let exists = store.dir().join(k.key.rel_path()).exists();
+        match k.outcome {
+            KeyOutcome::Stored => assert!(exists),
+            KeyOutcome::Cancelled => assert!(!exists, "cancelled key {} published", k.key),
+            ref o => panic!("unexpected {o:?}"),
+        }
+    }
+    assert!(temp_files(store.dir()).is_empty(), "temporary files left");
+    assert!(!store.cancel(job), "already finished");
+    assert!(
+        memferry::kv::admin::verify(root.path(), false)
+            .unwrap()
+            .corrupt
+            .is_empty()
+    );
+}
+
+#[test]
+fn wait_returns_at_its_timeout_and_poll_never_blocks() {
+    let root = tempfile::tempdir().unwrap();
+    // 32 MiB moved 512 bytes per system call: far longer than the timeout.
+    let store = KvStore::open(slow(root.path()), big_layout()).unwrap();
+    let keys: Vec<BlockKey> = (0..BLOCKS).map(key).collect();
+    let ids: Vec<u64> = (0..BLOCKS).collect();
+    // SAFETY: the test leaves the pages alone while the job runs.
+    let job = unsafe { store.submit_store(&keys, &ids) }.unwrap();
+    let t = Instant::now();
+    assert!(store.poll().is_empty());
+    assert!(t.elapsed() < Duration::from_secs(1), "poll blocked");
+    let t = Instant::now();
+    let got = store.wait(&[job], Duration::from_millis(30));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(30),
+        "returned early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "returned late: {took:?}");
+    assert!(got.is_empty(), "the job cannot have finished: {got:?}");
+    assert!(store.cancel(job));
+    let r = wait_one(&store, job);
+    assert_eq!(r.keys.len(), BLOCKS as usize);
+    assert!(
+        store.wait(&[job], Duration::from_secs(5)).is_empty(),
+        "reported once"
+    );
+}
+
+#[test]
+fn a_restart_keeps_the_access_record_and_the_index_consistent_with_the_files() {
+    let root = tempfile::tempdir().unwrap();
+    let c = config(root.path(), 1, BackendKind::Buffered);
+    let (src, _) = tensors(6);
+    let store = KvStore::open(c.clone(), src).unwrap();
+    for i in 0..6 {
+        assert!(store_keys(&store, &[key(i)], &[i]).succeeded());
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    store.touch(&[key(0)]);
+    let file = store.file_bytes();
+    assert_eq!(store.lookup(&(0..6).map(key).collect::<Vec<_>>()), 6);
+    drop(store); // flushes the access record and counters
+    // Another process evicts key 3 while we are down.
+    let dir = root.path().join(c.namespace.dir_name());
+    std::fs::remove_file(dir.join(key(3).rel_path())).unwrap();
+
+    let (src, _) = tensors(6);
+    let store = KvStore::open(c.clone(), src).unwrap();
+    let s = store.stats();
+    assert_eq!(
+        (s.blocks, s.bytes),
+        (5, 5 * file),
+        "index rebuilt from files"
+    );
+    assert_eq!(store.lookup(&[key(0), key(1), key(2), key(3), key(4)]), 3);
+    // LRU after restart: 1 and 2 are oldest; 0 was touched before the restart.
+    store.evict_to(3 * file);
+    let left: BTreeSet<PathBuf> = block_files(store.dir());
+    let want: BTreeSet<PathBuf> = [0, 4, 5]
+        .iter()
+        .map(|&i| store.dir().join(key(i).rel_path()))
+        .collect();
+    assert_eq!(left, want);
+    drop(store);
+    let recorded = memferry::kv::admin::stats(root.path()).unwrap();
+    assert_eq!(recorded.blocks, 3);
+    assert_eq!(recorded.counters.stores, 6);
+    assert_eq!(recorded.counters.evictions, 2);
+    assert_eq!(recorded.counters.hits, 6 + 3);
+}
+
+struct Mount(PathBuf);
+
+impl Mount {
+    fn new(options: &str, dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs failed (these tests need root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_clear_errors() {
+    let root = tempfile::tempdir().unwrap();
+    let err = |c: KvConfig| KvStore::open(c, tensors(1).0).err().unwrap().to_string();
+    // Missing root.
+    let e = err(config(&root.path().join("nope"), 1, BackendKind::Auto));
+    assert!(e.contains("does not exist"), "{e}");
+    // A namespace directory that describes something else.
+    let c = config(root.path(), 1, BackendKind::Auto);
+    let dir = root.path().join(c.namespace.dir_name());
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut other = namespace(1);
+    other.dtype = "float16".into();
+    std::fs::write(
+        dir.join("namespace.json"),
+        serde_json::to_vec(&other).unwrap(),
+    )
+    .unwrap();
+    let e = err(c.clone());
+    assert!(e.contains("namespace mismatch"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    // Page sizes that do not match the registered memory.
+    let r = Arc::new(HostRegion::new(4096 * 4).unwrap());
+    let e = KvLayout::new(vec![KvTensor {
+        region: r as Arc<dyn Region>,
+        num_blocks: 4,
+        page_bytes: 4000,
+    }])
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("page size does not match"), "{e}");
+    // Block ids out of range and malformed groups.
+    let store = KvStore::open(c.clone(), tensors(1).0).unwrap();
+    // Another engine registering other page sizes in the same namespace.
+    let other = KvLayout::new(vec![KvTensor {
+        region: Arc::new(HostRegion::new(BLOCKS * 11192).unwrap()),
+        num_blocks: BLOCKS,
+        page_bytes: 11192,
+    }])
+    .unwrap();
+    let e = KvStore::open(c.clone(), other).err().unwrap().to_string();
+    assert!(e.contains("page sizes do not match"), "{e}");
+    // SAFETY: refused before any I/O.
+    let e = unsafe { store.submit_load(&[key(1)], &[BLOCKS]) }
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("out of range"), "{e}");
+    // SAFETY: refused before any I/O.
+    let e = unsafe { store.submit_store(&[key(1)], &[1, 2]) }
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("need 1 block ids"), "{e}");
+    drop(store);
+    // A read-only root.
+    let ro = Mount::new("ro,size=1m", &root.path().join("ro"));
+    let e = err(config(&ro.0, 1, BackendKind::Auto));
+    assert!(e.contains("writable"), "{e}");
+}
+
+#[test]
+fn a_full_disk_fails_the_store_cleanly_and_keeps_existing_blocks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Mount::new("size=160k", &tmp.path().join("small"));
+    let (src, src_mem) = tensors(8);
+    let c = config(&disk.0, 1, BackendKind::Auto);
+    let store = KvStore::open(c.clone(), src).unwrap();
+    // Each block file is 4 KiB + 12 KiB: a few fit, then the disk is full.
+    let mut stored = Vec::new();
+    let mut failure = None;
+    for i in 0..BLOCKS {
+        let r = store_keys(&store, &[key(i)], &[i]);
+        match &r.keys[0].outcome {
+            KeyOutcome::Stored => stored.push(i),
+            KeyOutcome::Failed(m) => {
+                failure = Some(m.clone());
+                break;
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+    let m = failure.expect("the disk filled up");
+    assert!(m.contains("full") || m.contains("space"), "{m}");
+    assert!(!stored.is_empty());
+    assert!(temp_files(store.dir()).is_empty(), "temporary files left");
+    drop(store);
+    let (dst, dst_mem) = tensors(0);
+    let reader = KvStore::open(c, dst).unwrap();
+    let keys: Vec<BlockKey> = stored.iter().map(|&i| key(i)).collect();
+    let r = load_keys(&reader, &keys, &stored);
+    assert!(r.succeeded(), "{r:?}");
+    for &i in &stored {
+        assert!(page(&dst_mem, 0, i) == page(&src_mem, 0, i));
+    }
+}
+
+#[test]
+fn background_eviction_brings_the_filesystem_down_to_the_low_watermark() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Mount::new("size=1m", &tmp.path().join("wm"));
+    let used = |p: &Path| {
+        let s = rustix::fs::statvfs(p).unwrap();
+        (s.f_blocks - s.f_bfree) as f64 / s.f_blocks as f64
+    };
+    // Fill the disk to about half with 16 KiB block files, no watermarks.
+    let c = config(&disk.0, 1, BackendKind::Buffered);
+    let store = KvStore::open(c.clone(), tensors(3).0).unwrap();
+    let keys: Vec<BlockKey> = (0..BLOCKS).map(key).collect();
+    let ids: Vec<u64> = (0..BLOCKS).collect();
+    assert!(store_keys(&store, &keys, &ids).succeeded());
+    drop(store);
+    assert!(
+        used(&disk.0) > 0.4,
+        "the test must start above the high watermark"
+    );
+    // Reopen with watermarks: the housekeeper frees space in the background.
+    let mut c = c;
+    c.high_watermark = Some(0.3);
+    c.low_watermark = Some(0.15);
+    let store = KvStore::open(c, tensors(3).0).unwrap();
+    store.protect(&[key(0)]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while used(&disk.0) > 0.15 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(used(&disk.0) <= 0.15, "still {:.2} used", used(&disk.0));
+    assert!(store.stats().counters.evictions > 0);
+    assert!(store.dir().join(key(0).rel_path()).exists(), "protected");
+}
