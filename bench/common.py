@@ -49,4 +49,4 @@ def fio(name, files, rw, direct, bs, iodepth, engine="io_uring", extra=()):
               f"--iodepth={iodepth}", f"--ioengine={engine}", f"--direct={int(direct)}",
               "--file_service_type=sequential", "--output-format=json", _fio_mem[0], *extra])
     j = json.loads(out)["jobs"][0]
-    return (j["read"] if rw == "read" else j["write"])["bw_bytes"] / GIB
+    return (j["read"] if rw in ("read", "randread") else j["write"])["bw_bytes"] / GIB

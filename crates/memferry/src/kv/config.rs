@@ -22,10 +22,13 @@ pub struct KvConfig {
     /// Backend knobs (`chunk_size`, test hooks); the queue depth of one
     /// backend call is `batch`.
     pub tuning: Tuning,
-    /// I/O worker threads; loads may always use every worker, stores all
-    /// but one (so a load never waits behind stores). With a single worker,
-    /// queued loads still go first, but a running store finishes first.
+    /// I/O worker threads. Whenever a worker takes work, queued loads come
+    /// before queued stores, so a load waits at most for the pieces (`batch`
+    /// keys) already running.
     pub workers: usize,
+    /// Workers stores may never occupy, so a load starts at once even while
+    /// stores run (at the cost of store throughput). At most `workers - 1`.
+    pub load_reserved_workers: usize,
     /// Keys moved by one backend call (requests in flight per worker).
     pub batch: usize,
     /// Store keys allowed to wait for a worker; a store job that would
@@ -63,6 +66,7 @@ impl KvConfig {
             backend: BackendKind::Auto,
             tuning: Tuning::default(),
             workers: 4,
+            load_reserved_workers: 0,
             batch: 4,
             store_queue: 4096,
             capacity: None,
@@ -83,6 +87,12 @@ impl KvConfig {
             return bad(format!(
                 "workers {} is out of range: use 1..=256",
                 self.workers
+            ));
+        }
+        if self.load_reserved_workers >= self.workers {
+            return bad(format!(
+                "load_reserved_workers {} must be below workers {}: stores need at least one",
+                self.load_reserved_workers, self.workers
             ));
         }
         if !(1..=1024).contains(&self.batch) {

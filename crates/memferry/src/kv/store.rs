@@ -12,8 +12,8 @@
 //!   returns by its timeout;
 //! - every submitted job yields exactly one [`JobResult`] with an outcome
 //!   per key;
-//! - loads run before stores: stores never occupy every worker, and queued
-//!   loads are always taken first;
+//! - loads run before stores: queued loads are always taken first, and
+//!   `load_reserved_workers` keeps workers free of stores altogether;
 //! - at most `store_queue` store keys wait; a store job beyond that is
 //!   reported `dropped`, distinct from success and failure;
 //! - a block protected (explicitly, or because a load job names it) is
@@ -549,7 +549,7 @@ impl Shared {
     }
 
     fn worker(&self) {
-        let store_workers = self.config.workers.saturating_sub(1).max(1);
+        let store_workers = self.config.workers - self.config.load_reserved_workers;
         let mut staging = Staging::default();
         loop {
             let piece = {
