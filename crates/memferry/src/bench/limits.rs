@@ -80,47 +80,79 @@ fn open_direct(path: &Path, write: bool) -> Result<File> {
     })
 }
 
-/// Sequential O_DIRECT I/O through io_uring with `qd` requests of `bs` bytes
-/// in flight per root, over `files` in order (reads), or into scratch files
-/// of the same sizes followed by fsync (writes).
-fn uring_loop(group: &[&RootFile], bs: usize, qd: usize, write: bool) -> Result<u64> {
-    let mut ring = Ring::new(qd as u32).ctx(|| "io_uring setup".into())?;
-    let mut buf = AlignedBuf::new(bs * qd)?;
-    if write {
-        buf.as_mut_slice().fill(0xa5);
-    }
-    let base = buf.as_mut_ptr();
-    let mut total = 0u64;
-    for f in group {
-        let file = open_direct(&f.path, write)?;
-        if write {
-            preallocate(&file, &f.path, f.size)?;
+/// Why a raw request loop stopped.
+enum RawError {
+    /// A request failed; nothing is in flight any more.
+    Io(Error),
+    /// Waiting on the ring failed: requests may still be in flight, so the
+    /// buffer was leaked and the caller must leak the file too.
+    Wait(Error),
+}
+
+/// A ring with `qd` slots of `bs` bytes, reused for every file of a loop.
+struct RawRing {
+    ring: Ring,
+    /// `None` once leaked after a failed wait.
+    buf: Option<AlignedBuf>,
+    bs: usize,
+    qd: usize,
+}
+
+impl RawRing {
+    /// A ring and its buffer, filled with `fill` when given (write loops).
+    fn new(bs: usize, qd: usize, fill: Option<u8>) -> Result<Self> {
+        let ring = Ring::new(qd as u32).ctx(|| "io_uring setup".into())?;
+        let mut buf = AlignedBuf::new(bs * qd)?;
+        if let Some(byte) = fill {
+            buf.as_mut_slice().fill(byte);
         }
+        Ok(Self {
+            ring,
+            buf: Some(buf),
+            bs,
+            qd,
+        })
+    }
+
+    /// Runs `requests` (offset, length up to `bs`) against `file` with up to
+    /// `qd` in flight; resumes short transfers. Returns the bytes moved.
+    fn run(
+        &mut self,
+        file: &File,
+        path: &Path,
+        mut requests: impl Iterator<Item = (u64, u64)>,
+        write: bool,
+    ) -> std::result::Result<u64, RawError> {
+        let (bs, qd) = (self.bs, self.qd);
+        let base = self.buf.as_mut().expect("not leaked").as_mut_ptr();
         let fd = file.as_fd();
+        let ring = &mut self.ring;
         // (offset, len, done) per slot
         let mut slots: Vec<Option<(u64, u64, u64)>> = vec![None; qd];
-        let mut next = 0u64;
         let mut in_flight = 0;
+        let mut total = 0u64;
         let mut error = None;
         loop {
             for (i, slot) in slots.iter_mut().enumerate() {
-                if slot.is_some() || next >= f.size || error.is_some() {
+                if slot.is_some() || error.is_some() {
                     continue;
                 }
-                let len = (f.size - next).min(bs as u64);
-                *slot = Some((next, len, 0));
+                let Some((off, len)) = requests.next() else {
+                    break;
+                };
+                *slot = Some((off, len, 0));
                 // SAFETY: slot `i` of the buffer is idle until its completion
-                // arrives; the buffer and file outlive the loop, which drains
-                // every request before returning.
+                // arrives; the buffer is owned by `self` and the file by the
+                // caller, and both stay alive until every request has drained
+                // (or are leaked when waiting fails).
                 unsafe {
                     let ptr = base.add(i * bs);
                     if write {
-                        ring.push_write_plain(fd, ptr, len as u32, next, i as u64);
+                        ring.push_write_plain(fd, ptr, len as u32, off, i as u64);
                     } else {
-                        ring.push_read_plain(fd, ptr, len as u32, next, i as u64);
+                        ring.push_read_plain(fd, ptr, len as u32, off, i as u64);
                     }
                 }
-                next += len;
                 in_flight += 1;
             }
             if in_flight == 0 {
@@ -128,9 +160,8 @@ fn uring_loop(group: &[&RootFile], bs: usize, qd: usize, write: bool) -> Result<
             }
             if let Err(e) = ring.submit_and_wait(1) {
                 // Requests may still be in flight: never free their buffer.
-                std::mem::forget(buf);
-                std::mem::forget(file);
-                return Err(Error::io("io_uring wait", e));
+                std::mem::forget(self.buf.take());
+                return Err(RawError::Wait(Error::io("io_uring wait", e)));
             }
             for (ud, res) in ring.completions() {
                 in_flight -= 1;
@@ -139,7 +170,7 @@ fn uring_loop(group: &[&RootFile], bs: usize, qd: usize, write: bool) -> Result<
                 if res <= 0 {
                     error.get_or_insert_with(|| {
                         Error::io(
-                            format!("raw I/O on {} at {}", f.path.display(), off + done),
+                            format!("raw I/O on {} at {}", path.display(), off + done),
                             if res == 0 {
                                 std::io::ErrorKind::UnexpectedEof.into()
                             } else {
@@ -170,8 +201,34 @@ fn uring_loop(group: &[&RootFile], bs: usize, qd: usize, write: bool) -> Result<
                 }
             }
         }
-        if let Some(e) = error {
-            return Err(e);
+        match error {
+            Some(e) => Err(RawError::Io(e)),
+            None => Ok(total),
+        }
+    }
+}
+
+/// Sequential O_DIRECT I/O through io_uring with `qd` requests of `bs` bytes
+/// in flight per root, over `files` in order (reads), or into scratch files
+/// of the same sizes followed by fsync (writes).
+fn uring_loop(group: &[&RootFile], bs: usize, qd: usize, write: bool) -> Result<u64> {
+    let mut raw = RawRing::new(bs, qd, write.then_some(0xa5))?;
+    let mut total = 0u64;
+    for f in group {
+        let file = open_direct(&f.path, write)?;
+        if write {
+            preallocate(&file, &f.path, f.size)?;
+        }
+        let requests = (0..f.size)
+            .step_by(bs)
+            .map(|off| (off, (f.size - off).min(bs as u64)));
+        match raw.run(&file, &f.path, requests, write) {
+            Ok(n) => total += n,
+            Err(RawError::Io(e)) => return Err(e),
+            Err(RawError::Wait(e)) => {
+                std::mem::forget(file);
+                return Err(e);
+            }
         }
         if write {
             file.sync_all()
@@ -302,96 +359,23 @@ pub fn memcpy(bytes: usize) -> Result<f64> {
 /// Writes create (and preallocate) the file without fsync, as KV stores do;
 /// reads need the file written first. Returns GiB/s.
 pub fn odirect_random(path: &Path, bs: usize, qd: usize, blocks: u64, write: bool) -> Result<f64> {
-    let mut ring = Ring::new(qd as u32).ctx(|| "io_uring setup".into())?;
-    let mut buf = AlignedBuf::new(bs * qd)?;
-    buf.as_mut_slice().fill(0x5a);
-    let base = buf.as_mut_ptr();
+    let mut raw = RawRing::new(bs, qd, Some(0x5a))?;
     let file = open_direct(path, write)?;
     if write {
         preallocate(&file, path, blocks * bs as u64)?;
     }
-    let fd = file.as_fd();
-    let order = shuffled(blocks);
+    let requests = shuffled(blocks)
+        .into_iter()
+        .map(|b| (b * bs as u64, bs as u64));
     let start = Instant::now();
-    // (offset, done) per slot; requests are whole `bs` blocks.
-    let mut slots: Vec<Option<(u64, u64)>> = vec![None; qd];
-    let mut next = 0usize;
-    let mut in_flight = 0;
-    let mut total = 0u64;
-    let mut error = None;
-    let len = bs as u64;
-    loop {
-        for (i, slot) in slots.iter_mut().enumerate() {
-            if slot.is_some() || next >= order.len() || error.is_some() {
-                continue;
-            }
-            let off = order[next] * len;
-            next += 1;
-            *slot = Some((off, 0));
-            // SAFETY: slot `i` of the buffer is idle until its completion
-            // arrives; buffer and file outlive the loop, which drains every
-            // request before returning.
-            unsafe {
-                let ptr = base.add(i * bs);
-                if write {
-                    ring.push_write_plain(fd, ptr, bs as u32, off, i as u64);
-                } else {
-                    ring.push_read_plain(fd, ptr, bs as u32, off, i as u64);
-                }
-            }
-            in_flight += 1;
-        }
-        if in_flight == 0 {
-            break;
-        }
-        if let Err(e) = ring.submit_and_wait(1) {
-            // Requests may still be in flight: never free their buffer.
-            std::mem::forget(buf);
+    match raw.run(&file, path, requests, write) {
+        Ok(total) => Ok(gib_per_s(total, start.elapsed().as_secs_f64())),
+        Err(RawError::Io(e)) => Err(e),
+        Err(RawError::Wait(e)) => {
             std::mem::forget(file);
-            return Err(Error::io("io_uring wait", e));
-        }
-        for (ud, res) in ring.completions() {
-            in_flight -= 1;
-            let i = ud as usize;
-            let (off, done) = slots[i].expect("in flight");
-            if res <= 0 {
-                error.get_or_insert_with(|| {
-                    Error::io(
-                        format!("raw I/O on {} at {}", path.display(), off + done),
-                        if res == 0 {
-                            std::io::ErrorKind::UnexpectedEof.into()
-                        } else {
-                            std::io::Error::from_raw_os_error(-res)
-                        },
-                    )
-                });
-                slots[i] = None;
-                continue;
-            }
-            let done = done + res as u64;
-            if done < len && error.is_none() {
-                slots[i] = Some((off, done));
-                // SAFETY: as above; the remainder stays inside slot `i`.
-                unsafe {
-                    let ptr = base.add(i * bs + done as usize);
-                    let rest = (len - done) as u32;
-                    if write {
-                        ring.push_write_plain(fd, ptr, rest, off + done, i as u64);
-                    } else {
-                        ring.push_read_plain(fd, ptr, rest, off + done, i as u64);
-                    }
-                }
-                in_flight += 1;
-            } else {
-                slots[i] = None;
-                total += len;
-            }
+            Err(e)
         }
     }
-    if let Some(e) = error {
-        return Err(e);
-    }
-    Ok(gib_per_s(total, start.elapsed().as_secs_f64()))
 }
 
 /// `0..n` in a fixed pseudo-random order (Fisher-Yates, xorshift).
