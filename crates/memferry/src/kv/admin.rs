@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::access::last_access;
 use super::format::{BlockHeader, HEADER_BYTES};
-use super::namespace::{NAMESPACE_FILE, Namespace};
+use super::namespace::Namespace;
 use super::scan::{ScannedBlock, scan};
 use super::stats::{self, Counters};
 use crate::integrity::crc32c;
@@ -41,23 +41,10 @@ pub fn namespaces_under(dir: &Path) -> Result<Vec<NamespaceDir>> {
         ))
     })?;
     let read = |d: &Path| -> Result<Option<NamespaceDir>> {
-        let file = d.join(NAMESPACE_FILE);
-        match std::fs::read(&file) {
-            Ok(bytes) => {
-                let namespace = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::InvalidInput(format!(
-                        "{} is not a valid namespace description ({e})",
-                        file.display()
-                    ))
-                })?;
-                Ok(Some(NamespaceDir {
-                    dir: d.to_path_buf(),
-                    namespace,
-                }))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("reading {}", file.display()), e)),
-        }
+        Ok(Namespace::read(d)?.map(|namespace| NamespaceDir {
+            dir: d.to_path_buf(),
+            namespace,
+        }))
     };
     if let Some(ns) = read(dir)? {
         return Ok(vec![ns]);
@@ -133,23 +120,10 @@ pub fn stats(dir: &Path) -> Result<RootStats> {
         };
         out.blocks += s.blocks;
         out.bytes += s.bytes;
-        out.counters = add(out.counters, s.counters);
+        out.counters.add(&s.counters);
         out.namespaces.push(s);
     }
     Ok(out)
-}
-
-fn add(a: Counters, b: Counters) -> Counters {
-    Counters {
-        hits: a.hits + b.hits,
-        misses: a.misses + b.misses,
-        stores: a.stores + b.stores,
-        already_stored: a.already_stored + b.already_stored,
-        dropped: a.dropped + b.dropped,
-        loads: a.loads + b.loads,
-        failed: a.failed + b.failed,
-        evictions: a.evictions + b.evictions,
-    }
 }
 
 /// What an eviction did.

@@ -95,37 +95,41 @@ impl Namespace {
         self.validate()?;
         crate::storage::roots::check_dir(root)?;
         let dir = root.join(self.dir_name());
+        if let Some(found) = Namespace::read(&dir)? {
+            if &found != self {
+                return Err(Error::InvalidInput(format!(
+                    "namespace mismatch: {} describes {found:?}, not {self:?}; blocks of different namespaces never mix",
+                    dir.join(NAMESPACE_FILE).display()
+                )));
+            }
+            return Ok(dir);
+        }
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Error::io(format!("creating {}", dir.display()), e));
+            }
+        }
+        let body = serde_json::to_vec_pretty(self).expect("namespace serialises");
+        // Several processes may create the same namespace at once:
+        // each writes the same bytes atomically.
+        write_atomic(&dir.join(NAMESPACE_FILE), &body)?;
+        Ok(dir)
+    }
+
+    /// The namespace described by `dir`'s `namespace.json`, or `None` when
+    /// the directory has none.
+    pub fn read(dir: &Path) -> Result<Option<Namespace>> {
         let file = dir.join(NAMESPACE_FILE);
         match std::fs::read(&file) {
-            Ok(bytes) => {
-                let found: Namespace = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::InvalidInput(format!(
-                        "{} is not a valid namespace description ({e}); move the directory aside",
-                        file.display()
-                    ))
-                })?;
-                if &found != self {
-                    return Err(Error::InvalidInput(format!(
-                        "namespace mismatch: {} describes {found:?}, not {self:?}; blocks of different namespaces never mix",
-                        file.display()
-                    )));
-                }
-                Ok(dir)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                match std::fs::create_dir(&dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(e) => {
-                        return Err(Error::io(format!("creating {}", dir.display()), e));
-                    }
-                }
-                let body = serde_json::to_vec_pretty(self).expect("namespace serialises");
-                // Several processes may create the same namespace at once:
-                // each writes the same bytes atomically.
-                write_atomic(&file, &body)?;
-                Ok(dir)
-            }
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Error::InvalidInput(format!(
+                    "{} is not a valid namespace description ({e}); move the directory aside",
+                    file.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("reading {}", file.display()), e)),
         }
     }

@@ -41,7 +41,8 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn add(&mut self, o: &Counters) {
+    /// Adds `o`'s counts to these.
+    pub fn add(&mut self, o: &Counters) {
         self.hits += o.hits;
         self.misses += o.misses;
         self.stores += o.stores;
