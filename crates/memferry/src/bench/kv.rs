@@ -258,9 +258,11 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
     failed += count(&loaded_results, &|o| matches!(o, KeyOutcome::Failed(_)));
     note_failures(&loaded_results, &mut failures);
     // Every loaded block must hold exactly what its key was stored with.
-    let page = |mem: &[Arc<HostRegion>], t: usize, b: u64| -> Vec<u8> {
-        let p = pages(o.block_size)[t] as usize;
-        mem[t].as_slice()[b as usize * p..(b as usize + 1) * p].to_vec()
+    let page_sizes = pages(o.block_size);
+    let same_page = |t: usize, b: u64| {
+        let p = page_sizes[t] as usize;
+        let range = b as usize * p..(b as usize + 1) * p;
+        dst[t].as_slice()[range.clone()] == src[t].as_slice()[range]
     };
     for r in &loaded_results {
         for k in &r.keys {
@@ -268,8 +270,8 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
                 continue;
             }
             let g = keys.iter().position(|x| *x == k.key).expect("our key") as u64;
-            let wrong = (g * per_file..(g + 1) * per_file)
-                .any(|b| (0..2).any(|t| page(&dst, t, b) != page(&src, t, b)));
+            let wrong =
+                (g * per_file..(g + 1) * per_file).any(|b| (0..2).any(|t| !same_page(t, b)));
             if wrong {
                 failed += 1;
                 if failures.len() < 10 {
