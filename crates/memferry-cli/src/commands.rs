@@ -115,7 +115,7 @@ pub fn run(cli: Cli, m: &ArgMatches) -> Result<()> {
         }
         Command::Gc(a) => gc(a, json),
         Command::Quickstart(a) => crate::quickstart::run(a, json),
-        Command::Kv(a) => crate::kv::run(a, json),
+        Command::Kv(a) => crate::kv::run(a, s3, json),
     }
 }
 

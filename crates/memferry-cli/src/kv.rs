@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use memferry::bench::kv::{KvBenchOptions, KvBenchReport};
 use memferry::kv::admin;
+use memferry::storage::location::Location;
 use memferry::transfer::BackendKind;
 use memferry::units::format_bytes;
 
@@ -13,7 +14,7 @@ fn size(s: &str) -> std::result::Result<u64, String> {
     memferry::units::parse_size(s).map_err(|e| e.to_string())
 }
 
-/// KV-cache block stores on local and shared filesystems.
+/// KV-cache block stores on local and shared filesystems and S3 buckets.
 #[derive(Args, Debug)]
 pub struct KvArgs {
     #[command(subcommand)]
@@ -22,7 +23,8 @@ pub struct KvArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum KvCommand {
-    /// Measure store, lookup and load of KV blocks against the raw disk.
+    /// Measure store, lookup and load of KV blocks against the raw disk or
+    /// plain PUT/GET loops on S3.
     Bench(KvBenchArgs),
     /// Blocks, bytes and counters of a KV root or one namespace directory.
     Stats(KvDirArgs),
@@ -34,7 +36,8 @@ pub enum KvCommand {
 
 #[derive(Args, Debug)]
 pub struct KvBenchArgs {
-    /// KV root directory (created namespaces go inside).
+    /// KV root: a directory or s3://bucket/prefix (created namespaces go
+    /// inside).
     #[arg(long, env = "MEMFERRY_KV_ROOT")]
     pub root: PathBuf,
     /// Bytes of one KV block (all tensors' pages of one block id).
@@ -65,7 +68,8 @@ pub struct KvBenchArgs {
     /// Capacity of the store in bytes (LRU eviction beyond it).
     #[arg(long, env = "MEMFERRY_KV_CAPACITY", value_parser = size)]
     pub capacity: Option<u64>,
-    /// Backend: auto (direct where it works), buffered or direct.
+    /// Backend for block files: auto (direct where it works), buffered or
+    /// direct (ignored on S3).
     #[arg(long, env = "MEMFERRY_BACKEND", default_value = "auto")]
     pub backend: BackendKind,
 }
@@ -104,10 +108,10 @@ pub fn op_name(a: &KvArgs) -> &'static str {
     }
 }
 
-pub fn run(a: KvArgs, json: bool) -> Result<()> {
+pub fn run(a: KvArgs, s3: &crate::args::S3Args, json: bool) -> Result<()> {
     let op = op_name(&a);
     match a.command {
-        KvCommand::Bench(b) => bench(b, json),
+        KvCommand::Bench(b) => bench(b, s3, json),
         KvCommand::Stats(d) => {
             let s = admin::stats(&d.dir)?;
             if json {
@@ -186,12 +190,19 @@ pub fn run(a: KvArgs, json: bool) -> Result<()> {
     }
 }
 
-fn bench(b: KvBenchArgs, json: bool) -> Result<()> {
+fn bench(b: KvBenchArgs, s3: &crate::args::S3Args, json: bool) -> Result<()> {
+    let root = Location::parse(&b.root)?;
+    let s3 = if root.is_s3() {
+        Some(s3.config()?)
+    } else {
+        None
+    };
     let seed = b.seed.unwrap_or_else(|| {
         u64::from_str_radix(&memferry::storage::durable::unique_id(), 16).unwrap_or(1)
     });
     let o = KvBenchOptions {
-        root: b.root,
+        root,
+        s3,
         block_size: b.block_size,
         blocks: b.blocks,
         blocks_per_file: b.blocks_per_file,
@@ -238,7 +249,7 @@ fn print_bench(r: &KvBenchReport, seed: u64) {
         format_bytes(r.block_size),
         r.blocks_per_file,
         format_bytes(r.file_bytes),
-        r.root.display(),
+        r.root,
         r.backend,
         r.mode
     );

@@ -219,7 +219,7 @@ fn corrupt_truncated_missing_and_foreign_blocks_fail_per_key() {
     let store = KvStore::open(config(root.path(), 1, BackendKind::Direct), src).unwrap();
     let keys: Vec<BlockKey> = (0..5).map(key).collect();
     assert!(store_keys(&store, &keys, &[0, 1, 2, 3, 4]).succeeded());
-    let path = |i: u64| store.dir().join(key(i).rel_path());
+    let path = |i: u64| store.dir().unwrap().join(key(i).rel_path());
     // 1: one payload bit flipped.
     let mut bytes = std::fs::read(path(1)).unwrap();
     bytes[4096 + 100] ^= 0x10;
@@ -241,7 +241,7 @@ fn corrupt_truncated_missing_and_foreign_blocks_fail_per_key() {
     c.backend = BackendKind::Buffered;
     let other = KvStore::open(c, other_mem).unwrap();
     assert!(store_keys(&other, &[key(4)], &[4]).succeeded());
-    std::fs::copy(other.dir().join(key(4).rel_path()), path(4)).unwrap();
+    std::fs::copy(other.dir().unwrap().join(key(4).rel_path()), path(4)).unwrap();
 
     let (dst, dst_mem) = tensors(0);
     let reader = KvStore::open(config(root.path(), 1, BackendKind::Direct), dst).unwrap();
@@ -335,16 +335,16 @@ fn eviction_holds_usage_under_capacity_and_spares_protected_and_recent_blocks() 
         }
         // Keep key 1 hot: it is touched after every store.
         store.touch(&[key(1)]);
-        let on_disk = block_files(store.dir()).len() as u64 * file;
+        let on_disk = block_files(store.dir().unwrap()).len() as u64 * file;
         assert!(on_disk <= 5 * file, "usage {on_disk} over capacity");
         assert!(store.stats().bytes <= 5 * file);
         assert!(
-            store.dir().join(key(0).rel_path()).exists(),
+            store.dir().unwrap().join(key(0).rel_path()).exists(),
             "protected block evicted at step {i}"
         );
     }
     assert!(
-        store.dir().join(key(1).rel_path()).exists(),
+        store.dir().unwrap().join(key(1).rel_path()).exists(),
         "hot block kept"
     );
     assert!(store.stats().counters.evictions >= 10);
@@ -352,7 +352,7 @@ fn eviction_holds_usage_under_capacity_and_spares_protected_and_recent_blocks() 
     // Unprotected and least recently used: goes first now.
     let before = store.stats();
     assert_eq!(store.evict_to(before.bytes - file), 1);
-    assert!(!store.dir().join(key(0).rel_path()).exists());
+    assert!(!store.dir().unwrap().join(key(0).rel_path()).exists());
     assert_eq!(store.stats().blocks, before.blocks - 1);
     // A capacity every block is protected from reaching fails the store
     // cleanly instead of evicting a protected block.
@@ -372,7 +372,11 @@ fn eviction_holds_usage_under_capacity_and_spares_protected_and_recent_blocks() 
     }
     let m = refused.expect("a store beyond a fully protected capacity fails");
     assert!(m.contains("capacity"), "{m}");
-    assert_eq!(block_files(store.dir()).len(), 5, "full, nothing evicted");
+    assert_eq!(
+        block_files(store.dir().unwrap()).len(),
+        5,
+        "full, nothing evicted"
+    );
 }
 
 #[test]
@@ -408,7 +412,7 @@ fn a_full_store_queue_reports_dropped_and_loads_go_first() {
     );
     assert!(!results[1].succeeded());
     assert_eq!(store.stats().counters.dropped, 5);
-    assert!(!store.dir().join(keys[2].rel_path()).exists());
+    assert!(!store.dir().unwrap().join(keys[2].rel_path()).exists());
 
     // Loads overtake queued stores.
     // SAFETY: as above.
@@ -445,14 +449,17 @@ fn cancel_stops_a_job_and_publishes_nothing_partial() {
     let cancelled = r.count(|o| *o == KeyOutcome::Cancelled);
     assert!(cancelled >= 14, "{r:?}");
     for k in &r.keys {
-        let exists = store.dir().join(k.key.rel_path()).exists();
+        let exists = store.dir().unwrap().join(k.key.rel_path()).exists();
         match k.outcome {
             KeyOutcome::Stored => assert!(exists),
             KeyOutcome::Cancelled => assert!(!exists, "cancelled key {} published", k.key),
             ref o => panic!("unexpected {o:?}"),
         }
     }
-    assert!(temp_files(store.dir()).is_empty(), "temporary files left");
+    assert!(
+        temp_files(store.dir().unwrap()).is_empty(),
+        "temporary files left"
+    );
     assert!(!store.cancel(job), "already finished");
     assert!(
         memferry::kv::admin::verify(root.path(), false)
@@ -521,10 +528,10 @@ fn a_restart_keeps_the_access_record_and_the_index_consistent_with_the_files() {
     assert_eq!(store.lookup(&[key(0), key(1), key(2), key(3), key(4)]), 3);
     // LRU after restart: 1 and 2 are oldest; 0 was touched before the restart.
     store.evict_to(3 * file);
-    let left: BTreeSet<PathBuf> = block_files(store.dir());
+    let left: BTreeSet<PathBuf> = block_files(store.dir().unwrap());
     let want: BTreeSet<PathBuf> = [0, 4, 5]
         .iter()
-        .map(|&i| store.dir().join(key(i).rel_path()))
+        .map(|&i| store.dir().unwrap().join(key(i).rel_path()))
         .collect();
     assert_eq!(left, want);
     drop(store);
@@ -651,7 +658,10 @@ fn a_full_disk_fails_the_store_cleanly_and_keeps_existing_blocks() {
     let m = failure.expect("the disk filled up");
     assert!(m.contains("full") || m.contains("space"), "{m}");
     assert!(!stored.is_empty());
-    assert!(temp_files(store.dir()).is_empty(), "temporary files left");
+    assert!(
+        temp_files(store.dir().unwrap()).is_empty(),
+        "temporary files left"
+    );
     drop(store);
     let (dst, dst_mem) = tensors(0);
     let reader = KvStore::open(c, dst).unwrap();
@@ -694,5 +704,8 @@ fn background_eviction_brings_the_filesystem_down_to_the_low_watermark() {
     }
     assert!(used(&disk.0) <= 0.15, "still {:.2} used", used(&disk.0));
     assert!(store.stats().counters.evictions > 0);
-    assert!(store.dir().join(key(0).rel_path()).exists(), "protected");
+    assert!(
+        store.dir().unwrap().join(key(0).rel_path()).exists(),
+        "protected"
+    );
 }

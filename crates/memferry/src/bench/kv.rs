@@ -1,6 +1,8 @@
 //! `memferry kv bench`: store, lookup and load throughput of the KV block
-//! store, with the raw-disk limit (O_DIRECT random I/O through io_uring at
-//! the same request size and queue depth) measured in the same run.
+//! store, with the raw limit measured in the same run at the same request
+//! size and requests in flight: O_DIRECT random I/O through io_uring on a
+//! filesystem root, plain concurrent whole-object PUTs and GETs on an
+//! `s3://` root.
 //!
 //! Keys and contents are derived from the seed, so several processes with
 //! the same seed store overlapping keys with identical bytes; every loaded
@@ -12,11 +14,16 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use bytes::Bytes;
+
 use super::limits::odirect_random;
+use super::object::{get_objects, put_objects};
 use crate::kv::{
     BlockKey, JobId, JobResult, KeyOutcome, KvConfig, KvLayout, KvStore, KvTensor, Namespace,
 };
 use crate::memory::{HostRegion, Region as _};
+use crate::storage::location::Location;
+use crate::storage::s3::{ObjectClient, S3Config, S3Overrides};
 use crate::transfer::BackendKind;
 use crate::units::gib_per_s;
 use crate::{Error, Result};
@@ -24,8 +31,10 @@ use crate::{Error, Result};
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct KvBenchOptions {
-    /// KV root to store into.
-    pub root: PathBuf,
+    /// KV root to store into (a directory or `s3://bucket/prefix`).
+    pub root: Location,
+    /// S3 settings for an `s3://` root (default: the AWS environment).
+    pub s3: Option<S3Config>,
     /// Bytes of one KV block (all tensors' pages of one block id).
     pub block_size: u64,
     /// Blocks stored and loaded.
@@ -57,7 +66,8 @@ pub struct Phase {
     pub seconds: f64,
     /// Keys moved.
     pub keys: u64,
-    /// Raw O_DIRECT random I/O at the same size and queue depth, same run.
+    /// The raw limit at the same size and requests in flight, same run:
+    /// O_DIRECT random I/O, or plain whole-object PUTs/GETs on S3.
     pub limit_gib_per_s: Option<f64>,
     /// `gib_per_s / limit_gib_per_s`.
     pub ratio: Option<f64>,
@@ -89,7 +99,7 @@ pub struct LookupCost {
 #[derive(Debug, Clone, Serialize)]
 pub struct KvBenchReport {
     /// Where.
-    pub root: PathBuf,
+    pub root: String,
     /// Backend asked for.
     pub backend: String,
     /// What the backend ran.
@@ -163,8 +173,13 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
     let (src_layout, src) = layout(o, true)?;
     let (dst_layout, dst) = layout(o, false)?;
     let mut notes = Vec::new();
+    let s3 = match (&o.root, &o.s3) {
+        (Location::S3(_), None) => Some(S3Config::from_env(&S3Overrides::default())?),
+        (_, s3) => s3.clone(),
+    };
     let config = |workers: usize| {
-        let mut c = KvConfig::new(&o.root, namespace.clone());
+        let mut c = KvConfig::new(o.root.clone(), namespace.clone());
+        c.s3 = s3.clone();
         c.backend = o.backend;
         c.workers = workers;
         c.batch = o.batch;
@@ -173,15 +188,12 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
         c
     };
 
-    // Raw limits go next to the blocks, on the same filesystem.
-    let scratch = RemoveOnDrop(o.root.join(format!(
-        ".memferry-kv-bench-limit-{}.tmp",
-        std::process::id()
-    )));
     let store_store = KvStore::open(config(o.writers), src_layout)?;
     let file_bytes = store_store.file_bytes();
+    // Raw limits go next to the blocks, on the same filesystem or bucket.
+    let raw = RawLimit::next_to(&o.root, s3.as_ref(), file_bytes, groups)?;
     let store_qd = o.writers * o.batch;
-    let limit_write = limit(&scratch.0, file_bytes, store_qd, groups, true, &mut notes);
+    let limit_write = raw.measure(store_qd, true, &mut notes);
 
     let ids: Vec<u64> = (0..o.blocks).collect();
     let t = Instant::now();
@@ -219,8 +231,8 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
     drop(store_store);
 
     let load_qd = o.readers * o.batch;
-    let limit_read = limit(&scratch.0, file_bytes, load_qd, groups, false, &mut notes);
-    drop(scratch);
+    let limit_read = raw.measure(load_qd, false, &mut notes);
+    drop(raw);
 
     let loader = KvStore::open(config(o.readers), dst_layout)?;
     // Lookup with a warm index: one call to confirm, then timed calls.
@@ -310,9 +322,15 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
     if !o.keep {
         // Only this run's keys; the namespace directory goes when empty.
         loader.remove(&keys)?;
-        let dir = loader.dir().to_path_buf();
+        let dir = loader.dir().map(|d| d.to_path_buf());
         drop(loader);
-        remove_if_only_records(&dir);
+        match (dir, &o.root) {
+            (Some(dir), _) => remove_if_only_records(&dir),
+            (None, Location::S3(url)) => {
+                remove_namespace_if_empty(s3.as_ref(), url, &namespace.dir_name())
+            }
+            (None, Location::Local(_)) => {}
+        }
     } else {
         drop(loader);
     }
@@ -329,8 +347,12 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
         }
     };
     Ok(KvBenchReport {
-        root: o.root.clone(),
-        backend: o.backend.to_string(),
+        root: o.root.to_string(),
+        backend: if o.root.is_s3() {
+            "s3".into()
+        } else {
+            o.backend.to_string()
+        },
         mode: if load_mode.is_empty() {
             store_mode
         } else {
@@ -358,12 +380,96 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
     })
 }
 
-/// Deletes a file when dropped (the raw-limit scratch file, on every path).
-struct RemoveOnDrop(PathBuf);
+/// Where the raw limit is measured, next to the blocks; its scratch data
+/// is removed when dropped, on every path.
+enum RawLimit {
+    /// O_DIRECT random I/O on a scratch file in the KV root.
+    Disk { path: PathBuf, bs: u64, count: u64 },
+    /// Plain concurrent whole-object PUTs, then GETs, of `keys`.
+    Bucket {
+        client: Box<ObjectClient>,
+        keys: Vec<String>,
+        body: Bytes,
+    },
+}
 
-impl Drop for RemoveOnDrop {
+impl RawLimit {
+    fn next_to(root: &Location, s3: Option<&S3Config>, bs: u64, count: u64) -> Result<Self> {
+        let scratch = format!(".memferry-kv-bench-limit-{}", std::process::id());
+        Ok(match root {
+            Location::Local(dir) => RawLimit::Disk {
+                path: dir.join(format!("{scratch}.tmp")),
+                bs,
+                count,
+            },
+            Location::S3(url) => {
+                let cfg = s3.expect("S3 settings are resolved for s3:// roots");
+                RawLimit::Bucket {
+                    client: Box::new(ObjectClient::new(cfg, &url.bucket)?),
+                    keys: (0..count)
+                        .map(|i| url.key(&format!("{scratch}/{i:06}")))
+                        .collect(),
+                    body: Bytes::from(vec![0x5a; bs as usize]),
+                }
+            }
+        })
+    }
+
+    /// GiB/s with `qd` requests in flight; a write first (the read reads
+    /// what the write left).
+    fn measure(&self, qd: usize, write: bool, notes: &mut Vec<String>) -> Option<f64> {
+        let r = match self {
+            RawLimit::Disk { path, bs, count } => {
+                odirect_random(path, *bs as usize, qd, *count, write)
+            }
+            RawLimit::Bucket { client, keys, body } if write => put_objects(client, keys, body, qd),
+            RawLimit::Bucket { client, keys, .. } => get_objects(client, keys, qd),
+        };
+        match r {
+            Ok(g) => Some(g),
+            Err(e) => {
+                notes.push(format!(
+                    "raw {} limit not measured: {e}",
+                    if write { "write" } else { "read" }
+                ));
+                None
+            }
+        }
+    }
+}
+
+impl Drop for RawLimit {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        match self {
+            RawLimit::Disk { path, .. } => {
+                let _ = std::fs::remove_file(path);
+            }
+            RawLimit::Bucket { client, keys, .. } => {
+                let _ = client.delete_many(keys);
+            }
+        }
+    }
+}
+
+/// Deletes a bench namespace on S3 that holds no blocks any more (only its
+/// records: namespace, layout, counters, access markers).
+fn remove_namespace_if_empty(
+    s3: Option<&S3Config>,
+    url: &crate::storage::location::S3Url,
+    ns: &str,
+) {
+    let Some(cfg) = s3 else { return };
+    let Ok(client) = ObjectClient::new(cfg, &url.bucket) else {
+        return;
+    };
+    let prefix = url.key(ns);
+    let Ok(objects) = client.list(&format!("{prefix}/")) else {
+        return;
+    };
+    let block = format!(".{}", crate::kv::key::BLOCK_EXT);
+    if objects.iter().all(|o| !o.key.ends_with(&block)) {
+        let keys: Vec<String> = objects.into_iter().map(|o| o.key).collect();
+        let _ = client.delete_many(&keys);
     }
 }
 
@@ -426,26 +532,6 @@ fn layout(o: &KvBenchOptions, fill: bool) -> Result<(KvLayout, Vec<Arc<HostRegio
         });
     }
     Ok((KvLayout::new(tensors)?, regions))
-}
-
-fn limit(
-    path: &std::path::Path,
-    bs: u64,
-    qd: usize,
-    blocks: u64,
-    write: bool,
-    notes: &mut Vec<String>,
-) -> Option<f64> {
-    match odirect_random(path, bs as usize, qd, blocks, write) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            notes.push(format!(
-                "raw {} limit not measured: {e}",
-                if write { "write" } else { "read" }
-            ));
-            None
-        }
-    }
 }
 
 fn wait_all(store: &KvStore, jobs: &[JobId]) -> Result<Vec<JobResult>> {

@@ -217,6 +217,19 @@ fn raw_puts(client: &ObjectClient, url: &S3Url, total: u64, block: &Bytes) -> Re
     let keys: Vec<String> = (0..count)
         .map(|i| url.key(&format!("raw-put/{i:06}")))
         .collect();
+    let g = put_objects(client, &keys, block, client.config().concurrency)?;
+    client.delete_many(&keys)?;
+    Ok(g)
+}
+
+/// The raw PUT loop: `body` to every key, `in_flight` requests at once;
+/// GiB/s.
+pub(crate) fn put_objects(
+    client: &ObjectClient,
+    keys: &[String],
+    body: &Bytes,
+    in_flight: usize,
+) -> Result<f64> {
     let t = Instant::now();
     let store = client.store();
     client.run(
@@ -224,16 +237,40 @@ fn raw_puts(client: &ObjectClient, url: &S3Url, total: u64, block: &Bytes) -> Re
             store
                 .put(
                     &ObjectPath::from(k.as_str()),
-                    PutPayload::from(block.clone()),
+                    PutPayload::from(body.clone()),
                 )
                 .await
                 .map(|_| ())
                 .map_err(|e| client.error("PUT", k, e))
         }))
-        .buffer_unordered(client.config().concurrency)
+        .buffer_unordered(in_flight.max(1))
         .try_collect::<Vec<()>>(),
     )?;
-    let g = gib_per_s(count * RAW_REQUEST, t.elapsed().as_secs_f64());
-    client.delete_many(&keys)?;
-    Ok(g)
+    Ok(gib_per_s(
+        keys.len() as u64 * body.len() as u64,
+        t.elapsed().as_secs_f64(),
+    ))
+}
+
+/// The raw GET loop: every key whole, `in_flight` requests at once; GiB/s.
+pub(crate) fn get_objects(client: &ObjectClient, keys: &[String], in_flight: usize) -> Result<f64> {
+    let t = Instant::now();
+    let store = client.store();
+    let bytes: Vec<u64> = client.run(
+        futures::stream::iter(keys.iter().map(|k| async move {
+            let res = store
+                .get(&ObjectPath::from(k.as_str()))
+                .await
+                .map_err(|e| client.error("GET", k, e))?;
+            let mut n = 0u64;
+            let mut body = res.into_stream();
+            while let Some(c) = body.next().await {
+                n += c.map_err(|e| client.error("GET", k, e))?.len() as u64;
+            }
+            Ok::<u64, Error>(n)
+        }))
+        .buffer_unordered(in_flight.max(1))
+        .try_collect(),
+    )?;
+    Ok(gib_per_s(bytes.iter().sum(), t.elapsed().as_secs_f64()))
 }

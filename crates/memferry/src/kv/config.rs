@@ -1,9 +1,10 @@
 //! Settings of a KV block store.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use super::namespace::Namespace;
+use crate::storage::location::Location;
+use crate::storage::s3::S3Config;
 use crate::transfer::{BackendKind, Tuning};
 use crate::{Error, Result};
 
@@ -13,11 +14,15 @@ pub const CAPACITY_LOW_FRACTION: f64 = 0.9;
 /// How a [`super::KvStore`] is opened.
 #[derive(Debug, Clone)]
 pub struct KvConfig {
-    /// Directory holding namespaces (a local disk or a shared filesystem).
-    pub root: PathBuf,
+    /// Where namespaces live: a directory on a local disk or a shared
+    /// filesystem, or `s3://bucket/prefix`.
+    pub root: Location,
+    /// S3 settings for an `s3://` root (default: the standard AWS
+    /// environment, read when the store opens).
+    pub s3: Option<S3Config>,
     /// Which blocks this store reads and writes.
     pub namespace: Namespace,
-    /// I/O backend for the block bytes.
+    /// I/O backend for block files (filesystem roots only).
     pub backend: BackendKind,
     /// Backend knobs (`chunk_size`, test hooks); the queue depth of one
     /// backend call is `batch`.
@@ -38,7 +43,7 @@ pub struct KvConfig {
     /// exceed it first evicts least recently used blocks down to 90%.
     pub capacity: Option<u64>,
     /// Fraction of the filesystem's space in use above which background
-    /// eviction starts.
+    /// eviction starts (filesystem roots only; on S3 use `capacity`).
     pub high_watermark: Option<f64>,
     /// Fraction background eviction frees down to (default: high - 0.1).
     pub low_watermark: Option<f64>,
@@ -59,9 +64,10 @@ pub struct KvConfig {
 
 impl KvConfig {
     /// Defaults for everything but the root and namespace.
-    pub fn new(root: impl Into<PathBuf>, namespace: Namespace) -> Self {
+    pub fn new(root: impl Into<Location>, namespace: Namespace) -> Self {
         Self {
             root: root.into(),
+            s3: None,
             namespace,
             backend: BackendKind::Auto,
             tuning: Tuning::default(),
@@ -117,6 +123,12 @@ impl KvConfig {
             }
         } else if self.low_watermark.is_some() {
             return bad("a low watermark needs a high watermark".into());
+        }
+        if self.root.is_s3() && high.is_some() {
+            return bad(format!(
+                "{} is a bucket, which has no filesystem watermarks: bound it with a capacity instead",
+                self.root
+            ));
         }
         Ok(())
     }

@@ -11,13 +11,16 @@
 //! - [`admin`]: what operators run on a whole KV root (stats, evict,
 //!   verify), without opening a store.
 //!
-//! Internals: `block_io` moves block files through the transfer backends,
-//! `index` is the in-memory view of what is stored, `scan` walks a
-//! namespace, `access` is the on-disk access record used for LRU.
+//! Internals: `backing` is where blocks live at rest (files moved through
+//! the transfer backends, or S3 objects), `codec` turns pages into a block
+//! image and back, `index` is the in-memory view of what is stored, `scan`
+//! walks a namespace directory, `access` is the on-disk access record used
+//! for LRU.
 
 pub mod access;
 pub mod admin;
-mod block_io;
+mod backing;
+mod codec;
 pub mod config;
 pub mod format;
 mod index;

@@ -96,12 +96,7 @@ impl Namespace {
         crate::storage::roots::check_dir(root)?;
         let dir = root.join(self.dir_name());
         if let Some(found) = Namespace::read(&dir)? {
-            if &found != self {
-                return Err(Error::InvalidInput(format!(
-                    "namespace mismatch: {} describes {found:?}, not {self:?}; blocks of different namespaces never mix",
-                    dir.join(NAMESPACE_FILE).display()
-                )));
-            }
+            self.expect_same(&found, &dir.join(NAMESPACE_FILE).display().to_string())?;
             return Ok(dir);
         }
         match std::fs::create_dir(&dir) {
@@ -118,17 +113,31 @@ impl Namespace {
         Ok(dir)
     }
 
+    /// Fails unless `found` (recorded at `origin`) is this namespace.
+    pub(crate) fn expect_same(&self, found: &Namespace, origin: &str) -> Result<()> {
+        if found != self {
+            return Err(Error::InvalidInput(format!(
+                "namespace mismatch: {origin} describes {found:?}, not {self:?}; blocks of different namespaces never mix"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Parses a `namespace.json` read from `origin`.
+    pub(crate) fn parse(bytes: &[u8], origin: &str) -> Result<Namespace> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            Error::InvalidInput(format!(
+                "{origin} is not a valid namespace description ({e}); move it aside"
+            ))
+        })
+    }
+
     /// The namespace described by `dir`'s `namespace.json`, or `None` when
     /// the directory has none.
     pub fn read(dir: &Path) -> Result<Option<Namespace>> {
         let file = dir.join(NAMESPACE_FILE);
         match std::fs::read(&file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                Error::InvalidInput(format!(
-                    "{} is not a valid namespace description ({e}); move the directory aside",
-                    file.display()
-                ))
-            }),
+            Ok(bytes) => Self::parse(&bytes, &file.display().to_string()).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("reading {}", file.display()), e)),
         }
@@ -146,29 +155,32 @@ pub struct BlockLayout {
     pub page_bytes: Vec<u64>,
 }
 
+impl BlockLayout {
+    /// Fails unless `recorded` (a `layout.json` read from `origin`) holds
+    /// this layout.
+    pub(crate) fn expect_recorded(&self, recorded: &[u8], origin: &str) -> Result<()> {
+        let found: BlockLayout = serde_json::from_slice(recorded).map_err(|e| {
+            Error::InvalidInput(format!(
+                "{origin} is damaged ({e}); remove it only if the namespace's blocks are gone too"
+            ))
+        })?;
+        if &found != self {
+            return Err(Error::InvalidInput(format!(
+                "page sizes do not match: the blocks described by {origin} were written from tensors with pages of {:?} bytes, the registered tensors have {:?}; register the same KV tensors, or use another namespace (e.g. a new layout_version)",
+                found.page_bytes, self.page_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Records `layout` in the namespace directory `dir`, or checks it against
 /// the layout recorded there: blocks written with other page sizes would be
 /// scattered into the wrong places, so opening with a different layout is an
 /// error.
 pub fn check_layout(dir: &Path, layout: &BlockLayout) -> Result<()> {
     let file = dir.join(LAYOUT_FILE);
-    let compare = |bytes: &[u8]| -> Result<()> {
-        let found: BlockLayout = serde_json::from_slice(bytes).map_err(|e| {
-            Error::InvalidInput(format!(
-                "{} is damaged ({e}); remove it only if the namespace's blocks are gone too",
-                file.display()
-            ))
-        })?;
-        if &found != layout {
-            return Err(Error::InvalidInput(format!(
-                "page sizes do not match: the blocks in {} were written from tensors with pages of {:?} bytes, the registered tensors have {:?}; register the same KV tensors, or use another namespace (e.g. a new layout_version)",
-                dir.display(),
-                found.page_bytes,
-                layout.page_bytes
-            )));
-        }
-        Ok(())
-    };
+    let compare = |bytes: &[u8]| layout.expect_recorded(bytes, &file.display().to_string());
     match std::fs::read(&file) {
         Ok(bytes) => return compare(&bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -137,10 +137,24 @@ pub(crate) struct Flushed(std::sync::Mutex<Counters>);
 
 impl Flushed {
     /// Writes the counts gathered since the last flush.
+    #[cfg(test)]
     pub fn flush(&self, dir: &Path, live: &LiveCounters) -> Result<()> {
+        self.flush_with(live, |delta| add_to_file(dir, delta))
+    }
+
+    /// Hands what `live` counted since the last successful call to `add`
+    /// (which adds it to the shared record).
+    pub fn flush_with(
+        &self,
+        live: &LiveCounters,
+        add: impl FnOnce(&Counters) -> Result<()>,
+    ) -> Result<()> {
         let mut done = self.0.lock().expect("stats lock");
         let now = live.snapshot();
-        add_to_file(dir, &now.minus(&done))?;
+        let delta = now.minus(&done);
+        if delta != Counters::default() {
+            add(&delta)?;
+        }
         *done = now;
         Ok(())
     }

@@ -115,6 +115,31 @@ impl Location {
     }
 }
 
+impl From<PathBuf> for Location {
+    /// A local directory (no parsing: use [`Location::parse`] for user input).
+    fn from(p: PathBuf) -> Self {
+        Location::Local(p)
+    }
+}
+
+impl From<&Path> for Location {
+    fn from(p: &Path) -> Self {
+        Location::Local(p.to_path_buf())
+    }
+}
+
+impl From<&PathBuf> for Location {
+    fn from(p: &PathBuf) -> Self {
+        Location::Local(p.clone())
+    }
+}
+
+impl From<S3Url> for Location {
+    fn from(u: S3Url) -> Self {
+        Location::S3(u)
+    }
+}
+
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -1,10 +1,12 @@
-//! Moving block files between the registered KV tensors and storage.
+//! Blocks as files in a namespace directory on a local or shared
+//! filesystem: `<root>/<namespace>/hh/hh/<hex>.kvb`.
 //!
 //! Bytes go through the snapshot transfer backends (`buffered`, `direct`):
-//! a batch of keys becomes one [`TransferPlan`] with one whole-file
-//! operation per key (header + payload + padding) against a page-aligned
-//! staging region, so direct I/O runs in place with no extra copy. Pages
-//! are gathered into / scattered out of staging block-major.
+//! a batch of keys becomes one [`TransferPlan`](crate::transfer::TransferPlan)
+//! with one whole-file operation per key (header + payload + padding)
+//! against a page-aligned staging region, so direct I/O runs in place with
+//! no extra copy. Pages are gathered into / scattered out of staging
+//! block-major.
 //!
 //! Guarantees:
 //! - a store writes a temporary file next to the final name and publishes it
@@ -12,25 +14,33 @@
 //!   or cancelled store removes its temporary file and publishes nothing;
 //! - a load accepts a file only when its header names this namespace, the
 //!   key and the expected payload length, and the payload's CRC32C matches;
-//!   otherwise that key fails with a reason naming the file.
+//!   otherwise that key fails with a reason naming the file, and a damaged
+//!   file is removed (only the very file that was read);
+//! - the access record is the file's mtime ([`crate::kv::access`]).
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::time::SystemTime;
 
-use super::format::{BlockHeader, HEADER_BYTES, HeaderError};
-use super::job::{KeyOutcome, KeyTask};
-use super::key::BlockKey;
-use super::scan::TEMP_MARK;
-use super::tensors::KvLayout;
-use crate::integrity::crc32c;
+use super::{Backing, Found};
+use crate::kv::access::{last_access, record_access};
+use crate::kv::codec::BlockCodec;
+use crate::kv::config::KvConfig;
+use crate::kv::format::HEADER_BYTES;
+use crate::kv::job::{KeyOutcome, KeyTask};
+use crate::kv::key::BlockKey;
+use crate::kv::namespace::{BlockLayout, check_layout};
+use crate::kv::scan::{ScannedBlock, TEMP_MARK, scan};
+use crate::kv::stats::{Counters, add_to_file};
+use crate::kv::tensors::KvLayout;
 use crate::memory::{HostRegion, Region};
 use crate::storage::durable::{preallocate, unique_id};
+use crate::storage::roots::check_dir;
 use crate::transfer::{
-    Backend, Checksums, Direction, FileTarget, IO_ALIGN, PlanBuilder, TransferJob,
+    Backend, Checksums, Direction, FileTarget, PlanBuilder, TransferJob, Tuning, backend,
 };
-use crate::units::align_up;
 use crate::{Error, Result};
 
 /// A worker's reusable staging memory (page-aligned, grown on demand).
@@ -49,44 +59,65 @@ impl Staging {
     }
 }
 
-/// Everything needed to read and write one namespace's block files.
+/// One namespace's block files.
 pub(crate) struct BlockFiles {
     pub dir: PathBuf,
-    pub namespace_hash: u64,
-    pub layout: KvLayout,
-    pub per_file: usize,
-    pub payload_len: u64,
-    pub file_len: u64,
-    pub backend: Box<dyn Backend>,
-    pub io_chunk: u64,
-    pub fsync: bool,
+    codec: BlockCodec,
+    backend: Box<dyn Backend>,
+    io_chunk: u64,
+    fsync: bool,
     /// What the backend last reported running, with any fallback reason.
-    pub mode: std::sync::Mutex<String>,
+    mode: std::sync::Mutex<String>,
 }
 
 impl BlockFiles {
-    pub fn new(
-        dir: PathBuf,
-        namespace_hash: u64,
-        layout: KvLayout,
-        per_file: usize,
-        backend: Box<dyn Backend>,
-        io_chunk: u64,
-        fsync: bool,
-    ) -> Self {
-        let payload_len = layout.block_bytes() * per_file as u64;
-        Self {
+    /// Opens (creating if needed) the namespace directory under `root`,
+    /// checks it is writable and records or checks the page sizes.
+    pub fn open(config: &KvConfig, root: &Path, layout: KvLayout) -> Result<Self> {
+        check_dir(root).map_err(|_| {
+            Error::InvalidInput(format!(
+                "KV root {} does not exist or is not a directory: create it or fix --root",
+                root.display()
+            ))
+        })?;
+        let dir = config.namespace.open(root).map_err(|e| match e {
+            Error::Io { ref source, .. }
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::EROFS | libc::EACCES | libc::EPERM)
+                ) =>
+            {
+                Error::InvalidInput(format!(
+                    "KV root {} is not writable ({e}): stores need write access; fix the permissions or the mount",
+                    root.display()
+                ))
+            }
+            e => e,
+        })?;
+        probe_writable(&dir)?;
+        check_layout(
+            &dir,
+            &BlockLayout {
+                page_bytes: layout.page_bytes(),
+            },
+        )?;
+        let tuning = Tuning {
+            queue_depth: config.batch,
+            workers: config.batch,
+            ..config.tuning.clone()
+        };
+        Ok(Self {
             dir,
-            namespace_hash,
-            layout,
-            per_file,
-            payload_len,
-            file_len: HEADER_BYTES as u64 + align_up(payload_len, IO_ALIGN),
-            backend,
-            io_chunk,
-            fsync,
+            codec: BlockCodec::new(
+                config.namespace.hash(),
+                layout,
+                config.namespace.blocks_per_file as usize,
+            ),
+            backend: backend(config.backend, tuning.clone()),
+            io_chunk: tuning.chunk_size,
+            fsync: config.fsync,
             mode: std::sync::Mutex::new(String::new()),
-        }
+        })
     }
 
     /// Where `key`'s block file lives.
@@ -97,56 +128,56 @@ impl BlockFiles {
     /// True when a block for `key` is stored with a header that names this
     /// namespace, the key and the right payload length (the payload
     /// checksum is checked by loads and `kv verify`).
-    pub fn stored_and_valid(&self, key: &BlockKey) -> bool {
+    fn stored_and_valid(&self, key: &BlockKey) -> bool {
         let Ok(file) = File::open(self.path(key)) else {
             return false;
         };
-        if file.metadata().map_or(true, |m| m.len() != self.file_len) {
+        if file
+            .metadata()
+            .map_or(true, |m| m.len() != self.codec.file_len)
+        {
             return false;
         }
         let mut header = vec![0u8; HEADER_BYTES];
         if file.read_exact_at(&mut header, 0).is_err() {
             return false;
         }
-        BlockHeader::decode(&header)
-            .and_then(|h| h.expect(self.namespace_hash, key, self.payload_len))
-            .is_ok()
+        self.codec.header_matches(&header, key)
     }
 
     /// Loads every task's file, verifies it and scatters its pages.
     ///
     /// # Safety
     /// Nobody may access the pages of the tasks' block ids during the call.
-    pub unsafe fn load(
+    unsafe fn load_files(
         &self,
         staging: &mut Staging,
         tasks: &[KeyTask],
         cancel: &AtomicBool,
     ) -> Vec<KeyOutcome> {
+        let file_len = self.codec.file_len;
         let mut out: Vec<Option<KeyOutcome>> = vec![None; tasks.len()];
         let mut reading = Vec::new();
         let mut inodes = Vec::new();
         for (i, t) in tasks.iter().enumerate() {
             let path = self.path(&t.key);
             match std::fs::metadata(&path) {
-                Ok(m) if m.len() == self.file_len => {
+                Ok(m) if m.len() == file_len => {
                     reading.push(i);
                     inodes.push(m.ino());
                 }
-                Ok(m) if m.len() < self.file_len => {
+                Ok(m) if m.len() < file_len => {
                     out[i] = Some(KeyOutcome::Failed(format!(
-                        "truncated: {} is {} bytes, a block of this namespace needs {}",
+                        "truncated: {} is {} bytes, a block of this namespace needs {file_len}",
                         path.display(),
                         m.len(),
-                        self.file_len
                     )))
                 }
                 Ok(m) => {
                     out[i] = Some(KeyOutcome::Failed(format!(
-                        "foreign: {} is {} bytes, a block of this namespace is {}: written with other page sizes?",
+                        "foreign: {} is {} bytes, a block of this namespace is {file_len}: written with other page sizes?",
                         path.display(),
                         m.len(),
-                        self.file_len
                     )))
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -164,33 +195,26 @@ impl BlockFiles {
             }
         }
         let paths: Vec<PathBuf> = reading.iter().map(|&i| self.path(&tasks[i].key)).collect();
-        let staging = match staging.at_least(reading.len() as u64 * self.file_len) {
+        let staging = match staging.at_least(reading.len() as u64 * file_len) {
             Ok(s) => s,
             Err(e) => return fail_rest(out, &e.to_string()),
         };
         let results = self.run_each(Direction::Load, staging, &paths, cancel);
-        let fl = self.file_len as usize;
+        let fl = file_len as usize;
         for ((slot, &i), result) in reading.iter().enumerate().zip(results) {
-            let t = &tasks[i];
             out[i] = Some(match result {
                 Err(e) => outcome_of(e),
                 Ok(()) => {
-                    let file = &staging.as_slice()[slot * fl..(slot + 1) * fl];
-                    match self.check_file(file, &t.key, &paths[slot]) {
-                        Err((reason, true)) => {
-                            KeyOutcome::Failed(quarantine(&paths[slot], inodes[slot], reason))
+                    let image = &staging.as_slice()[slot * fl..(slot + 1) * fl];
+                    let origin = paths[slot].display().to_string();
+                    // SAFETY: the caller guarantees exclusive access to the
+                    // pages of the task's ids.
+                    match unsafe { self.codec.decode_into(image, &tasks[i], &origin) } {
+                        Ok(()) => KeyOutcome::Loaded,
+                        Err(r) if r.damaged => {
+                            KeyOutcome::Failed(quarantine(&paths[slot], inodes[slot], r.reason))
                         }
-                        Err((reason, false)) => KeyOutcome::Failed(reason),
-                        Ok(payload) => {
-                            // SAFETY: the caller guarantees exclusive access
-                            // to the pages of `t.ids`.
-                            match unsafe {
-                                self.layout.scatter(payload, t.file_blocks.clone(), &t.ids)
-                            } {
-                                Ok(()) => KeyOutcome::Loaded,
-                                Err(e) => KeyOutcome::Failed(e.to_string()),
-                            }
-                        }
+                        Err(r) => KeyOutcome::Failed(r.reason),
                     }
                 }
             });
@@ -200,60 +224,19 @@ impl BlockFiles {
             .collect()
     }
 
-    /// Checks a whole block file held in memory; returns its payload, or
-    /// why it was refused and whether the file is damaged (as opposed to a
-    /// valid block of another namespace, format version or layout, which is
-    /// never deleted).
-    pub fn check_file<'a>(
-        &self,
-        file: &'a [u8],
-        key: &BlockKey,
-        path: &Path,
-    ) -> std::result::Result<&'a [u8], (String, bool)> {
-        let header = BlockHeader::decode(file)
-            .and_then(|h| {
-                h.expect(self.namespace_hash, key, self.payload_len)
-                    .map(|()| h)
-            })
-            .map_err(|e| {
-                let damaged = !matches!(
-                    e,
-                    HeaderError::Namespace { .. }
-                        | HeaderError::Version(_)
-                        | HeaderError::PayloadLength { .. }
-                );
-                let what = if damaged { "corrupt" } else { "foreign" };
-                (format!("{what}: {}: {e}", path.display()), damaged)
-            })?;
-        let payload = &file[HEADER_BYTES..HEADER_BYTES + self.payload_len as usize];
-        let found = crc32c(payload);
-        if found != header.payload_crc32c {
-            return Err((
-                format!(
-                    "corrupt: {}: payload checksum mismatch (recorded {:08x}, found {found:08x})",
-                    path.display(),
-                    header.payload_crc32c
-                ),
-                true,
-            ));
-        }
-        Ok(payload)
-    }
-
     /// Writes and publishes a block file for every task.
     ///
     /// # Safety
     /// Nobody may write the pages of the tasks' block ids during the call.
-    pub unsafe fn store(
+    unsafe fn store_files(
         &self,
         staging: &mut Staging,
         tasks: &[KeyTask],
         cancel: &AtomicBool,
     ) -> Vec<KeyOutcome> {
         let mut out: Vec<Option<KeyOutcome>> = vec![None; tasks.len()];
-        let fl = self.file_len as usize;
-        let pl = self.payload_len as usize;
-        let staging = match staging.at_least(tasks.len() as u64 * self.file_len) {
+        let fl = self.codec.file_len as usize;
+        let staging = match staging.at_least(tasks.len() as u64 * self.codec.file_len) {
             Ok(s) => s,
             Err(e) => return fail_rest(out, &e.to_string()),
         };
@@ -261,22 +244,12 @@ impl BlockFiles {
         let mut temps = Vec::new();
         for (i, t) in tasks.iter().enumerate() {
             let slot = writing.len();
-            let buf = &mut staging.as_mut_slice()[slot * fl..(slot + 1) * fl];
-            let (head, body) = buf.split_at_mut(HEADER_BYTES);
-            let (payload, padding) = body.split_at_mut(pl);
+            let image = &mut staging.as_mut_slice()[slot * fl..(slot + 1) * fl];
             // SAFETY: the caller rules out writers of these pages.
-            if let Err(e) = unsafe { self.layout.gather(&t.ids, payload) } {
+            if let Err(e) = unsafe { self.codec.encode(t, image) } {
                 out[i] = Some(KeyOutcome::Failed(e.to_string()));
                 continue;
             }
-            padding.fill(0);
-            let header = BlockHeader {
-                namespace_hash: self.namespace_hash,
-                key: t.key.clone(),
-                payload_len: self.payload_len,
-                payload_crc32c: crc32c(payload),
-            };
-            head.copy_from_slice(&header.encode());
             match self.create_temp(&t.key) {
                 Ok(temp) => {
                     writing.push(i);
@@ -314,7 +287,7 @@ impl BlockFiles {
         // Allocated up front: a full disk fails here, before data moves, and
         // direct writes land inside the file instead of extending it (which
         // filesystems serialise).
-        if let Err(e) = preallocate(&file, &temp, self.file_len) {
+        if let Err(e) = preallocate(&file, &temp, self.codec.file_len) {
             let _ = std::fs::remove_file(&temp);
             return Err(e);
         }
@@ -365,14 +338,15 @@ impl BlockFiles {
         which: &[usize],
         cancel: &AtomicBool,
     ) -> Result<()> {
+        let file_len = self.codec.file_len;
         let mut plan = PlanBuilder::new(direction, crate::integrity::DEFAULT_CHUNK, self.io_chunk);
         for &i in which {
             let file = plan.add_file(FileTarget {
                 path: paths[i].clone(),
                 root: 0,
-                size: self.file_len,
+                size: file_len,
             });
-            plan.add_extent(file, 0, self.file_len, 0, i as u64 * self.file_len);
+            plan.add_extent(file, 0, file_len, 0, i as u64 * file_len);
         }
         let plan = plan.build();
         let regions: [&dyn Region; 1] = [staging];
@@ -385,6 +359,119 @@ impl BlockFiles {
         }
         *self.mode.lock().expect("mode lock") = mode;
         Ok(())
+    }
+}
+
+impl Backing for BlockFiles {
+    fn codec(&self) -> &BlockCodec {
+        &self.codec
+    }
+
+    fn location(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn local_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
+
+    fn mode(&self) -> String {
+        self.mode.lock().expect("mode lock").clone()
+    }
+
+    fn probe_batch(&self) -> usize {
+        // A stat is a cheap system call: probe one key at a time and stop
+        // at the first miss.
+        1
+    }
+
+    fn stat_many(&self, keys: &[BlockKey]) -> Vec<Option<Found>> {
+        keys.iter()
+            .map(|k| {
+                let m = std::fs::metadata(self.path(k)).ok()?;
+                Some(Found {
+                    file_bytes: m.len(),
+                    accessed: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                })
+            })
+            .collect()
+    }
+
+    fn valid_many(&self, keys: &[BlockKey]) -> Vec<bool> {
+        keys.iter().map(|k| self.stored_and_valid(k)).collect()
+    }
+
+    unsafe fn load(
+        &self,
+        staging: &mut Staging,
+        tasks: &[KeyTask],
+        cancel: &AtomicBool,
+    ) -> Vec<KeyOutcome> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.load_files(staging, tasks, cancel) }
+    }
+
+    unsafe fn store(
+        &self,
+        staging: &mut Staging,
+        tasks: &[KeyTask],
+        cancel: &AtomicBool,
+    ) -> Vec<KeyOutcome> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.store_files(staging, tasks, cancel) }
+    }
+
+    fn remove(&self, key: &BlockKey) -> Result<bool> {
+        let path = self.path(key);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+        }
+    }
+
+    fn record_access(&self, keys: &[BlockKey], when: SystemTime) {
+        for k in keys {
+            record_access(&self.path(k), when);
+        }
+    }
+
+    fn last_access(&self, key: &BlockKey) -> Option<SystemTime> {
+        last_access(&self.path(key))
+    }
+
+    fn scan(&self) -> Result<Vec<ScannedBlock>> {
+        let found = scan(&self.dir)?;
+        for temp in found.stale_temps {
+            let _ = std::fs::remove_file(temp);
+        }
+        Ok(found.blocks)
+    }
+
+    fn add_counters(&self, delta: &Counters) -> Result<()> {
+        add_to_file(&self.dir, delta)
+    }
+
+    fn usage(&self) -> Option<(f64, f64)> {
+        let fs = rustix::fs::statvfs(&self.dir).ok()?;
+        let total = fs.f_blocks as f64 * fs.f_frsize as f64;
+        let used = (fs.f_blocks - fs.f_bfree) as f64 * fs.f_frsize as f64;
+        Some((used, total))
+    }
+}
+
+/// Fails with a clear message unless files can be created in `dir`.
+fn probe_writable(dir: &Path) -> Result<()> {
+    let probe = dir.join(format!(".probe-{}", unique_id()));
+    match std::fs::File::create_new(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(Error::InvalidInput(format!(
+            "KV namespace directory {} is not writable ({e}): stores need write access; fix the permissions or the mount",
+            dir.display()
+        ))),
     }
 }
 
@@ -402,14 +489,14 @@ fn quarantine(path: &Path, inode: u64, reason: String) -> String {
     }
 }
 
-fn outcome_of(e: Error) -> KeyOutcome {
+pub(crate) fn outcome_of(e: Error) -> KeyOutcome {
     match e {
         Error::Cancelled => KeyOutcome::Cancelled,
         e => KeyOutcome::Failed(e.to_string()),
     }
 }
 
-fn fail_rest(out: Vec<Option<KeyOutcome>>, reason: &str) -> Vec<KeyOutcome> {
+pub(crate) fn fail_rest(out: Vec<Option<KeyOutcome>>, reason: &str) -> Vec<KeyOutcome> {
     out.into_iter()
         .map(|o| o.unwrap_or_else(|| KeyOutcome::Failed(reason.to_string())))
         .collect()

@@ -1,0 +1,97 @@
+//! Where a store's blocks live at rest, behind one interface the job engine
+//! ([`super::store`]) drives:
+//!
+//! - [`files`]: block files in a directory on a local or shared filesystem,
+//!   moved through the transfer backends (buffered or O_DIRECT io_uring),
+//!   published by rename, access recorded in the file's mtime;
+//! - [`s3`]: block objects under a prefix of an S3-compatible bucket, moved
+//!   by concurrent whole-object PUTs and GETs, access recorded by small
+//!   marker objects.
+//!
+//! Both keep the same namespaces, key layout and block image
+//! ([`super::codec`]), so a block means the same thing wherever it is.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::SystemTime;
+
+use super::codec::BlockCodec;
+use super::job::{KeyOutcome, KeyTask};
+use super::key::BlockKey;
+use super::scan::ScannedBlock;
+use super::stats::Counters;
+use crate::Result;
+
+pub(crate) mod files;
+pub(crate) mod s3;
+
+pub(crate) use files::{BlockFiles, Staging};
+pub(crate) use s3::BlockObjects;
+
+/// A stored block as seen by a probe.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Found {
+    /// Size of the block's file or object.
+    pub file_bytes: u64,
+    /// Last recorded access.
+    pub accessed: SystemTime,
+}
+
+/// What the job engine needs from the place blocks live. Every method is
+/// safe to call from several threads at once.
+pub(crate) trait Backing: Send + Sync {
+    /// Sizes and identity of the namespace's blocks.
+    fn codec(&self) -> &BlockCodec;
+    /// The namespace's directory or URL, for messages.
+    fn location(&self) -> String;
+    /// The namespace directory, for blocks on a filesystem.
+    fn local_dir(&self) -> Option<&Path> {
+        None
+    }
+    /// The I/O mechanism last used, with any fallback reason.
+    fn mode(&self) -> String;
+    /// Keys probed together by a lookup (requests in flight at once).
+    fn probe_batch(&self) -> usize;
+    /// Whether each key's block exists (any size), with its last access.
+    fn stat_many(&self, keys: &[BlockKey]) -> Vec<Option<Found>>;
+    /// Whether each key's block exists with a header naming this namespace,
+    /// the key and the right payload length.
+    fn valid_many(&self, keys: &[BlockKey]) -> Vec<bool>;
+    /// Reads, verifies and scatters every task's block.
+    ///
+    /// # Safety
+    /// Nobody may access the pages of the tasks' block ids during the call.
+    unsafe fn load(
+        &self,
+        staging: &mut Staging,
+        tasks: &[KeyTask],
+        cancel: &AtomicBool,
+    ) -> Vec<KeyOutcome>;
+    /// Gathers and publishes every task's block (readers see no block or a
+    /// whole one).
+    ///
+    /// # Safety
+    /// Nobody may write the pages of the tasks' block ids during the call.
+    unsafe fn store(
+        &self,
+        staging: &mut Staging,
+        tasks: &[KeyTask],
+        cancel: &AtomicBool,
+    ) -> Vec<KeyOutcome>;
+    /// Removes `key`'s block; false when it was not there.
+    fn remove(&self, key: &BlockKey) -> Result<bool>;
+    /// Records a use of every key at `when` (best effort: a key evicted
+    /// meanwhile is skipped).
+    fn record_access(&self, keys: &[BlockKey], when: SystemTime);
+    /// The last recorded access of `key`'s block; `None` when it is gone.
+    fn last_access(&self, key: &BlockKey) -> Option<SystemTime>;
+    /// Every block of the namespace (and clean-up of leftovers of stores
+    /// that died).
+    fn scan(&self) -> Result<Vec<ScannedBlock>>;
+    /// Adds this process's counters since the last call to the namespace's
+    /// shared record.
+    fn add_counters(&self, delta: &Counters) -> Result<()>;
+    /// Bytes used and total of the filesystem holding the blocks (for
+    /// watermarks); `None` where there is no such thing.
+    fn usage(&self) -> Option<(f64, f64)>;
+}

@@ -1,0 +1,461 @@
+//! Blocks as objects under a prefix of an S3-compatible bucket, with the
+//! same namespaces, key layout and block image as on a filesystem:
+//!
+//! ```text
+//! <prefix>/<namespace>/namespace.json     what the namespace is
+//! <prefix>/<namespace>/layout.json        page sizes (create-only PUT)
+//! <prefix>/<namespace>/hh/hh/<hex>.kvb    one block image per key
+//! <prefix>/<namespace>/access/<hex>       empty marker: last load/touch
+//! <prefix>/<namespace>/stats/<id>.json    counters of one process
+//! ```
+//!
+//! Guarantees:
+//! - a store is one whole-object PUT: readers see no block or a whole one;
+//!   concurrent stores of a key write identical bytes;
+//! - a load is one whole-object GET, accepted only with the exact size, a
+//!   header naming this namespace and key, and a matching payload CRC32C;
+//!   a damaged object is deleted only while its ETag is still the one read;
+//! - probes (lookup, contains, the store's already-stored check) run as
+//!   concurrent HEADs or header GETs, bounded by the client's concurrency;
+//! - every request is retried with backoff within the client's bound
+//!   ([`crate::storage::s3::RetryPolicy`]) and then fails the key with the
+//!   request and the object named.
+//!
+//! Last access is the later of the block's and its marker's modification
+//! time (the server's clock): a store sets the block's, a load or touch
+//! rewrites the empty marker. Objects cannot be touched in place.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStoreExt, PutPayload};
+
+use super::files::Staging;
+use super::{Backing, Found};
+use crate::kv::codec::BlockCodec;
+use crate::kv::config::KvConfig;
+use crate::kv::format::HEADER_BYTES;
+use crate::kv::job::{KeyOutcome, KeyTask};
+use crate::kv::key::{BLOCK_EXT, BlockKey};
+use crate::kv::namespace::{BlockLayout, LAYOUT_FILE, NAMESPACE_FILE, Namespace};
+use crate::kv::scan::{STALE_TEMP_AGE, ScannedBlock};
+use crate::kv::stats::{Counters, STATS_FILE};
+use crate::kv::tensors::KvLayout;
+use crate::storage::durable::unique_id;
+use crate::storage::location::S3Url;
+use crate::storage::s3::{ObjectClient, PutCondition, S3Config};
+use crate::{Error, Result};
+
+/// One namespace's block objects.
+pub(crate) struct BlockObjects {
+    client: ObjectClient,
+    /// `<prefix>/<namespace>` inside the bucket.
+    ns: String,
+    codec: BlockCodec,
+    /// This process's counters object, and what it holds.
+    stats_key: String,
+    stats_total: Mutex<Counters>,
+}
+
+fn to_time(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+impl BlockObjects {
+    /// Opens (creating if needed) the namespace under `root`: checks or
+    /// writes `namespace.json` and `layout.json`, and proves write access
+    /// with a probe object, so bad credentials or a missing bucket fail
+    /// here with a clear error instead of on the first store.
+    pub fn open(config: &KvConfig, root: &S3Url, s3: &S3Config, layout: KvLayout) -> Result<Self> {
+        let client = ObjectClient::new(s3, &root.bucket)?;
+        let ns = root.key(&config.namespace.dir_name());
+        let ns_key = format!("{ns}/{NAMESPACE_FILE}");
+        match client.get(&ns_key)? {
+            Some((bytes, _)) => {
+                let origin = client.url(&ns_key);
+                let found = Namespace::parse(&bytes, &origin)?;
+                config.namespace.expect_same(&found, &origin)?;
+            }
+            None => {
+                // Every process creating it writes the same bytes.
+                let body = serde_json::to_vec_pretty(&config.namespace).expect("serialises");
+                client.put(&ns_key, Bytes::from(body), PutCondition::Overwrite)?;
+            }
+        }
+        let probe = format!("{ns}/.probe-{}", unique_id());
+        client
+            .put(&probe, Bytes::new(), PutCondition::Overwrite)
+            .map_err(|e| {
+                Error::InvalidInput(format!(
+                    "KV namespace {} is not writable ({e}): stores need write access to the bucket",
+                    client.url(&ns)
+                ))
+            })?;
+        client.delete(&probe)?;
+        let wanted = BlockLayout {
+            page_bytes: layout.page_bytes(),
+        };
+        check_layout(&client, &format!("{ns}/{LAYOUT_FILE}"), &wanted, s3)?;
+        Ok(Self {
+            stats_key: format!(
+                "{ns}/stats/{}-{}.json",
+                STATS_FILE.trim_end_matches(".json"),
+                unique_id()
+            ),
+            stats_total: Mutex::new(Counters::default()),
+            codec: BlockCodec::new(
+                config.namespace.hash(),
+                layout,
+                config.namespace.blocks_per_file as usize,
+            ),
+            client,
+            ns,
+        })
+    }
+
+    fn block_key(&self, key: &BlockKey) -> String {
+        format!("{}/{}", self.ns, key.rel_path().to_string_lossy())
+    }
+
+    fn marker_key(&self, key: &BlockKey) -> String {
+        format!("{}/access/{}", self.ns, key.hex())
+    }
+
+    fn concurrency(&self) -> usize {
+        self.client.config().concurrency.max(1)
+    }
+
+    /// GETs one block and checks and scatters it.
+    ///
+    /// # Safety
+    /// Nobody may access the pages of `task.ids` during the call.
+    async unsafe fn load_one(&self, task: &KeyTask, cancel: &AtomicBool) -> KeyOutcome {
+        if cancel.load(Ordering::Relaxed) {
+            return KeyOutcome::Cancelled;
+        }
+        let key = self.block_key(&task.key);
+        let url = self.client.url(&key);
+        let got = match self
+            .client
+            .store()
+            .get(&ObjectPath::from(key.as_str()))
+            .await
+        {
+            Ok(r) => {
+                let e_tag = r.meta.e_tag.clone();
+                r.bytes().await.map(|b| (b, e_tag))
+            }
+            Err(e) => Err(e),
+        };
+        let (image, e_tag) = match got {
+            Ok(x) => x,
+            Err(object_store::Error::NotFound { .. }) => {
+                return KeyOutcome::Failed(format!("missing: no block object at {url}"));
+            }
+            Err(e) => return KeyOutcome::Failed(self.client.error("GET", &key, e).to_string()),
+        };
+        if image.len() as u64 != self.codec.file_len {
+            let what = if (image.len() as u64) < self.codec.file_len {
+                "truncated"
+            } else {
+                "foreign"
+            };
+            let reason = format!(
+                "{what}: {url} is {} bytes, a block of this namespace is {}",
+                image.len(),
+                self.codec.file_len
+            );
+            return KeyOutcome::Failed(if what == "truncated" {
+                self.quarantine(&key, e_tag, reason).await
+            } else {
+                reason
+            });
+        }
+        // SAFETY: forwarded from the caller.
+        match unsafe { self.codec.decode_into(&image, task, &url) } {
+            Ok(()) => KeyOutcome::Loaded,
+            Err(r) if r.damaged => KeyOutcome::Failed(self.quarantine(&key, e_tag, r.reason).await),
+            Err(r) => KeyOutcome::Failed(r.reason),
+        }
+    }
+
+    /// Deletes a damaged block object, unless it was replaced since it was
+    /// read (its ETag changed), so the key gets stored again.
+    async fn quarantine(&self, key: &str, read: Option<String>, reason: String) -> String {
+        let same = match self.client.head_async(key).await {
+            Ok(Some(now)) => read.is_some() && now.e_tag == read,
+            _ => false,
+        };
+        if same && self.client.delete_async(key).await.is_ok() {
+            format!("{reason}; the object was deleted")
+        } else {
+            reason
+        }
+    }
+
+    /// Gathers and PUTs one block.
+    ///
+    /// # Safety
+    /// Nobody may write the pages of `task.ids` during the call.
+    async unsafe fn store_one(&self, task: &KeyTask, cancel: &AtomicBool) -> KeyOutcome {
+        if cancel.load(Ordering::Relaxed) {
+            return KeyOutcome::Cancelled;
+        }
+        let mut image = vec![0u8; self.codec.file_len as usize];
+        // SAFETY: forwarded from the caller.
+        if let Err(e) = unsafe { self.codec.encode(task, &mut image) } {
+            return KeyOutcome::Failed(e.to_string());
+        }
+        let key = self.block_key(&task.key);
+        match self
+            .client
+            .store()
+            .put(
+                &ObjectPath::from(key.as_str()),
+                PutPayload::from(Bytes::from(image)),
+            )
+            .await
+        {
+            Ok(_) => KeyOutcome::Stored,
+            Err(e) => KeyOutcome::Failed(self.client.error("PUT", &key, e).to_string()),
+        }
+    }
+
+    /// True when the object's first 4096 bytes are a header of this
+    /// namespace, key and payload length, and it has the right size.
+    async fn valid_one(&self, key: &BlockKey) -> bool {
+        let k = self.block_key(key);
+        let Ok(Some(info)) = self.client.head_async(&k).await else {
+            return false;
+        };
+        if info.size != self.codec.file_len {
+            return false;
+        }
+        match self
+            .client
+            .store()
+            .get_range(&ObjectPath::from(k.as_str()), 0..HEADER_BYTES as u64)
+            .await
+        {
+            Ok(header) => self.codec.header_matches(&header, key),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Records `wanted` as the namespace's layout, or checks it against the
+/// recorded one. The first writer wins with a create-only PUT where the
+/// server supports it.
+fn check_layout(
+    client: &ObjectClient,
+    key: &str,
+    wanted: &BlockLayout,
+    s3: &S3Config,
+) -> Result<()> {
+    let origin = client.url(key);
+    if let Some((bytes, _)) = client.get(key)? {
+        return wanted.expect_recorded(&bytes, &origin);
+    }
+    let body = Bytes::from(serde_json::to_vec_pretty(wanted).expect("serialises"));
+    let cond = if s3.conditional_put {
+        PutCondition::Create
+    } else {
+        PutCondition::Overwrite
+    };
+    match client.put(key, body, cond) {
+        Ok(_) | Err(Error::Conflict(_)) => {}
+        Err(e) => return Err(e),
+    }
+    // Read back: whoever won, the recorded layout must be ours.
+    let (bytes, _) = client.get(key)?.ok_or_else(|| {
+        Error::InvalidInput(format!("{origin} vanished right after it was written"))
+    })?;
+    wanted.expect_recorded(&bytes, &origin)
+}
+
+impl Backing for BlockObjects {
+    fn codec(&self) -> &BlockCodec {
+        &self.codec
+    }
+
+    fn location(&self) -> String {
+        self.client.url(&self.ns)
+    }
+
+    fn mode(&self) -> String {
+        format!("s3 ({} requests in flight)", self.concurrency())
+    }
+
+    fn probe_batch(&self) -> usize {
+        self.concurrency()
+    }
+
+    fn stat_many(&self, keys: &[BlockKey]) -> Vec<Option<Found>> {
+        let names: Vec<String> = keys.iter().map(|k| self.block_key(k)).collect();
+        self.client
+            .head_many(&names)
+            .into_iter()
+            .map(|r| {
+                r.ok().flatten().map(|info| Found {
+                    file_bytes: info.size,
+                    accessed: to_time(info.modified_unix_ms),
+                })
+            })
+            .collect()
+    }
+
+    fn valid_many(&self, keys: &[BlockKey]) -> Vec<bool> {
+        self.client.run(
+            futures::stream::iter(keys.iter().map(|k| self.valid_one(k)))
+                .buffered(self.concurrency())
+                .collect(),
+        )
+    }
+
+    unsafe fn load(
+        &self,
+        _staging: &mut Staging,
+        tasks: &[KeyTask],
+        cancel: &AtomicBool,
+    ) -> Vec<KeyOutcome> {
+        self.client.run(
+            futures::stream::iter(tasks.iter().map(|t| {
+                // SAFETY: forwarded from the caller; the tasks' block ids
+                // are distinct, so the concurrent scatters never overlap.
+                unsafe { self.load_one(t, cancel) }
+            }))
+            .buffered(self.concurrency())
+            .collect(),
+        )
+    }
+
+    unsafe fn store(
+        &self,
+        _staging: &mut Staging,
+        tasks: &[KeyTask],
+        cancel: &AtomicBool,
+    ) -> Vec<KeyOutcome> {
+        self.client.run(
+            futures::stream::iter(tasks.iter().map(|t| {
+                // SAFETY: forwarded from the caller (gathers only read).
+                unsafe { self.store_one(t, cancel) }
+            }))
+            .buffered(self.concurrency())
+            .collect(),
+        )
+    }
+
+    fn remove(&self, key: &BlockKey) -> Result<bool> {
+        let k = self.block_key(key);
+        let existed = self.client.head(&k)?.is_some();
+        self.client.delete(&k)?;
+        self.client.delete(&self.marker_key(key))?;
+        Ok(existed)
+    }
+
+    fn record_access(&self, keys: &[BlockKey], _when: SystemTime) {
+        let markers: Vec<String> = keys.iter().map(|k| self.marker_key(k)).collect();
+        let results: Vec<Result<()>> = self.client.run(
+            futures::stream::iter(markers.iter().map(|m| async move {
+                self.client
+                    .store()
+                    .put(&ObjectPath::from(m.as_str()), PutPayload::default())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.client.error("PUT", m, e))
+            }))
+            .buffer_unordered(self.concurrency())
+            .collect(),
+        );
+        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+            tracing::warn!("could not record KV block accesses: {e}");
+        }
+    }
+
+    fn last_access(&self, key: &BlockKey) -> Option<SystemTime> {
+        let names = [self.block_key(key), self.marker_key(key)];
+        let mut heads = self.client.head_many(&names).into_iter();
+        let block = heads.next()?.ok()??;
+        let marker = heads.next().and_then(|r| r.ok().flatten());
+        let ms = marker.map_or(block.modified_unix_ms, |m| {
+            m.modified_unix_ms.max(block.modified_unix_ms)
+        });
+        Some(to_time(ms))
+    }
+
+    fn scan(&self) -> Result<Vec<ScannedBlock>> {
+        let objects = self.client.list(&format!("{}/", self.ns))?;
+        let access_prefix = format!("{}/access/", self.ns);
+        let mut markers = std::collections::HashMap::new();
+        let mut blocks = Vec::new();
+        for o in &objects {
+            if let Some(hex) = o.key.strip_prefix(&access_prefix) {
+                markers.insert(hex.to_string(), o.modified_unix_ms);
+                continue;
+            }
+            let Some(rel) = o.key.strip_prefix(&format!("{}/", self.ns)) else {
+                continue;
+            };
+            let parts: Vec<&str> = rel.split('/').collect();
+            let [a, b, name] = parts[..] else { continue };
+            let Some(hex) = name.strip_suffix(&format!(".{BLOCK_EXT}")) else {
+                continue;
+            };
+            let Ok(key) = BlockKey::from_hex(hex) else {
+                continue;
+            };
+            if a.len() != 2 || b.len() != 2 {
+                continue;
+            }
+            blocks.push((key, o.size, o.modified_unix_ms));
+        }
+        // Markers whose block is gone (a touch raced an eviction) are
+        // removed once they are old.
+        let now = crate::storage::s3::now_ms();
+        let live: std::collections::HashSet<String> = blocks.iter().map(|b| b.0.hex()).collect();
+        let orphans: Vec<String> = markers
+            .iter()
+            .filter(|(hex, ms)| {
+                !live.contains(*hex) && now.saturating_sub(**ms) > STALE_TEMP_AGE.as_millis() as u64
+            })
+            .map(|(hex, _)| format!("{access_prefix}{hex}"))
+            .collect();
+        if !orphans.is_empty() {
+            let _ = self.client.delete_many(&orphans);
+        }
+        Ok(blocks
+            .into_iter()
+            .map(|(key, size, ms)| {
+                let accessed = markers.get(&key.hex()).map_or(ms, |m| (*m).max(ms));
+                ScannedBlock {
+                    path: PathBuf::from(self.client.url(&self.block_key(&key))),
+                    key,
+                    file_bytes: size,
+                    accessed: to_time(accessed),
+                }
+            })
+            .collect())
+    }
+
+    fn add_counters(&self, delta: &Counters) -> Result<()> {
+        // One object per process holding its running total: no two
+        // processes ever write the same object, so no update is lost.
+        let mut total = self.stats_total.lock().expect("stats lock");
+        let mut next = *total;
+        next.add(delta);
+        let body = serde_json::to_vec_pretty(&next).expect("counters serialise");
+        self.client
+            .put(&self.stats_key, Bytes::from(body), PutCondition::Overwrite)?;
+        *total = next;
+        Ok(())
+    }
+
+    fn usage(&self) -> Option<(f64, f64)> {
+        None
+    }
+}
