@@ -297,7 +297,7 @@ fn kv_bench_runs_on_an_s3_root_and_leaves_nothing_behind() {
         let url = server.url("kv-bench");
         let r = run_cmd(
             server.command(),
-            &[
+            [
                 "kv",
                 "bench",
                 "--json",
@@ -345,7 +345,7 @@ fn bad_credentials_fail_the_open_with_a_clear_error() {
     assert!(!e.contains(wrong), "the secret is never printed: {e}");
     let mut cmd = server.command();
     cmd.env("AWS_SECRET_ACCESS_KEY", wrong);
-    let r = run_cmd(cmd, &["kv", "bench", "--root", &url, "--blocks", "2"]);
+    let r = run_cmd(cmd, ["kv", "bench", "--root", &url, "--blocks", "2"]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("credentials"), "{}", r.stderr);
     assert!(!r.stderr.contains(wrong) && !r.stdout.contains(wrong));
