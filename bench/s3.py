@@ -11,6 +11,13 @@ tests/tools/install-s3-servers.sh) on 127.0.0.1, or uses --endpoint.
 Run with the tools' Python, which has boto3:
 
     .tools/moto/bin/python bench/s3.py --server s3s-fs --size 1GiB --runs 3
+
+With --kv it runs `memferry kv bench` on an s3:// root instead: KV block
+store and load against the plain concurrent whole-object PUT and GET loops
+that `kv bench` runs itself at the same object size and requests in flight,
+medians of --runs:
+
+    .tools/moto/bin/python bench/s3.py --server s3s-fs --kv --blocks 512 --block-size 2MiB --runs 3
 """
 
 import argparse, concurrent.futures as cf, json, os, shutil, socket, statistics
@@ -142,6 +149,39 @@ def raw_multipart(s3, prefix, size, shard):
     return rate
 
 
+def kv_bench(a, env, root):
+    rows = {"store": [], "raw_put": [], "load": [], "raw_get": []}
+    for run in range(a.runs):
+        r = memferry(env, "kv", "bench", "--root", root, "--blocks", str(a.blocks),
+                     "--block-size", a.block_size)
+        if r["failed"]:
+            sys.exit(f"kv bench failed: {r}")
+        rows["store"].append(r["store"]["gib_per_s"])
+        rows["raw_put"].append(r["store"]["limit_gib_per_s"])
+        rows["load"].append(r["load"]["gib_per_s"])
+        rows["raw_get"].append(r["load"]["limit_gib_per_s"])
+        print(f"run {run}: " + " ".join(f"{k}={v[-1]:.3f}" for k, v in rows.items()),
+              file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    result = {"server": a.server, "blocks": a.blocks, "block_size": a.block_size,
+              "runs": a.runs, "median_gib_per_s": med, "all": rows,
+              "file_bytes": r["file_bytes"], "in_flight": r["store"]["queue_depth"],
+              "store_ratio": med["store"] / med["raw_put"],
+              "load_ratio": med["load"] / med["raw_get"],
+              "lookup_us_per_1000_blocks": r["lookup"]["us_per_1000_blocks"],
+              "load_p50_ms": r["load"]["p50_ms"], "load_p99_ms": r["load"]["p99_ms"]}
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(f"kv on {a.server}: {a.blocks} blocks of {a.block_size}, median of {a.runs} runs, "
+              f"{result['in_flight']} requests in flight")
+        for k in ["raw_put", "store", "raw_get", "load"]:
+            print(f"  {k:<8} {med[k]:7.3f} GiB/s")
+        print(f"  store = {100 * result['store_ratio']:.0f}% of raw PUTs; "
+              f"load = {100 * result['load_ratio']:.0f}% of raw GETs; "
+              f"single-key load p50 {result['load_p50_ms']:.2f} ms, p99 {result['load_p99_ms']:.2f} ms")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", choices=["moto", "s3s-fs"], default="s3s-fs")
@@ -149,6 +189,9 @@ def main():
     ap.add_argument("--shard-size", default="256MiB")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--kv", action="store_true", help="run kv bench on an s3:// root")
+    ap.add_argument("--blocks", type=int, default=512, help="--kv: blocks")
+    ap.add_argument("--block-size", default="2MiB", help="--kv: bytes of one block")
     a = ap.parse_args()
     size = parse_size(a.size)
     proc, endpoint, data = start_server(a.server)
@@ -160,6 +203,8 @@ def main():
         env.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK,
                    AWS_REGION="us-east-1")
         prefix = f"bench-{os.getpid()}"
+        if a.kv:
+            return kv_bench(a, env, f"s3://{BUCKET}/{prefix}/kv")
         url = f"s3://{BUCKET}/{prefix}/snap"
         rows = {"save": [], "restore": [], "raw_put": [], "raw_get": [], "raw_multipart": []}
         memferry(env, "save", "--source", f"synthetic:{a.size}", "--to", url,
