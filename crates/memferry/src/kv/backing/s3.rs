@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStoreExt, PutPayload};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::files::Staging;
 use super::{Backing, Found};
@@ -226,22 +226,24 @@ impl BlockObjects {
         }
     }
 
-    /// True when the object's first 4096 bytes are a header of this
-    /// namespace, key and payload length, and it has the right size.
+    /// True when the object has the right size and its first 4096 bytes
+    /// are a header of this namespace, key and payload length (one ranged
+    /// GET: the response also carries the object's size).
     async fn valid_one(&self, key: &BlockKey) -> bool {
         let k = self.block_key(key);
-        let Ok(Some(info)) = self.client.head_async(&k).await else {
-            return false;
-        };
-        if info.size != self.codec.file_len {
-            return false;
-        }
-        match self
+        let opts = GetOptions::new().with_range(Some(GetRange::Bounded(0..HEADER_BYTES as u64)));
+        let Ok(r) = self
             .client
             .store()
-            .get_range(&ObjectPath::from(k.as_str()), 0..HEADER_BYTES as u64)
+            .get_opts(&ObjectPath::from(k.as_str()), opts)
             .await
-        {
+        else {
+            return false;
+        };
+        if r.meta.size != self.codec.file_len {
+            return false;
+        }
+        match r.bytes().await {
             Ok(header) => self.codec.header_matches(&header, key),
             Err(_) => false,
         }
