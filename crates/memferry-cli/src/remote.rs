@@ -162,6 +162,7 @@ pub fn copy(a: CopyArgs, s3: &S3Args, json: bool) -> Result<()> {
         } else {
             Default::default()
         },
+        window: None,
     };
     let r = copy_snapshot(&src, &dst, &opts).with_context(|| format!("copying {src} to {dst}"))?;
     if json {

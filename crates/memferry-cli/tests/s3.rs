@@ -120,6 +120,10 @@ fn copy_both_ways_keeps_every_byte() {
         let up = mf(s, &["copy", "--json", &a_s, &url]).ok().json();
         assert_eq!(up["verify"]["verified"], true);
         assert_eq!(up["write"]["backend"], "s3");
+        // The copy streamed: source staging stayed within its window
+        // (4 reads of 8 MiB by default), whatever the snapshot size.
+        let peak = up["read"]["peak_staging_bytes"].as_u64().unwrap();
+        assert!(peak > 0 && peak <= 32 * MIB, "source staging {peak}");
         let down = mf(s, &["copy", "--json", &url, &b_s]).ok().json();
         assert_eq!(down["verify"]["verified"], true);
         // Same bytes: export both local snapshots and compare the files.
