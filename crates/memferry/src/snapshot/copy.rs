@@ -195,7 +195,7 @@ enum Shards {
         paths: Vec<PathBuf>,
     },
     S3 {
-        client: ObjectClient,
+        client: Box<ObjectClient>,
         keys: Vec<String>,
     },
 }
@@ -240,7 +240,13 @@ impl SourceReader {
                 let client = ObjectClient::new(&opts.s3, &u.bucket)?;
                 let snap = remote::open(&client, u)?;
                 let (_, _, keys) = remote::load_plan(&client, &snap, MIN_PIECE)?;
-                (snap.manifest, Shards::S3 { client, keys })
+                (
+                    snap.manifest,
+                    Shards::S3 {
+                        client: Box::new(client),
+                        keys,
+                    },
+                )
             }
         };
         let chunk = manifest.checksum.chunk_bytes;
@@ -621,7 +627,7 @@ mod tests {
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
         saved(&a, 12 * MIB);
         let m = Manifest::load(&a).unwrap();
-        let shard = m.shard_path(1, &[a.clone()]);
+        let shard = m.shard_path(1, std::slice::from_ref(&a));
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(&shard)
