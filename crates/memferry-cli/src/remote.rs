@@ -34,11 +34,13 @@ fn load_options(a: &ReadArgs) -> LoadOptions {
     }
 }
 
-fn total_bytes(c: &ObjectClient, url: &S3Url) -> u64 {
-    remote::read_manifest(c, url)
-        .ok()
-        .flatten()
-        .map_or(0, |s| s.manifest.total_bytes)
+/// Size of the snapshot for the progress line (0 when there is none: the
+/// command then fails by itself). A failed request fails the command here,
+/// so a server that keeps failing costs one retry bound, not one per read.
+fn total_bytes(c: &ObjectClient, url: &S3Url, op: &str) -> Result<u64> {
+    Ok(remote::read_manifest(c, url)
+        .with_context(|| format!("{op} {url}"))?
+        .map_or(0, |s| s.manifest.total_bytes))
 }
 
 pub fn save(a: SaveArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {
@@ -63,7 +65,7 @@ pub fn save(a: SaveArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {
 
 pub fn restore(a: RestoreArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {
     let c = client(s3, &url)?;
-    let progress = Progress::start("restore", total_bytes(&c, &url), json);
+    let progress = Progress::start("restore", total_bytes(&c, &url, "restoring")?, json);
     let opts = LoadOptions {
         verify: !a.no_verify,
         device: a.device,
@@ -80,7 +82,7 @@ pub fn restore(a: RestoreArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()
 
 pub fn verify(a: ReadArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {
     let c = client(s3, &url)?;
-    let progress = Progress::start("verify", total_bytes(&c, &url), json);
+    let progress = Progress::start("verify", total_bytes(&c, &url, "verifying")?, json);
     let opts = LoadOptions {
         progress: Some(progress.counter()),
         ..load_options(&a)
@@ -160,6 +162,7 @@ pub fn copy(a: CopyArgs, s3: &S3Args, json: bool) -> Result<()> {
         } else {
             Default::default()
         },
+        window: None,
     };
     let r = copy_snapshot(&src, &dst, &opts).with_context(|| format!("copying {src} to {dst}"))?;
     if json {

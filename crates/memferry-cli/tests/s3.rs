@@ -1,7 +1,8 @@
 //! Snapshots on real S3 servers (moto and s3s-fs, started here on
 //! 127.0.0.1): round trip, copy both ways, conditional commit, a server
-//! killed mid-restore, a corrupted object, failed and killed saves, bad
-//! credentials and bad input. Every test removes its objects and checks
+//! killed mid-restore, injected 503 throttling (a proxy in front of the
+//! server), a corrupted object, failed and killed saves, bad credentials
+//! (s3s-fs, and moto with authentication on) and bad input. Every test removes its objects and checks
 //! that nothing is left.
 
 mod common;
@@ -12,6 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Run, run_cmd};
+use s3_support::proxy::{FaultProxy, Faults};
 use s3_support::{BUCKET, Kind, SECRET_KEY, Server, shared};
 
 const MIB: u64 = 1 << 20;
@@ -118,6 +120,10 @@ fn copy_both_ways_keeps_every_byte() {
         let up = mf(s, &["copy", "--json", &a_s, &url]).ok().json();
         assert_eq!(up["verify"]["verified"], true);
         assert_eq!(up["write"]["backend"], "s3");
+        // The copy streamed: source staging stayed within its window
+        // (4 reads of 8 MiB by default), whatever the snapshot size.
+        let peak = up["read"]["peak_staging_bytes"].as_u64().unwrap();
+        assert!(peak > 0 && peak <= 32 * MIB, "source staging {peak}");
         let down = mf(s, &["copy", "--json", &url, &b_s]).ok().json();
         assert_eq!(down["verify"]["verified"], true);
         // Same bytes: export both local snapshots and compare the files.
@@ -282,6 +288,120 @@ fn a_server_killed_mid_restore_fails_cleanly_within_the_retry_bound() {
     }
 }
 
+/// A memferry command that talks to `s` through `proxy`.
+fn through(s: &Server, proxy: &FaultProxy, args: &[&str]) -> Run {
+    let mut c = s.command();
+    c.env("AWS_ENDPOINT_URL", proxy.endpoint());
+    run_cmd(c, args)
+}
+
+#[test]
+fn injected_503_throttling_is_retried_and_every_byte_arrives() {
+    each_server(|s| {
+        // Every third request is answered "503 Slow Down" by the proxy and
+        // never reaches the server; retries with backoff must ride it out.
+        let proxy = FaultProxy::start(s.port, Faults::EveryNth(3));
+        let url = s.url("throttled");
+        let r = through(
+            s,
+            &proxy,
+            &[
+                "save",
+                "--json",
+                "--source",
+                "synthetic:24MiB",
+                "--to",
+                &url,
+                "--shard-size",
+                "8MiB",
+            ],
+        )
+        .ok()
+        .json();
+        assert_eq!(r["bytes"], 24 * MIB);
+        let r = through(s, &proxy, &["restore", "--json", &url]).ok().json();
+        assert_eq!(r["bytes"], 24 * MIB);
+        assert_eq!(r["verified"], true);
+        through(s, &proxy, &["verify", &url]).ok();
+        // The bytes that came back through the proxy are the source's.
+        let dir = tempfile::tempdir().unwrap();
+        let (local, from_s3, from_local) = (
+            dir.path().join("local"),
+            dir.path().join("s3.safetensors"),
+            dir.path().join("local.safetensors"),
+        );
+        let p = |x: &std::path::Path| x.display().to_string();
+        through(s, &proxy, &["export", &url, "--to", &p(&from_s3)]).ok();
+        mf(
+            s,
+            &["save", "--source", "synthetic:24MiB", "--to", &p(&local)],
+        )
+        .ok();
+        mf(s, &["export", &p(&local), "--to", &p(&from_local)]).ok();
+        assert!(
+            std::fs::read(&from_s3).unwrap() == std::fs::read(&from_local).unwrap(),
+            "bytes differ after the throttled round trip"
+        );
+        let (n, injected) = (proxy.requests(), proxy.injected());
+        eprintln!("{}: {injected} of {n} requests answered 503", s.kind.name());
+        assert!(injected > 0 && injected == n / 3, "{injected} of {n}");
+        s.clean(&url);
+    });
+}
+
+#[test]
+fn a_server_that_always_throttles_fails_within_the_retry_bound() {
+    each_server(|s| {
+        let url = s.url("throttled-out");
+        save(s, &url, 12, &[]);
+        let proxy = FaultProxy::start(s.port, Faults::AllFrom(0));
+        let bound = ["--s3-max-retries", "3", "--s3-retry-timeout", "2s"];
+        let t = Instant::now();
+        let mut args = vec!["restore", &url];
+        args.extend(bound);
+        let r = through(s, &proxy, &args);
+        let took = t.elapsed();
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        let r = r.stderr_has(&["S3 GET", &url, "503", "retry bound", "--s3-retry-timeout"]);
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+        assert!(took < Duration::from_secs(30), "took {took:?}");
+        // The first attempt and exactly max-retries retries, nothing passed.
+        assert_eq!(proxy.injected(), 4);
+        assert_eq!(proxy.forwarded(), 0);
+
+        // A save throttled from its fifth request on (after it read the
+        // prefix, started its upload and wrote its marker) fails within
+        // the bound and commits nothing.
+        let url2 = s.url("throttled-save");
+        proxy.set_faults(Faults::AllFrom(proxy.requests() + 4));
+        let t = Instant::now();
+        let mut args = vec!["save", "--source", "synthetic:24MiB", "--to", &url2];
+        args.extend(bound);
+        let r = through(s, &proxy, &args);
+        let took = t.elapsed();
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        let r = r.stderr_has(&["503", "retry bound", "--s3-retry-timeout"]);
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+        assert!(took < Duration::from_secs(60), "took {took:?}");
+        assert_eq!(proxy.forwarded(), 4);
+        let left = s.keys(&url2);
+        assert!(
+            !left.iter().any(|k| k.ends_with("manifest.json")),
+            "a failed save left a manifest: {left:?}"
+        );
+        mf(s, &["restore", &url2])
+            .code(2)
+            .stderr_has(&["no committed snapshot"]);
+        // What it could not clean up through the throttling proxy, gc
+        // removes.
+        mf(s, &["gc", "--grace", "0s", &url2]).ok();
+        assert!(s.keys(&url2).is_empty(), "left: {:?}", s.keys(&url2));
+        // The first snapshot was never touched.
+        mf(s, &["verify", &url]).ok();
+        s.clean(&url);
+    });
+}
+
 #[test]
 fn a_corrupted_object_is_caught_by_the_checksum() {
     each_server(|s| {
@@ -381,34 +501,50 @@ fn gc_removes_what_a_killed_save_left() {
 
 #[test]
 fn bad_credentials_give_a_clear_error_and_never_print_the_secret() {
-    let s = shared(Kind::S3sFs);
-    assert!(Kind::S3sFs.checks_signatures());
-    let url = s.url("creds");
-    let wrong = "WRONG-secret-value-9f7e";
-    for args in [
-        vec!["save", "--source", "synthetic:1MiB", "--to", &url],
-        vec!["restore", &url],
-        vec!["-vv", "verify", "--json", &url],
-    ] {
-        let mut c = s.command();
-        c.env("AWS_SECRET_ACCESS_KEY", wrong)
-            .env("AWS_SESSION_TOKEN", "TOKEN-secret-1234")
-            .env("MEMFERRY_S3_MAX_RETRIES", "1")
-            .env("MEMFERRY_LOG", "debug");
-        let r = run_cmd(c, args.clone());
-        assert_ne!(r.code, 0, "{args:?} succeeded");
-        let all = format!("{}{}", r.stdout, r.stderr);
-        for secret in [wrong, "TOKEN-secret-1234", SECRET_KEY] {
-            assert!(!all.contains(secret), "secret printed by {args:?}: {all}");
+    // s3s-fs checks signatures out of the box; moto only once its
+    // authentication is switched on (a dedicated instance with an IAM user).
+    let moto = Server::start_moto_with_auth();
+    for s in [shared(Kind::S3sFs), &moto] {
+        eprintln!("== {}", s.kind.name());
+        assert!(s.checks_signatures());
+        let url = s.url("creds");
+        // The right credentials work (so a refusal below is about them).
+        let ok = s.url("creds-ok");
+        save(s, &ok, 1, &[]);
+        mf(s, &["verify", &ok]).ok();
+        s.clean(&ok);
+        let wrong = "WRONG-secret-value-9f7e";
+        let secret = s.secret_key();
+        for args in [
+            vec!["save", "--source", "synthetic:1MiB", "--to", &url],
+            vec!["restore", &url],
+            vec!["-vv", "verify", "--json", &url],
+        ] {
+            // A wrong secret, with and without a (bogus) session token.
+            for token in [Some("TOKEN-secret-1234"), None] {
+                let mut c = s.command();
+                c.env("AWS_SECRET_ACCESS_KEY", wrong)
+                    .env("MEMFERRY_S3_MAX_RETRIES", "1")
+                    .env("MEMFERRY_LOG", "debug");
+                if let Some(t) = token {
+                    c.env("AWS_SESSION_TOKEN", t);
+                }
+                let r = run_cmd(c, args.clone());
+                assert_ne!(r.code, 0, "{args:?} succeeded on {}", s.kind.name());
+                let all = format!("{}{}", r.stdout, r.stderr);
+                for secret in [wrong, "TOKEN-secret-1234", SECRET_KEY, secret.as_str()] {
+                    assert!(!all.contains(secret), "secret printed by {args:?}: {all}");
+                }
+                let r = r.stderr_has(&["AWS_SECRET_ACCESS_KEY"]);
+                assert!(
+                    r.stderr.contains("rejected the credentials"),
+                    "{}",
+                    r.stderr
+                );
+            }
         }
-        let r = r.stderr_has(&["AWS_SECRET_ACCESS_KEY"]);
-        assert!(
-            r.stderr.contains("rejected the credentials"),
-            "{}",
-            r.stderr
-        );
+        assert!(s.keys(&url).is_empty());
     }
-    assert!(s.keys(&url).is_empty());
 }
 
 #[test]

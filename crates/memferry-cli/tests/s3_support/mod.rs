@@ -6,8 +6,15 @@
 //!
 //! These tests never skip: a server that cannot be installed or started
 //! fails the test with the reason.
+//!
+//! [`Server::start_moto_with_auth`] starts a moto that checks signatures
+//! too (an IAM user and access key created first, then moto's
+//! `/moto-api/reset-auth` switches authentication on), and [`proxy`] puts a
+//! fault-injecting proxy in front of either server.
 
 #![allow(dead_code)]
+
+pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -101,6 +108,8 @@ pub struct Server {
     pub port: u16,
     child: Option<Child>,
     data: Option<tempfile::TempDir>,
+    /// Credentials other than the fixed test ones (moto with auth on).
+    credentials: Option<(String, String)>,
 }
 
 impl Server {
@@ -145,6 +154,7 @@ impl Server {
                 port,
                 child: Some(child),
                 data,
+                credentials: None,
             };
             if s.wait_ready(Duration::from_secs(60)) {
                 if kind == Kind::Moto {
@@ -189,6 +199,119 @@ impl Server {
         let _ = s.read_to_end(&mut rest);
     }
 
+    /// Starts a dedicated moto server that checks SigV4 signatures like
+    /// AWS: while moto still accepts anything, an IAM user with an
+    /// allow-all policy and an access key is created (IAM query API, the
+    /// service named by a dummy credential scope) and the bucket made; then
+    /// `POST /moto-api/reset-auth` with `0` makes every later request need
+    /// valid credentials of that user ([`Self::access_key`],
+    /// [`Self::secret_key`]).
+    pub fn start_moto_with_auth() -> Self {
+        let mut s = Server::start(Kind::Moto);
+        let iam = [
+            (
+                "Authorization",
+                "AWS4-HMAC-SHA256 Credential=AKIAMEMFERRYSETUP000/20240101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0",
+            ),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ];
+        let form = |action: &str, extra: &str| {
+            format!("Action={action}&Version=2010-05-08&UserName=memferry-test{extra}")
+        };
+        let (status, body) = s.http("POST", "/", &iam, &form("CreateUser", ""));
+        assert!(status.contains(" 200"), "moto CreateUser: {status} {body}");
+        let policy = "%7B%22Version%22%3A%222012-10-17%22%2C%22Statement%22%3A%5B%7B%22Effect%22%3A%22Allow%22%2C%22Action%22%3A%22%2A%22%2C%22Resource%22%3A%22%2A%22%7D%5D%7D";
+        let (status, body) = s.http(
+            "POST",
+            "/",
+            &iam,
+            &form(
+                "PutUserPolicy",
+                &format!("&PolicyName=all&PolicyDocument={policy}"),
+            ),
+        );
+        assert!(
+            status.contains(" 200"),
+            "moto PutUserPolicy: {status} {body}"
+        );
+        let (status, body) = s.http("POST", "/", &iam, &form("CreateAccessKey", ""));
+        assert!(
+            status.contains(" 200"),
+            "moto CreateAccessKey: {status} {body}"
+        );
+        let field = |name: &str| {
+            body.split(&format!("<{name}>"))
+                .nth(1)
+                .and_then(|rest| rest.split(&format!("</{name}>")).next())
+                .unwrap_or_else(|| panic!("no {name} in moto's answer: {body}"))
+                .to_string()
+        };
+        s.credentials = Some((field("AccessKeyId"), field("SecretAccessKey")));
+        let (status, body) = s.http(
+            "POST",
+            "/moto-api/reset-auth",
+            &[("Content-Type", "text/plain")],
+            "0",
+        );
+        assert!(status.contains(" 200"), "moto reset-auth: {status} {body}");
+        // From now on an unsigned request is refused.
+        let (status, _) = s.http("GET", &format!("/{BUCKET}"), &[], "");
+        assert!(
+            !status.contains(" 200"),
+            "moto still answers unsigned requests after reset-auth: {status}"
+        );
+        s
+    }
+
+    /// One plain HTTP/1.1 request (`Connection: close`): the status line
+    /// and the body.
+    fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (String, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.port,
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        s.write_all(req.as_bytes()).expect("write");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read");
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        (
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
+    }
+
+    /// Whether this server checks request signatures.
+    pub fn checks_signatures(&self) -> bool {
+        self.kind.checks_signatures() || self.credentials.is_some()
+    }
+
+    /// The access key id clients of this server use.
+    pub fn access_key(&self) -> String {
+        self.credentials
+            .as_ref()
+            .map_or_else(|| ACCESS_KEY.to_string(), |c| c.0.clone())
+    }
+
+    /// The secret access key clients of this server use.
+    pub fn secret_key(&self) -> String {
+        self.credentials
+            .as_ref()
+            .map_or_else(|| SECRET_KEY.to_string(), |c| c.1.clone())
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -197,8 +320,8 @@ impl Server {
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("AWS_ENDPOINT_URL", self.endpoint()),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+            ("AWS_ACCESS_KEY_ID", self.access_key()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key()),
             ("AWS_REGION", "us-east-1".into()),
         ]
     }
@@ -222,8 +345,8 @@ impl Server {
     pub fn client(&self) -> ObjectClient {
         let cfg = S3Config {
             endpoint: Some(self.endpoint()),
-            access_key_id: Some(ACCESS_KEY.into()),
-            secret_access_key: Some(memferry::storage::s3::Secret::new(SECRET_KEY)),
+            access_key_id: Some(self.access_key()),
+            secret_access_key: Some(memferry::storage::s3::Secret::new(self.secret_key())),
             path_style: true,
             allow_http: true,
             retry: memferry::storage::s3::RetryPolicy {

@@ -410,13 +410,15 @@ pub fn restore(
     url: &S3Url,
     opts: &LoadOptions,
 ) -> Result<(RestoredSnapshot, Report)> {
+    // A failed read fails the restore now (after one retry bound) rather
+    // than being retried again by the load.
+    let before = read_manifest(client, url)?.map(|s| s.manifest.identity.save_id);
     let save_id = || {
         read_manifest(client, url)
             .ok()
             .flatten()
             .map(|s| s.manifest.identity.save_id)
     };
-    let before = save_id();
     match load(client, url, opts, true) {
         // A concurrent save may have replaced the snapshot (and removed the
         // old shards) after we read the manifest: retry once on the new one.

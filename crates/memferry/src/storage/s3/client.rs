@@ -390,6 +390,9 @@ pub(crate) fn map_error(op: &str, url: &str, e: object_store::Error) -> Error {
         "invalidaccesskeyid",
         "accessdenied",
         "forbidden",
+        "invalidtoken",
+        "expiredtoken",
+        "invalidclienttokenid",
     ]
     .iter()
     .any(|n| low.contains(n))
