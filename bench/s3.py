@@ -153,7 +153,7 @@ def kv_bench(a, env, root):
     rows = {"store": [], "raw_put": [], "load": [], "raw_get": []}
     for run in range(a.runs):
         r = memferry(env, "kv", "bench", "--root", root, "--blocks", str(a.blocks),
-                     "--block-size", a.block_size)
+                     "--block-size", a.block_size, *a.kv_args.split())
         if r["failed"]:
             sys.exit(f"kv bench failed: {r}")
         rows["store"].append(r["store"]["gib_per_s"])
@@ -192,6 +192,7 @@ def main():
     ap.add_argument("--kv", action="store_true", help="run kv bench on an s3:// root")
     ap.add_argument("--blocks", type=int, default=512, help="--kv: blocks")
     ap.add_argument("--block-size", default="2MiB", help="--kv: bytes of one block")
+    ap.add_argument("--kv-args", default="", help="--kv: more kv bench flags, e.g. '--writers 16 --batch 1'")
     a = ap.parse_args()
     size = parse_size(a.size)
     proc, endpoint, data = start_server(a.server)

@@ -105,6 +105,10 @@ struct JobState {
     tasks: Arc<Vec<KeyTask>>,
     outcomes: Vec<Option<KeyOutcome>>,
     next: usize,
+    /// Tasks `..handed` went to workers, which release a load's
+    /// protections themselves before reporting (so a result is never
+    /// visible while its keys are still protected).
+    handed: usize,
     running: usize,
     bytes: u64,
     submitted: Instant,
@@ -464,6 +468,7 @@ impl Shared {
             tasks: Arc::new(tasks),
             outcomes: vec![None; n],
             next: 0,
+            handed: 0,
             running: 0,
             bytes: 0,
             submitted: Instant::now(),
@@ -508,6 +513,7 @@ impl Shared {
         let start = state.next;
         let end = (start + self.config.batch).min(state.tasks.len());
         state.next = end;
+        state.handed = end;
         state.running += 1;
         let piece = Piece {
             job: id,
@@ -568,6 +574,10 @@ impl Shared {
                 .filter(|(_, o)| matches!(o, KeyOutcome::Loaded | KeyOutcome::Stored))
                 .map(|(t, _)| t.ids.len() as u64 * self.blocks.codec().layout.block_bytes())
                 .sum();
+            if piece.kind == JobKind::Load {
+                let keys: Vec<BlockKey> = tasks.iter().map(|t| t.key.clone()).collect();
+                self.unprotect(&keys);
+            }
             let mut sched = lock(&self.sched);
             if piece.kind == JobKind::Store {
                 sched.store_workers_busy -= 1;
@@ -642,7 +652,12 @@ impl Shared {
         let file_len = self.blocks.codec().file_len;
         let keys: Vec<BlockKey> = tasks.iter().map(|t| t.key.clone()).collect();
         let mut touched = Vec::new();
-        for (i, valid) in self.blocks.valid_many(&keys).into_iter().enumerate() {
+        let valid = if self.blocks.store_checks_existing() {
+            vec![false; keys.len()]
+        } else {
+            self.blocks.valid_many(&keys)
+        };
+        for (i, valid) in valid.into_iter().enumerate() {
             if valid {
                 lock(&self.index)
                     .index
@@ -675,7 +690,7 @@ impl Shared {
             let mut space = lock(&self.index);
             space.reserved -= need;
             for (t, o) in writing.iter().zip(&written) {
-                if *o == KeyOutcome::Stored {
+                if matches!(o, KeyOutcome::Stored | KeyOutcome::AlreadyStored) {
                     space
                         .index
                         .insert(t.key.clone(), file_len, SystemTime::now());
@@ -683,9 +698,15 @@ impl Shared {
             }
         }
         for (&i, o) in to_write.iter().zip(written) {
+            let c = &self.counters;
             match &o {
-                KeyOutcome::Stored => self.counters.stores.fetch_add(1, Ordering::Relaxed),
-                KeyOutcome::Failed(_) => self.counters.failed.fetch_add(1, Ordering::Relaxed),
+                KeyOutcome::Stored => c.stores.fetch_add(1, Ordering::Relaxed),
+                KeyOutcome::AlreadyStored => {
+                    // Found by the backing's own create-only write.
+                    lock(&self.touches).push(tasks[i].key.clone());
+                    c.already_stored.fetch_add(1, Ordering::Relaxed)
+                }
+                KeyOutcome::Failed(_) => c.failed.fetch_add(1, Ordering::Relaxed),
                 _ => 0,
             };
             outcomes[i] = Some(o);
@@ -835,13 +856,17 @@ impl Shared {
     }
 
     /// Moves a job to the finished queue (its outcomes are all set).
-    /// Returns the keys a load protected: the caller unprotects them after
-    /// releasing the scheduler lock, so `poll` never waits on eviction I/O.
+    /// Returns the keys a load protected that no worker ran (and so did not
+    /// release): the caller unprotects them after releasing the scheduler
+    /// lock, so `poll` never waits on eviction I/O.
     #[must_use]
     fn finish(&self, sched: &mut Sched, job: JobId) -> Vec<BlockKey> {
         let state = sched.jobs.remove(&job).expect("finishing a known job");
         let release = match state.kind {
-            JobKind::Load => state.tasks.iter().map(|t| t.key.clone()).collect(),
+            JobKind::Load => state.tasks[state.handed..]
+                .iter()
+                .map(|t| t.key.clone())
+                .collect(),
             JobKind::Store => Vec::new(),
         };
         let keys = state

@@ -67,6 +67,13 @@ pub(crate) trait Backing: Send + Sync {
         tasks: &[KeyTask],
         cancel: &AtomicBool,
     ) -> Vec<KeyOutcome>;
+    /// True when [`Backing::store`] itself finds valid blocks already
+    /// stored and reports them `AlreadyStored` (one create-only request
+    /// instead of a probe, then a write); otherwise the engine probes with
+    /// [`Backing::valid_many`] first.
+    fn store_checks_existing(&self) -> bool {
+        false
+    }
     /// Gathers and publishes every task's block (readers see no block or a
     /// whole one).
     ///

@@ -25,15 +25,18 @@
 //! time (the server's clock): a store sets the block's, a load or touch
 //! rewrites the empty marker. Objects cannot be touched in place.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+};
 
 use super::files::Staging;
 use super::{Backing, Found};
@@ -57,10 +60,22 @@ pub(crate) struct BlockObjects {
     /// `<prefix>/<namespace>` inside the bucket.
     ns: String,
     codec: BlockCodec,
+    /// Create-only PUTs work on this server: a store is one request.
+    conditional: bool,
     /// This process's counters object, and what it holds.
     stats_key: String,
     stats_total: Mutex<Counters>,
+    /// When this process last wrote each key's block or marker: a use
+    /// within [`ACCESS_GRANULARITY`] of it writes no new marker.
+    recorded: Mutex<HashMap<BlockKey, Instant>>,
 }
+
+/// Precision of the access record on S3. Every write of a marker is a
+/// request, so a block is re-marked at most this often per process; LRU
+/// ordering at this grain is as good as exact for eviction, and a block
+/// evicted while in use elsewhere costs that process one failed key, never
+/// wrong bytes.
+pub(crate) const ACCESS_GRANULARITY: Duration = Duration::from_secs(60);
 
 fn to_time(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
@@ -108,6 +123,8 @@ impl BlockObjects {
                 unique_id()
             ),
             stats_total: Mutex::new(Counters::default()),
+            conditional: s3.conditional_put,
+            recorded: Mutex::new(HashMap::new()),
             codec: BlockCodec::new(
                 config.namespace.hash(),
                 layout,
@@ -124,6 +141,19 @@ impl BlockObjects {
 
     fn marker_key(&self, key: &BlockKey) -> String {
         format!("{}/access/{}", self.ns, key.hex())
+    }
+
+    /// Remembers that `keys` were recorded now; forgets stale entries so
+    /// the map stays as small as the recent working set.
+    fn note_recorded(&self, keys: &[BlockKey]) {
+        let now = Instant::now();
+        let mut map = self.recorded.lock().expect("recorded lock");
+        if map.len() > 65_536 {
+            map.retain(|_, t| now.duration_since(*t) < ACCESS_GRANULARITY);
+        }
+        for k in keys {
+            map.insert(k.clone(), now);
+        }
     }
 
     fn concurrency(&self) -> usize {
@@ -212,16 +242,35 @@ impl BlockObjects {
             return KeyOutcome::Failed(e.to_string());
         }
         let key = self.block_key(&task.key);
-        match self
-            .client
-            .store()
-            .put(
-                &ObjectPath::from(key.as_str()),
-                PutPayload::from(Bytes::from(image)),
-            )
-            .await
+        let path = ObjectPath::from(key.as_str());
+        let body = PutPayload::from(Bytes::from(image));
+        let store = self.client.store();
+        let mut put = if self.conditional {
+            // Create-only: a block already there answers 412 in the same
+            // request, instead of a probe before every store.
+            store
+                .put_opts(&path, body.clone(), PutOptions::from(PutMode::Create))
+                .await
+        } else {
+            store.put(&path, body.clone()).await
+        };
+        if let Err(
+            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
+        ) = put
         {
-            Ok(_) => KeyOutcome::Stored,
+            if self.valid_one(&task.key).await {
+                self.note_recorded(std::slice::from_ref(&task.key));
+                return KeyOutcome::AlreadyStored;
+            }
+            // A damaged or foreign-sized object under our key: replace it.
+            put = store.put(&path, body).await;
+        }
+        match put {
+            Ok(_) => {
+                // The new object's own time is its access record.
+                self.note_recorded(std::slice::from_ref(&task.key));
+                KeyOutcome::Stored
+            }
             Err(e) => KeyOutcome::Failed(self.client.error("PUT", &key, e).to_string()),
         }
     }
@@ -297,6 +346,10 @@ impl Backing for BlockObjects {
         self.concurrency()
     }
 
+    fn store_checks_existing(&self) -> bool {
+        self.conditional
+    }
+
     fn stat_many(&self, keys: &[BlockKey]) -> Vec<Option<Found>> {
         let names: Vec<String> = keys.iter().map(|k| self.block_key(k)).collect();
         self.client
@@ -361,7 +414,22 @@ impl Backing for BlockObjects {
     }
 
     fn record_access(&self, keys: &[BlockKey], _when: SystemTime) {
-        let markers: Vec<String> = keys.iter().map(|k| self.marker_key(k)).collect();
+        let now = Instant::now();
+        let due: Vec<BlockKey> = {
+            let map = self.recorded.lock().expect("recorded lock");
+            keys.iter()
+                .filter(|k| {
+                    map.get(*k)
+                        .is_none_or(|t| now.duration_since(*t) >= ACCESS_GRANULARITY)
+                })
+                .cloned()
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        self.note_recorded(&due);
+        let markers: Vec<String> = due.iter().map(|k| self.marker_key(k)).collect();
         let results: Vec<Result<()>> = self.client.run(
             futures::stream::iter(markers.iter().map(|m| async move {
                 self.client
@@ -393,7 +461,7 @@ impl Backing for BlockObjects {
     fn scan(&self) -> Result<Vec<ScannedBlock>> {
         let objects = self.client.list(&format!("{}/", self.ns))?;
         let access_prefix = format!("{}/access/", self.ns);
-        let mut markers = std::collections::HashMap::new();
+        let mut markers = HashMap::new();
         let mut blocks = Vec::new();
         for o in &objects {
             if let Some(hex) = o.key.strip_prefix(&access_prefix) {
@@ -429,6 +497,20 @@ impl Backing for BlockObjects {
             .collect();
         if !orphans.is_empty() {
             let _ = self.client.delete_many(&orphans);
+        }
+        // Blocks used within the granularity need no new marker yet.
+        {
+            let instant = Instant::now();
+            let mut map = self.recorded.lock().expect("recorded lock");
+            for (key, _, ms) in &blocks {
+                let last = markers.get(&key.hex()).map_or(*ms, |m| (*m).max(*ms));
+                let age = Duration::from_millis(now.saturating_sub(last));
+                if age < ACCESS_GRANULARITY
+                    && let Some(at) = instant.checked_sub(age)
+                {
+                    map.entry(key.clone()).or_insert(at);
+                }
+            }
         }
         Ok(blocks
             .into_iter()
