@@ -34,7 +34,9 @@ pub struct KvConfig {
     /// Workers stores may never occupy, so a load starts at once even while
     /// stores run (at the cost of store throughput). At most `workers - 1`.
     pub load_reserved_workers: usize,
-    /// Keys moved by one backend call (requests in flight per worker).
+    /// Keys moved by one backend call (requests in flight per worker). On
+    /// an S3 root the store runs `workers x batch` workers of one key each
+    /// instead (the same requests in flight, no barrier per batch).
     pub batch: usize,
     /// Store keys allowed to wait for a worker; a store job that would
     /// exceed it is reported `dropped`.

@@ -132,8 +132,17 @@ impl KvStore {
     /// Opens (creating if needed) the namespace under `config.root` for the
     /// registered tensors in `layout`, scans it to warm the index and starts
     /// the workers.
-    pub fn open(config: KvConfig, layout: KvLayout) -> Result<Self> {
+    pub fn open(mut config: KvConfig, layout: KvLayout) -> Result<Self> {
         config.validate()?;
+        if config.root.is_s3() {
+            // Requests to a bucket have long, uneven latencies: instead of
+            // `workers` threads that each wait for a batch of `batch` keys,
+            // run `workers x batch` threads of one key each, the same
+            // requests in flight without a barrier per batch.
+            config.load_reserved_workers *= config.batch;
+            config.workers *= config.batch;
+            config.batch = 1;
+        }
         let blocks: Box<dyn Backing> = match &config.root {
             Location::Local(root) => Box::new(BlockFiles::open(&config, root, layout)?),
             Location::S3(url) => {
