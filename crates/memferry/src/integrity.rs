@@ -45,6 +45,46 @@ pub fn verify_chunks(data: &[u8], chunk: u64, expected: &[u32]) -> Result<(), (u
     Ok(())
 }
 
+/// Like [`verify_chunks`], over data held in several pieces (e.g. the
+/// chunks of a network body) without first joining them.
+pub fn verify_chunks_of_pieces(
+    pieces: &[&[u8]],
+    chunk: u64,
+    expected: &[u32],
+) -> Result<(), (usize, u32)> {
+    let mut digest = crc_fast::Digest::new(CrcAlgorithm::Crc32Iscsi);
+    let mut filled = 0u64;
+    let mut index = 0;
+    let check = |digest: &mut crc_fast::Digest, index: &mut usize| {
+        let got = digest.finalize_reset() as u32;
+        let want = expected.get(*index).copied();
+        *index += 1;
+        if want == Some(got) {
+            Ok(())
+        } else {
+            Err((*index - 1, got))
+        }
+    };
+    for piece in pieces {
+        let mut rest = *piece;
+        while !rest.is_empty() {
+            let take = ((chunk - filled) as usize).min(rest.len());
+            digest.update(&rest[..take]);
+            filled += take as u64;
+            rest = &rest[take..];
+            if filled == chunk {
+                check(&mut digest, &mut index)?;
+                filled = 0;
+            }
+        }
+    }
+    if filled > 0 {
+        check(&mut digest, &mut index)?;
+    }
+    debug_assert_eq!(index, expected.len());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,6 +93,32 @@ mod tests {
     fn known_vector() {
         // RFC 3720 test vector for CRC32C.
         assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn pieces_verify_like_one_buffer() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 13) as u8).collect();
+        let mut sums = vec![0; chunk_count(10_000, 4096)];
+        checksum_chunks(&data, 4096, &mut sums);
+        let split = |cuts: &[usize]| -> Vec<&[u8]> {
+            let mut out = Vec::new();
+            let mut at = 0;
+            for &c in cuts.iter().chain([&data.len()]) {
+                out.push(&data[at..c]);
+                at = c;
+            }
+            out
+        };
+        for cuts in [&[][..], &[1, 4096, 4097, 9000][..], &[4095, 8192][..]] {
+            assert_eq!(verify_chunks_of_pieces(&split(cuts), 4096, &sums), Ok(()));
+        }
+        let mut bad = data.clone();
+        bad[5000] ^= 1;
+        let pieces = [&bad[..3000], &bad[3000..]];
+        assert_eq!(
+            verify_chunks_of_pieces(&pieces, 4096, &sums).map_err(|e| e.0),
+            Err(1)
+        );
     }
 
     #[test]

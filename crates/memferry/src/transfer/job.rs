@@ -141,6 +141,39 @@ impl<'a> TransferJob<'a> {
         Ok(())
     }
 
+    /// Like [`Self::accept_loaded`], for bytes held in several pieces (in
+    /// order, `op.len` bytes in all): verified across the pieces, then
+    /// copied piece by piece, with no joined copy.
+    pub fn accept_loaded_pieces(&self, op: &IoOp, pieces: &[&[u8]]) -> Result<()> {
+        debug_assert_eq!(pieces.iter().map(|p| p.len() as u64).sum::<u64>(), op.len);
+        if let Checksums::Verify(table) = self.checksums {
+            let t = Instant::now();
+            let expected = &table[self.plan.checksums_of(op)];
+            let chunk = self.plan.checksum_chunk;
+            let outcome = integrity::verify_chunks_of_pieces(pieces, chunk, expected);
+            self.add_checksum_time(t);
+            outcome.map_err(|(i, found)| {
+                let start = i as u64 * chunk;
+                Error::ChecksumMismatch {
+                    path: self.plan.files[op.file].path.clone(),
+                    offset: op.file_offset + start,
+                    length: chunk.min(op.len - start),
+                    expected: expected[i],
+                    found,
+                }
+            })?;
+        }
+        let mut at = op.mem_offset;
+        for piece in pieces {
+            // SAFETY: plans never overlap in a region (validated by the
+            // snapshot layer), so this op has exclusive use of its range.
+            unsafe { self.regions[op.region].copy_in(at, piece)? };
+            at += piece.len() as u64;
+        }
+        self.op_done(op);
+        Ok(())
+    }
+
     /// Copies the op's source bytes into `buf` (`buf.len() == op.len`) and
     /// records their checksums.
     pub fn fetch_for_store(&self, op: &IoOp, buf: &mut [u8]) -> Result<()> {

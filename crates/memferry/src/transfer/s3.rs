@@ -101,6 +101,32 @@ impl<'c> ObjectBackend<'c> {
                     return Err(Error::Cancelled);
                 }
                 let len = g.end - g.start;
+                let host = ops[g.ops.clone()]
+                    .iter()
+                    .all(|op| job.regions[op.region].host_ptr_mut().is_some());
+                if host {
+                    // Host memory: the body's chunks are verified and
+                    // copied straight into place, without a joined copy.
+                    let now = staged.fetch_add(len, Ordering::Relaxed) + len;
+                    peak.fetch_max(now, Ordering::Relaxed);
+                    let mut chunks = Vec::new();
+                    let mut r = self.fetch(job, &g, |c| chunks.push(c)).await;
+                    if r.is_ok() {
+                        for op in &ops[g.ops.clone()] {
+                            let pieces = slices(&chunks, op.file_offset - g.start, op.len);
+                            r = job.accept_loaded_pieces(op, &pieces);
+                            if r.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    drop(chunks);
+                    staged.fetch_sub(len, Ordering::Relaxed);
+                    if r.is_ok() && !paused.swap(true, Ordering::Relaxed) {
+                        crate::storage::s3::fault::pause("s3-restore-mid");
+                    }
+                    return r;
+                }
                 let mut buf = pool.lock().expect("pool lock").pop().unwrap_or_default();
                 buf.clear();
                 if (buf.capacity() as u64) < len {
@@ -148,6 +174,19 @@ impl<'c> ObjectBackend<'c> {
     /// Streams bytes `g.start..g.end` of the object into `buf` (exactly
     /// that many).
     async fn fetch_into(&self, job: &TransferJob<'_>, g: &Get, buf: &mut Vec<u8>) -> Result<()> {
+        self.fetch(job, g, |chunk| buf.extend_from_slice(&chunk))
+            .await
+    }
+
+    /// Streams bytes `g.start..g.end` of the object to `sink`, chunk by
+    /// chunk as they arrive: exactly that many, or an error naming the
+    /// object, the offset and the length.
+    async fn fetch(
+        &self,
+        job: &TransferJob<'_>,
+        g: &Get,
+        mut sink: impl FnMut(Bytes),
+    ) -> Result<()> {
         let key = &self.keys[g.file];
         let len = g.end - g.start;
         let range = g.start..g.end;
@@ -167,23 +206,25 @@ impl<'c> ObjectBackend<'c> {
                 e => self.client.error(&what(), key, e),
             })?;
         let mut body = r.into_stream();
+        let mut got = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk: Bytes = chunk.map_err(|e| self.client.error(&what(), key, e))?;
-            if buf.len() + chunk.len() > len as usize {
+            got += chunk.len() as u64;
+            if got > len {
                 return Err(Error::ObjectStore {
                     context: format!("S3 {} {} failed", what(), self.client.url(key)),
                     message: format!("the server sent more than the {len} bytes asked for"),
                     hint: String::new(),
                 });
             }
-            buf.extend_from_slice(&chunk);
+            sink(chunk);
         }
-        if (buf.len() as u64) < len {
+        if got < len {
             return Err(Error::Truncated {
                 path: job.plan.files[g.file].path.clone(),
                 offset: g.start,
                 length: len,
-                file_size: g.start + buf.len() as u64,
+                file_size: g.start + got,
             });
         }
         Ok(())
@@ -301,6 +342,27 @@ struct Get {
     start: u64,
     end: u64,
     ops: std::ops::Range<usize>,
+}
+
+/// The pieces of `chunks` (consecutive, from offset 0) that hold bytes
+/// `start..start + len`.
+fn slices(chunks: &[Bytes], start: u64, len: u64) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let (mut at, end) = (0u64, start + len);
+    for c in chunks {
+        let (c_start, c_end) = (at, at + c.len() as u64);
+        at = c_end;
+        if c_end <= start {
+            continue;
+        }
+        if c_start >= end {
+            break;
+        }
+        let from = start.max(c_start) - c_start;
+        let to = end.min(c_end) - c_start;
+        out.push(&c[from as usize..to as usize]);
+    }
+    out
 }
 
 /// Largest hole between two ops that one GET reads through (padding).
@@ -425,6 +487,27 @@ mod tests {
                 (1, 0, 4096, 1)
             ]
         );
+    }
+
+    #[test]
+    fn slices_cut_chunks_at_any_offset() {
+        let data: Vec<u8> = (0..100u8).collect();
+        let chunks: Vec<Bytes> = [0..7, 7..40, 40..41, 41..100]
+            .into_iter()
+            .map(|r| Bytes::copy_from_slice(&data[r]))
+            .collect();
+        for (start, len) in [
+            (0, 100),
+            (5, 3),
+            (7, 33),
+            (39, 3),
+            (40, 1),
+            (99, 1),
+            (10, 0),
+        ] {
+            let joined: Vec<u8> = slices(&chunks, start, len).concat();
+            assert_eq!(joined, &data[start as usize..(start + len) as usize]);
+        }
     }
 
     #[test]
