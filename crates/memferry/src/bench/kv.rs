@@ -466,8 +466,8 @@ fn remove_namespace_if_empty(
     let Ok(objects) = client.list(&format!("{prefix}/")) else {
         return;
     };
-    let block = format!(".{}", crate::kv::key::BLOCK_EXT);
-    if objects.iter().all(|o| !o.key.ends_with(&block)) {
+    let is_block = |k: &str| BlockKey::from_file_name(k.rsplit('/').next().unwrap_or(k)).is_some();
+    if !objects.iter().any(|o| is_block(&o.key)) {
         let keys: Vec<String> = objects.into_iter().map(|o| o.key).collect();
         let _ = client.delete_many(&keys);
     }

@@ -44,6 +44,13 @@ impl BlockKey {
         Self::new(bytes)
     }
 
+    /// The key of a block file or object named `<hex>.kvb`; `None` for any
+    /// other name (temporary files, records, foreign files).
+    pub fn from_file_name(name: &str) -> Option<Self> {
+        let hex = name.strip_suffix(&format!(".{BLOCK_EXT}"))?;
+        Self::from_hex(hex).ok()
+    }
+
     /// The key's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0

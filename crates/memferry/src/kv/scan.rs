@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::key::{BLOCK_EXT, BlockKey};
+use super::key::BlockKey;
 use crate::Result;
 use crate::error::IoContext;
 
@@ -76,10 +76,7 @@ pub fn scan(dir: &Path) -> Result<Scan> {
                     }
                     continue;
                 }
-                let Some(hex) = name.strip_suffix(&format!(".{BLOCK_EXT}")) else {
-                    continue;
-                };
-                let Ok(key) = BlockKey::from_hex(hex) else {
+                let Some(key) = BlockKey::from_file_name(name) else {
                     continue;
                 };
                 out.blocks.push(ScannedBlock {

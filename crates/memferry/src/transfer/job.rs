@@ -95,12 +95,24 @@ impl<'a> TransferJob<'a> {
     /// Checks loaded bytes of `op` (`data.len() == op.len`) against the
     /// recorded checksums.
     pub fn verify_loaded(&self, op: &IoOp, data: &[u8]) -> Result<()> {
+        self.verify_op(op, |expected, chunk| {
+            integrity::verify_chunks(data, chunk, expected)
+        })
+    }
+
+    /// Runs `check(expected checksums, chunk size)` over `op`'s loaded bytes
+    /// when the job verifies, timing it and naming the first bad chunk.
+    fn verify_op(
+        &self,
+        op: &IoOp,
+        check: impl FnOnce(&[u32], u64) -> std::result::Result<(), (usize, u32)>,
+    ) -> Result<()> {
         let Checksums::Verify(table) = self.checksums else {
             return Ok(());
         };
         let t = Instant::now();
         let expected = &table[self.plan.checksums_of(op)];
-        let outcome = integrity::verify_chunks(data, self.plan.checksum_chunk, expected);
+        let outcome = check(expected, self.plan.checksum_chunk);
         self.add_checksum_time(t);
         outcome.map_err(|(i, found)| {
             let chunk = self.plan.checksum_chunk;
@@ -146,23 +158,9 @@ impl<'a> TransferJob<'a> {
     /// copied piece by piece, with no joined copy.
     pub fn accept_loaded_pieces(&self, op: &IoOp, pieces: &[&[u8]]) -> Result<()> {
         debug_assert_eq!(pieces.iter().map(|p| p.len() as u64).sum::<u64>(), op.len);
-        if let Checksums::Verify(table) = self.checksums {
-            let t = Instant::now();
-            let expected = &table[self.plan.checksums_of(op)];
-            let chunk = self.plan.checksum_chunk;
-            let outcome = integrity::verify_chunks_of_pieces(pieces, chunk, expected);
-            self.add_checksum_time(t);
-            outcome.map_err(|(i, found)| {
-                let start = i as u64 * chunk;
-                Error::ChecksumMismatch {
-                    path: self.plan.files[op.file].path.clone(),
-                    offset: op.file_offset + start,
-                    length: chunk.min(op.len - start),
-                    expected: expected[i],
-                    found,
-                }
-            })?;
-        }
+        self.verify_op(op, |expected, chunk| {
+            integrity::verify_chunks_of_pieces(pieces, chunk, expected)
+        })?;
         let mut at = op.mem_offset;
         for piece in pieces {
             // SAFETY: plans never overlap in a region (validated by the

@@ -101,52 +101,48 @@ impl<'c> ObjectBackend<'c> {
                     return Err(Error::Cancelled);
                 }
                 let len = g.end - g.start;
-                let host = ops[g.ops.clone()]
+                let g_ops = &ops[g.ops.clone()];
+                let host = g_ops
                     .iter()
                     .all(|op| job.regions[op.region].host_ptr_mut().is_some());
-                if host {
+                let r = if host {
                     // Host memory: the body's chunks are verified and
                     // copied straight into place, without a joined copy.
                     let now = staged.fetch_add(len, Ordering::Relaxed) + len;
                     peak.fetch_max(now, Ordering::Relaxed);
                     let mut chunks = Vec::new();
-                    let mut r = self.fetch(job, &g, |c| chunks.push(c)).await;
-                    if r.is_ok() {
-                        for op in &ops[g.ops.clone()] {
-                            let pieces = slices(&chunks, op.file_offset - g.start, op.len);
-                            r = job.accept_loaded_pieces(op, &pieces);
-                            if r.is_err() {
-                                break;
-                            }
-                        }
-                    }
+                    let r = self
+                        .fetch(job, &g, |c| chunks.push(c))
+                        .await
+                        .and_then(|()| {
+                            g_ops.iter().try_for_each(|op| {
+                                let pieces = slices(&chunks, op.file_offset - g.start, op.len);
+                                job.accept_loaded_pieces(op, &pieces)
+                            })
+                        });
                     drop(chunks);
                     staged.fetch_sub(len, Ordering::Relaxed);
-                    if r.is_ok() && !paused.swap(true, Ordering::Relaxed) {
-                        crate::storage::s3::fault::pause("s3-restore-mid");
+                    r
+                } else {
+                    let mut buf = pool.lock().expect("pool lock").pop().unwrap_or_default();
+                    buf.clear();
+                    if (buf.capacity() as u64) < len {
+                        let before = buf.capacity() as u64;
+                        buf.reserve_exact(len as usize);
+                        let grown = buf.capacity() as u64 - before;
+                        let now = staged.fetch_add(grown, Ordering::Relaxed) + grown;
+                        peak.fetch_max(now, Ordering::Relaxed);
                     }
-                    return r;
-                }
-                let mut buf = pool.lock().expect("pool lock").pop().unwrap_or_default();
-                buf.clear();
-                if (buf.capacity() as u64) < len {
-                    let before = buf.capacity() as u64;
-                    buf.reserve_exact(len as usize);
-                    let grown = buf.capacity() as u64 - before;
-                    let now = staged.fetch_add(grown, Ordering::Relaxed) + grown;
-                    peak.fetch_max(now, Ordering::Relaxed);
-                }
-                let mut r = self.fetch_into(job, &g, &mut buf).await;
-                if r.is_ok() {
-                    for op in &ops[g.ops.clone()] {
-                        let at = (op.file_offset - g.start) as usize;
-                        r = job.accept_loaded(op, &buf[at..at + op.len as usize]);
-                        if r.is_err() {
-                            break;
-                        }
-                    }
-                }
-                pool.lock().expect("pool lock").push(buf);
+                    let fetched = self.fetch(job, &g, |c| buf.extend_from_slice(&c)).await;
+                    let r = fetched.and_then(|()| {
+                        g_ops.iter().try_for_each(|op| {
+                            let at = (op.file_offset - g.start) as usize;
+                            job.accept_loaded(op, &buf[at..at + op.len as usize])
+                        })
+                    });
+                    pool.lock().expect("pool lock").push(buf);
+                    r
+                };
                 if r.is_ok() && !paused.swap(true, Ordering::Relaxed) {
                     crate::storage::s3::fault::pause("s3-restore-mid");
                 }
@@ -169,13 +165,6 @@ impl<'c> ObjectBackend<'c> {
             checksum_cpu_seconds: job.checksum_seconds(),
             unverified: false,
         })
-    }
-
-    /// Streams bytes `g.start..g.end` of the object into `buf` (exactly
-    /// that many).
-    async fn fetch_into(&self, job: &TransferJob<'_>, g: &Get, buf: &mut Vec<u8>) -> Result<()> {
-        self.fetch(job, g, |chunk| buf.extend_from_slice(&chunk))
-            .await
     }
 
     /// Streams bytes `g.start..g.end` of the object to `sink`, chunk by

@@ -44,7 +44,7 @@ use crate::kv::codec::BlockCodec;
 use crate::kv::config::KvConfig;
 use crate::kv::format::HEADER_BYTES;
 use crate::kv::job::{KeyOutcome, KeyTask};
-use crate::kv::key::{BLOCK_EXT, BlockKey};
+use crate::kv::key::BlockKey;
 use crate::kv::namespace::{BlockLayout, LAYOUT_FILE, NAMESPACE_FILE, Namespace};
 use crate::kv::scan::{STALE_TEMP_AGE, ScannedBlock};
 use crate::kv::stats::{Counters, STATS_FILE};
@@ -473,10 +473,7 @@ impl Backing for BlockObjects {
             };
             let parts: Vec<&str> = rel.split('/').collect();
             let [a, b, name] = parts[..] else { continue };
-            let Some(hex) = name.strip_suffix(&format!(".{BLOCK_EXT}")) else {
-                continue;
-            };
-            let Ok(key) = BlockKey::from_hex(hex) else {
+            let Some(key) = BlockKey::from_file_name(name) else {
                 continue;
             };
             if a.len() != 2 || b.len() != 2 {
