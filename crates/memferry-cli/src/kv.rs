@@ -55,7 +55,7 @@ pub struct KvBenchArgs {
     /// I/O workers while loading.
     #[arg(long, env = "MEMFERRY_KV_READERS", default_value_t = 4)]
     pub readers: usize,
-    /// Keys per backend call (requests in flight per worker).
+    /// Keys each worker keeps in flight.
     #[arg(long, env = "MEMFERRY_KV_BATCH", default_value_t = 4)]
     pub batch: usize,
     /// Seed of keys and contents (same seed, same keys and bytes); random

@@ -182,6 +182,11 @@ fn round_trips_with_1_2_and_4_blocks_per_file_and_a_partial_first_group() {
             assert!(r.succeeded(), "{backend} {per_file}: {r:?}");
             assert_eq!(r.bytes, 3 * pf * (PAGES[0] + PAGES[1]));
             assert_eq!(store.lookup(&keys), 3);
+            let expected = match backend {
+                BackendKind::Buffered => "buffered-uring",
+                _ => "odirect-uring",
+            };
+            assert_eq!(store.mode(), expected, "{backend}");
             drop(store);
 
             // Another process's view: fresh zeroed memory, same namespace.
@@ -210,6 +215,41 @@ fn round_trips_with_1_2_and_4_blocks_per_file_and_a_partial_first_group() {
             assert!(page(&dst_mem, 1, 20 + n).iter().all(|&b| b == 0));
         }
     }
+}
+
+/// ramfs refuses O_DIRECT: blocks go through the page cache on the same
+/// engine, the mode says why, and the bytes round-trip.
+#[test]
+fn a_root_that_refuses_o_direct_falls_back_to_the_page_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ram = Mount::of("ramfs", "mode=755", &tmp.path().join("ram"));
+    let (src, src_mem) = tensors(5);
+    let c = config(&ram.0, 2, BackendKind::Direct);
+    let store = KvStore::open(c.clone(), src).unwrap();
+    let keys: Vec<BlockKey> = (0..4).map(key).collect();
+    let ids: Vec<u64> = (0..8).collect();
+    let r = store_keys(&store, &keys, &ids);
+    assert!(r.succeeded(), "{r:?}");
+    let mode = store.mode();
+    assert!(
+        mode.starts_with("buffered-fallback") && mode.contains("O_DIRECT"),
+        "{mode}"
+    );
+    drop(store);
+    let (dst, dst_mem) = tensors(0);
+    let store = KvStore::open(c, dst).unwrap();
+    let r = load_keys(&store, &keys, &ids);
+    assert!(r.succeeded(), "{r:?}");
+    for b in 0..8 {
+        for t in 0..2 {
+            assert!(page(&dst_mem, t, b) == page(&src_mem, t, b), "block {b}");
+        }
+    }
+    assert!(
+        store.mode().starts_with("buffered-fallback"),
+        "{}",
+        store.mode()
+    );
 }
 
 #[test]
@@ -545,16 +585,21 @@ fn a_restart_keeps_the_access_record_and_the_index_consistent_with_the_files() {
 struct Mount(PathBuf);
 
 impl Mount {
+    /// A tmpfs with `options` at `dir`.
     fn new(options: &str, dir: &Path) -> Self {
+        Self::of("tmpfs", options, dir)
+    }
+
+    fn of(fstype: &str, options: &str, dir: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .args(["-t", fstype, "-o", options, fstype])
             .arg(dir)
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "mount tmpfs failed (these tests need root): {}",
+            "mount {fstype} failed (these tests need root): {}",
             String::from_utf8_lossy(&out.stderr)
         );
         Self(dir.to_path_buf())

@@ -45,7 +45,7 @@ pub struct KvBenchOptions {
     pub writers: usize,
     /// I/O workers while loading.
     pub readers: usize,
-    /// Keys per backend call (requests in flight per worker).
+    /// Keys each worker keeps in flight.
     pub batch: usize,
     /// Seed of keys and contents.
     pub seed: u64,

@@ -22,21 +22,23 @@ pub struct KvConfig {
     pub s3: Option<S3Config>,
     /// Which blocks this store reads and writes.
     pub namespace: Namespace,
-    /// I/O backend for block files (filesystem roots only).
+    /// How block files are opened (filesystem roots only): `buffered`
+    /// through the page cache, anything else O_DIRECT where the filesystem
+    /// allows it.
     pub backend: BackendKind,
-    /// Backend knobs (`chunk_size`, test hooks); the queue depth of one
-    /// backend call is `batch`.
+    /// Test hooks (`max_bytes_per_call`); the other knobs are snapshot ones.
     pub tuning: Tuning,
-    /// I/O worker threads. Whenever a worker takes work, queued loads come
-    /// before queued stores, so a load waits at most for the pieces (`batch`
-    /// keys) already running.
+    /// I/O worker threads. Whenever one of a worker's keys finishes, it
+    /// takes queued loads before queued stores, so a load waits at most for
+    /// one block transfer to finish.
     pub workers: usize,
     /// Workers stores may never occupy, so a load starts at once even while
     /// stores run (at the cost of store throughput). At most `workers - 1`.
     pub load_reserved_workers: usize,
-    /// Keys moved by one backend call (requests in flight per worker). On
-    /// an S3 root the store runs `workers x batch` workers of one key each
-    /// instead (the same requests in flight, no barrier per batch).
+    /// Keys each worker keeps in flight (one request per block file, each
+    /// finished on its own: no barrier per batch). On an S3 root the store
+    /// runs `workers x batch` workers of one key each instead (the same
+    /// requests in flight).
     pub batch: usize,
     /// Store keys allowed to wait for a worker; a store job that would
     /// exceed it is reported `dropped`.

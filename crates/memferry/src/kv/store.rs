@@ -12,8 +12,9 @@
 //!   returns by its timeout;
 //! - every submitted job yields exactly one [`JobResult`] with an outcome
 //!   per key;
-//! - loads run before stores: queued loads are always taken first, and
-//!   `load_reserved_workers` keeps workers free of stores altogether;
+//! - loads run before stores: whenever a key finishes, queued loads are
+//!   taken first, and `load_reserved_workers` keeps workers free of stores
+//!   altogether;
 //! - at most `store_queue` store keys wait; a store job beyond that is
 //!   reported `dropped`, distinct from success and failure;
 //! - a block protected (explicitly, or because a load job names it) is
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::backing::{Backing, BlockFiles, BlockObjects, Staging};
+use super::backing::{Backing, BlockFiles, BlockObjects};
 use super::config::{CAPACITY_LOW_FRACTION, KvConfig};
 use super::index::Index;
 use super::job::{JobId, JobKind, JobResult, KeyOutcome, KeyResult, KeyTask, split_groups};
@@ -95,7 +96,6 @@ struct Sched {
     loads: VecDeque<JobId>,
     stores: VecDeque<JobId>,
     store_keys_waiting: usize,
-    store_workers_busy: usize,
     finished: VecDeque<JobResult>,
     shutdown: bool,
 }
@@ -180,7 +180,7 @@ impl KvStore {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("memferry-kv-io-{i}"))
-                    .spawn(move || s.worker())
+                    .spawn(move || s.worker(i))
                     .map_err(|e| Error::io("starting a KV worker thread", e))?,
             );
         }
@@ -511,7 +511,7 @@ impl Shared {
         id
     }
 
-    /// Hands out the next slice of the oldest job of `kind`.
+    /// Hands out the next key of the oldest job of `kind`.
     fn take(&self, sched: &mut Sched, kind: JobKind) -> Option<Piece> {
         let queue = match kind {
             JobKind::Load => &mut sched.loads,
@@ -520,7 +520,7 @@ impl Shared {
         let &id = queue.front()?;
         let state = sched.jobs.get_mut(&id).expect("queued jobs exist");
         let start = state.next;
-        let end = (start + self.config.batch).min(state.tasks.len());
+        let end = start + 1;
         state.next = end;
         state.handed = end;
         state.running += 1;
@@ -536,194 +536,189 @@ impl Shared {
         }
         if kind == JobKind::Store {
             sched.store_keys_waiting -= end - start;
-            sched.store_workers_busy += 1;
         }
         Some(piece)
     }
 
-    fn worker(&self) {
-        let store_workers = self.config.workers - self.config.load_reserved_workers;
-        let mut staging = Staging::default();
-        loop {
-            let piece = {
-                let mut sched = lock(&self.sched);
-                loop {
-                    if let Some(p) = self.take(&mut sched, JobKind::Load) {
-                        break p;
-                    }
-                    if sched.store_workers_busy < store_workers
-                        && let Some(p) = self.take(&mut sched, JobKind::Store)
-                    {
-                        break p;
-                    }
-                    if sched.shutdown && sched.loads.is_empty() && sched.stores.is_empty() {
-                        return;
-                    }
-                    sched = self
-                        .work
-                        .wait(sched)
-                        .expect("KV store lock poisoned by a panic");
-                }
-            };
-            let tasks = &piece.tasks[piece.range.clone()];
-            let outcomes = if piece.cancel.load(Ordering::Relaxed) {
-                vec![KeyOutcome::Cancelled; tasks.len()]
-            } else {
-                match piece.kind {
-                    // SAFETY: submit_load's caller keeps the pages to us
-                    // until the job's result is returned.
-                    JobKind::Load => unsafe { self.run_load(&mut staging, tasks, &piece.cancel) },
-                    // SAFETY: as above, for submit_store.
-                    JobKind::Store => unsafe { self.run_store(&mut staging, tasks, &piece.cancel) },
-                }
-            };
-            let bytes: u64 = tasks
-                .iter()
-                .zip(&outcomes)
-                .filter(|(_, o)| matches!(o, KeyOutcome::Loaded | KeyOutcome::Stored))
-                .map(|(t, _)| t.ids.len() as u64 * self.blocks.codec().layout.block_bytes())
-                .sum();
-            if piece.kind == JobKind::Load {
-                let keys: Vec<BlockKey> = tasks.iter().map(|t| t.key.clone()).collect();
-                self.unprotect(&keys);
-            }
-            let mut sched = lock(&self.sched);
-            if piece.kind == JobKind::Store {
-                sched.store_workers_busy -= 1;
-                self.work.notify_one();
-            }
-            let state = sched.jobs.get_mut(&piece.job).expect("running jobs exist");
-            for (slot, o) in state.outcomes[piece.range.clone()].iter_mut().zip(outcomes) {
-                *slot = Some(o);
-            }
-            state.running -= 1;
-            state.bytes += bytes;
-            if state.running == 0 && state.next == state.tasks.len() {
-                let release = self.finish(&mut sched, piece.job);
-                drop(sched);
-                self.unprotect(&release);
-            }
-        }
-    }
-
-    /// # Safety
-    /// See [`KvStore::submit_load`].
-    unsafe fn run_load(
-        &self,
-        staging: &mut Staging,
-        tasks: &[KeyTask],
-        cancel: &AtomicBool,
-    ) -> Vec<KeyOutcome> {
-        // SAFETY: forwarded from the caller.
-        let outcomes = unsafe { self.blocks.load(staging, tasks, cancel) };
-        let now = SystemTime::now();
-        let mut loaded = Vec::new();
-        let mut failed = Vec::new();
-        for (t, o) in tasks.iter().zip(&outcomes) {
-            match o {
-                KeyOutcome::Loaded => loaded.push(t.key.clone()),
-                KeyOutcome::Failed(_) => failed.push(t.key.clone()),
-                _ => {}
-            }
-        }
-        self.counters
-            .loads
-            .fetch_add(loaded.len() as u64, Ordering::Relaxed);
-        self.counters
-            .failed
-            .fetch_add(failed.len() as u64, Ordering::Relaxed);
-        {
-            let mut space = lock(&self.index);
-            for k in &loaded {
-                space.index.touch(k, now);
-            }
-        }
-        // The access record is written by the housekeeper within a tick.
-        lock(&self.touches).extend(loaded);
-        if !failed.is_empty() {
-            // Keys whose block is gone leave the index.
-            self.confirm(&failed);
-        }
-        outcomes
-    }
-
-    /// # Safety
-    /// See [`KvStore::submit_store`].
-    unsafe fn run_store(
-        &self,
-        staging: &mut Staging,
-        tasks: &[KeyTask],
-        cancel: &AtomicBool,
-    ) -> Vec<KeyOutcome> {
-        let mut outcomes: Vec<Option<KeyOutcome>> = vec![None; tasks.len()];
-        let mut to_write = Vec::new();
-        let now = SystemTime::now();
-        let file_len = self.blocks.codec().file_len;
-        let keys: Vec<BlockKey> = tasks.iter().map(|t| t.key.clone()).collect();
-        let mut touched = Vec::new();
-        let valid = if self.blocks.store_checks_existing() {
-            vec![false; keys.len()]
-        } else {
-            self.blocks.valid_many(&keys)
+    /// Worker `n`: keeps up to `batch` keys in flight on its own engine,
+    /// taking queued loads before queued stores whenever a key finishes.
+    /// The first `load_reserved_workers` workers never take stores.
+    fn worker(&self, n: usize) {
+        let may_store = n >= self.config.load_reserved_workers;
+        let mut pipe = match self.blocks.pipeline(self.config.batch) {
+            Ok(p) => p,
+            Err(e) => return self.fail_all_work(&e.to_string()),
         };
-        for (i, valid) in valid.into_iter().enumerate() {
-            if valid {
-                lock(&self.index)
-                    .index
-                    .insert(keys[i].clone(), file_len, now);
-                touched.push(keys[i].clone());
-                outcomes[i] = Some(KeyOutcome::AlreadyStored);
-                self.counters.already_stored.fetch_add(1, Ordering::Relaxed);
-            } else {
-                to_write.push(i);
+        let mut running: HashMap<u64, Piece> = HashMap::new();
+        let mut next_tag = 0u64;
+        loop {
+            while pipe.room() > 0 {
+                let piece = {
+                    let mut sched = lock(&self.sched);
+                    loop {
+                        if let Some(p) = self.take(&mut sched, JobKind::Load) {
+                            break Some(p);
+                        }
+                        if may_store && let Some(p) = self.take(&mut sched, JobKind::Store) {
+                            break Some(p);
+                        }
+                        if pipe.in_flight() > 0 {
+                            break None;
+                        }
+                        if sched.shutdown && sched.loads.is_empty() && sched.stores.is_empty() {
+                            return;
+                        }
+                        sched = self
+                            .work
+                            .wait(sched)
+                            .expect("KV store lock poisoned by a panic");
+                    }
+                };
+                let Some(piece) = piece else { break };
+                let task = piece.tasks[piece.range.start].clone();
+                if piece.cancel.load(Ordering::Relaxed) {
+                    self.publish(&piece, KeyOutcome::Cancelled);
+                    continue;
+                }
+                if piece.kind == JobKind::Store
+                    && let Some(outcome) = self.before_store(&task)
+                {
+                    self.publish(&piece, outcome);
+                    continue;
+                }
+                let tag = next_tag;
+                next_tag += 1;
+                // SAFETY: submit_load's / submit_store's caller keeps the
+                // pages to us until the job's result is returned, which is
+                // after this key's outcome is reaped.
+                unsafe { pipe.start(tag, piece.kind, task, piece.cancel.clone()) };
+                running.insert(tag, piece);
+            }
+            for (tag, outcome) in pipe.reap() {
+                let piece = running.remove(&tag).expect("reaped keys were started");
+                let task = &piece.tasks[piece.range.start];
+                let outcome = match piece.kind {
+                    JobKind::Load => self.after_load(task, outcome),
+                    JobKind::Store => self.after_store(task, outcome),
+                };
+                self.publish(&piece, outcome);
             }
         }
-        lock(&self.touches).extend(touched);
-        let need = to_write.len() as u64 * file_len;
-        if let Err(reason) = self.make_room(need) {
-            for &i in &to_write {
-                outcomes[i] = Some(KeyOutcome::Failed(reason.clone()));
-            }
-            self.counters
-                .failed
-                .fetch_add(to_write.len() as u64, Ordering::Relaxed);
-            return outcomes
-                .into_iter()
-                .map(|o| o.expect("every key has an outcome"))
-                .collect();
+    }
+
+    /// When a worker cannot build its engine: fails what is queued (the
+    /// other workers may still run) and stops.
+    fn fail_all_work(&self, why: &str) {
+        tracing::error!("a KV worker could not start: {why}");
+        let mut sched = lock(&self.sched);
+        while let Some(p) = self
+            .take(&mut sched, JobKind::Load)
+            .or_else(|| self.take(&mut sched, JobKind::Store))
+        {
+            drop(sched);
+            self.publish(
+                &p,
+                KeyOutcome::Failed(format!("no I/O engine for this worker: {why}")),
+            );
+            sched = lock(&self.sched);
         }
-        let writing: Vec<KeyTask> = to_write.iter().map(|&i| tasks[i].clone()).collect();
-        // SAFETY: forwarded from the caller.
-        let written = unsafe { self.blocks.store(staging, &writing, cancel) };
+    }
+
+    /// Reports one key's outcome; finishes its job when it was the last.
+    fn publish(&self, piece: &Piece, outcome: KeyOutcome) {
+        let task = &piece.tasks[piece.range.start];
+        let bytes = if matches!(outcome, KeyOutcome::Loaded | KeyOutcome::Stored) {
+            task.ids.len() as u64 * self.blocks.codec().layout.block_bytes()
+        } else {
+            0
+        };
+        if piece.kind == JobKind::Load {
+            self.unprotect(std::slice::from_ref(&task.key));
+        }
+        let mut sched = lock(&self.sched);
+        let state = sched.jobs.get_mut(&piece.job).expect("running jobs exist");
+        state.outcomes[piece.range.start] = Some(outcome);
+        state.running -= 1;
+        state.bytes += bytes;
+        if state.running == 0 && state.next == state.tasks.len() {
+            let release = self.finish(&mut sched, piece.job);
+            drop(sched);
+            self.unprotect(&release);
+        }
+    }
+
+    /// Counts a load's outcome and keeps the index current.
+    fn after_load(&self, task: &KeyTask, outcome: KeyOutcome) -> KeyOutcome {
+        let c = &self.counters;
+        match &outcome {
+            KeyOutcome::Loaded => {
+                c.loads.fetch_add(1, Ordering::Relaxed);
+                lock(&self.index).index.touch(&task.key, SystemTime::now());
+                // The access record is written by the housekeeper within a
+                // tick.
+                lock(&self.touches).push(task.key.clone());
+            }
+            KeyOutcome::Failed(_) => {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+                // A key whose block is gone leaves the index.
+                self.confirm(std::slice::from_ref(&task.key));
+            }
+            _ => {}
+        }
+        outcome
+    }
+
+    /// Before a store's write: an outcome when the key needs none (a valid
+    /// block is already stored) or cannot have one (no room). Otherwise
+    /// the block's bytes are reserved under the capacity.
+    fn before_store(&self, task: &KeyTask) -> Option<KeyOutcome> {
+        let file_len = self.blocks.codec().file_len;
+        if !self.blocks.store_checks_existing()
+            && self.blocks.valid_many(std::slice::from_ref(&task.key))[0]
+        {
+            lock(&self.index)
+                .index
+                .insert(task.key.clone(), file_len, SystemTime::now());
+            lock(&self.touches).push(task.key.clone());
+            self.counters.already_stored.fetch_add(1, Ordering::Relaxed);
+            return Some(KeyOutcome::AlreadyStored);
+        }
+        if let Err(reason) = self.make_room(file_len) {
+            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+            return Some(KeyOutcome::Failed(reason));
+        }
+        None
+    }
+
+    /// Releases a store's reservation, indexes what was published and
+    /// counts the outcome.
+    fn after_store(&self, task: &KeyTask, outcome: KeyOutcome) -> KeyOutcome {
+        let file_len = self.blocks.codec().file_len;
         {
             let mut space = lock(&self.index);
-            space.reserved -= need;
-            for (t, o) in writing.iter().zip(&written) {
-                if matches!(o, KeyOutcome::Stored | KeyOutcome::AlreadyStored) {
-                    space
-                        .index
-                        .insert(t.key.clone(), file_len, SystemTime::now());
-                }
+            space.reserved -= file_len;
+            if matches!(outcome, KeyOutcome::Stored | KeyOutcome::AlreadyStored) {
+                space
+                    .index
+                    .insert(task.key.clone(), file_len, SystemTime::now());
             }
         }
-        for (&i, o) in to_write.iter().zip(written) {
-            let c = &self.counters;
-            match &o {
-                KeyOutcome::Stored => c.stores.fetch_add(1, Ordering::Relaxed),
-                KeyOutcome::AlreadyStored => {
-                    // Found by the backing's own create-only write.
-                    lock(&self.touches).push(tasks[i].key.clone());
-                    c.already_stored.fetch_add(1, Ordering::Relaxed)
-                }
-                KeyOutcome::Failed(_) => c.failed.fetch_add(1, Ordering::Relaxed),
-                _ => 0,
-            };
-            outcomes[i] = Some(o);
+        let c = &self.counters;
+        match &outcome {
+            KeyOutcome::Stored => {
+                c.stores.fetch_add(1, Ordering::Relaxed);
+            }
+            KeyOutcome::AlreadyStored => {
+                // Found by the backing's own create-only write.
+                lock(&self.touches).push(task.key.clone());
+                c.already_stored.fetch_add(1, Ordering::Relaxed);
+            }
+            KeyOutcome::Failed(_) => {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
-        outcomes
-            .into_iter()
-            .map(|o| o.expect("every key has an outcome"))
-            .collect()
+        outcome
     }
 
     /// Reserves `need` bytes under the capacity, evicting least recently

@@ -28,26 +28,46 @@ impl HostRegion {
     /// Maps `len` zeroed bytes (the mapping is rounded up to whole pages).
     pub fn new(len: u64) -> Result<Self> {
         let mapped = crate::units::align_up(len.max(1), 4096) as usize;
-        // SAFETY: an anonymous private mapping with no address hint has no
-        // preconditions; the result is checked before use.
+        if mapped < HUGE_PAGE {
+            // SAFETY: an anonymous private mapping with no address hint has
+            // no preconditions; the result is checked before use.
+            let ptr = unsafe { map_anonymous(mapped) }
+                .ctx(|| format!("allocating {len} bytes of host memory"))?;
+            return Ok(Self::owning(ptr, len, mapped));
+        }
+        // Start on a 2 MiB boundary so every whole 2 MiB of the region can
+        // be one transparent huge page: an O_DIRECT request built from huge
+        // pages reaches the device in one piece, while one built from 4 KiB
+        // pages is split at the device's segment limit. Map a huge page
+        // more than needed, then give back the unaligned head and the tail.
+        // SAFETY: as above.
+        let raw = unsafe { map_anonymous(mapped + HUGE_PAGE) }
+            .ctx(|| format!("allocating {len} bytes of host memory"))?;
+        let head = (raw as usize).next_multiple_of(HUGE_PAGE) - raw as usize;
+        let tail = HUGE_PAGE - head;
+        // SAFETY: both ranges lie inside the mapping just created and are
+        // never used again; `ptr..ptr+mapped` stays mapped.
         let ptr = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                mapped,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::PRIVATE,
-            )
-        }
-        .ctx(|| format!("allocating {len} bytes of host memory"))?;
-        if mapped >= 2 << 20 {
-            // SAFETY: advising a mapping we own; failure only loses the hint.
-            let _ = unsafe { rustix::mm::madvise(ptr, mapped, rustix::mm::Advice::LinuxHugepage) };
-        }
-        Ok(Self {
+            let ptr = raw.cast::<u8>().add(head);
+            if head > 0 {
+                let _ = rustix::mm::munmap(raw, head);
+            }
+            if tail > 0 {
+                let _ = rustix::mm::munmap(ptr.add(mapped).cast(), tail);
+            }
+            // Failure only loses the hint.
+            let _ = rustix::mm::madvise(ptr.cast(), mapped, rustix::mm::Advice::LinuxHugepage);
+            ptr.cast()
+        };
+        Ok(Self::owning(ptr, len, mapped))
+    }
+
+    fn owning(ptr: *mut std::ffi::c_void, len: u64, mapped: usize) -> Self {
+        Self {
             ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
             len,
             mapped,
-        })
+        }
     }
 
     /// A region holding a copy of `bytes`.
@@ -91,6 +111,27 @@ impl HostRegion {
         // SAFETY: as above, and `&mut self` guarantees exclusivity.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len as usize) }
     }
+}
+
+/// Size of a transparent huge page on x86-64 and most arm64 kernels.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A fresh anonymous private read-write mapping of `len` bytes.
+///
+/// # Safety
+/// None beyond those of `mmap` with no address hint; the caller owns the
+/// mapping and must unmap it.
+unsafe fn map_anonymous(len: usize) -> std::io::Result<*mut std::ffi::c_void> {
+    // SAFETY: forwarded to the caller; no address hint, no file.
+    unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE,
+        )
+    }
+    .map_err(Into::into)
 }
 
 impl Drop for HostRegion {

@@ -1,12 +1,11 @@
 //! Blocks as files in a namespace directory on a local or shared
 //! filesystem: `<root>/<namespace>/hh/hh/<hex>.kvb`.
 //!
-//! Bytes go through the snapshot transfer backends (`buffered`, `direct`):
-//! a batch of keys becomes one [`TransferPlan`](crate::transfer::TransferPlan)
-//! with one whole-file operation per key (header + payload + padding)
-//! against a page-aligned staging region, so direct I/O runs in place with
-//! no extra copy. Pages are gathered into / scattered out of staging
-//! block-major.
+//! Bytes move through [`super::file_ring`]: each worker keeps its keys in
+//! flight on its own io_uring ring, one whole-file request per key (the
+//! header, payload and padding) into a registered staging slot, O_DIRECT
+//! unless the `buffered` backend was chosen or the filesystem refuses it.
+//! Pages are gathered into / scattered out of the slot block-major.
 //!
 //! Guarantees:
 //! - a store writes a temporary file next to the final name and publishes it
@@ -21,53 +20,41 @@
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
-use super::{Backing, Found};
+use super::file_ring::FileRing;
+use super::{Backing, Found, KeyPipeline};
 use crate::kv::access::{last_access, record_access};
 use crate::kv::codec::BlockCodec;
 use crate::kv::config::KvConfig;
 use crate::kv::format::HEADER_BYTES;
-use crate::kv::job::{KeyOutcome, KeyTask};
+use crate::kv::job::KeyOutcome;
 use crate::kv::key::BlockKey;
 use crate::kv::namespace::{BlockLayout, check_layout};
 use crate::kv::scan::{ScannedBlock, TEMP_MARK, scan};
 use crate::kv::stats::{Counters, add_to_file};
 use crate::kv::tensors::KvLayout;
-use crate::memory::{HostRegion, Region};
 use crate::storage::durable::{preallocate, unique_id};
 use crate::storage::roots::check_dir;
-use crate::transfer::{
-    Backend, Checksums, Direction, FileTarget, PlanBuilder, TransferJob, Tuning, backend,
-};
+use crate::transfer::BackendKind;
 use crate::{Error, Result};
-
-/// A worker's reusable staging memory (page-aligned, grown on demand).
-#[derive(Default)]
-pub(crate) struct Staging(Option<HostRegion>);
-
-impl Staging {
-    fn at_least(&mut self, len: u64) -> Result<&mut HostRegion> {
-        if self.0.as_ref().is_none_or(|r| r.len() < len) {
-            self.0 = None;
-            let region = HostRegion::new(len)?;
-            region.populate(0, len);
-            self.0 = Some(region);
-        }
-        Ok(self.0.as_mut().expect("allocated above"))
-    }
-}
 
 /// One namespace's block files.
 pub(crate) struct BlockFiles {
     pub dir: PathBuf,
-    codec: BlockCodec,
-    backend: Box<dyn Backend>,
-    io_chunk: u64,
+    pub(super) codec: BlockCodec,
+    /// O_DIRECT unless `buffered` was chosen.
+    direct: bool,
     fsync: bool,
-    /// What the backend last reported running, with any fallback reason.
-    mode: std::sync::Mutex<String>,
+    /// Test hook: the most bytes one request may move.
+    max_bytes_per_call: Option<u64>,
+    /// What ran: O_DIRECT requests, page-cache requests.
+    ran_direct: AtomicBool,
+    ran_buffered: AtomicBool,
+    /// Why something ran otherwise than asked (first reason).
+    fallback: Mutex<Option<String>>,
 }
 
 impl BlockFiles {
@@ -101,11 +88,6 @@ impl BlockFiles {
                 page_bytes: layout.page_bytes(),
             },
         )?;
-        let tuning = Tuning {
-            queue_depth: config.batch,
-            workers: config.batch,
-            ..config.tuning.clone()
-        };
         Ok(Self {
             dir,
             codec: BlockCodec::new(
@@ -113,11 +95,42 @@ impl BlockFiles {
                 layout,
                 config.namespace.blocks_per_file as usize,
             ),
-            backend: backend(config.backend, tuning.clone()),
-            io_chunk: tuning.chunk_size,
+            direct: config.backend != BackendKind::Buffered,
             fsync: config.fsync,
-            mode: std::sync::Mutex::new(String::new()),
+            max_bytes_per_call: config.tuning.max_bytes_per_call,
+            ran_direct: AtomicBool::new(false),
+            ran_buffered: AtomicBool::new(false),
+            fallback: Mutex::new(None),
         })
+    }
+
+    /// True when block files should be opened with O_DIRECT.
+    pub(super) fn wants_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub(super) fn max_bytes_per_call(&self) -> Option<u64> {
+        self.max_bytes_per_call
+    }
+
+    /// Records that a request ran with or without O_DIRECT.
+    pub(super) fn note_ran(&self, direct: bool) {
+        let flag = if direct {
+            &self.ran_direct
+        } else {
+            &self.ran_buffered
+        };
+        flag.store(true, Ordering::Relaxed);
+    }
+
+    /// Records why something ran otherwise than asked (the first reason is
+    /// kept, and logged once).
+    pub(super) fn note_fallback(&self, why: String) {
+        let mut f = self.fallback.lock().expect("fallback lock");
+        if f.is_none() {
+            tracing::warn!("KV block files: {why}");
+            *f = Some(why);
+        }
     }
 
     /// Where `key`'s block file lives.
@@ -145,137 +158,9 @@ impl BlockFiles {
         self.codec.header_matches(&header, key)
     }
 
-    /// Loads every task's file, verifies it and scatters its pages.
-    ///
-    /// # Safety
-    /// Nobody may access the pages of the tasks' block ids during the call.
-    unsafe fn load_files(
-        &self,
-        staging: &mut Staging,
-        tasks: &[KeyTask],
-        cancel: &AtomicBool,
-    ) -> Vec<KeyOutcome> {
-        let file_len = self.codec.file_len;
-        let mut out: Vec<Option<KeyOutcome>> = vec![None; tasks.len()];
-        let mut reading = Vec::new();
-        let mut inodes = Vec::new();
-        for (i, t) in tasks.iter().enumerate() {
-            let path = self.path(&t.key);
-            match std::fs::metadata(&path) {
-                Ok(m) if m.len() == file_len => {
-                    reading.push(i);
-                    inodes.push(m.ino());
-                }
-                Ok(m) if m.len() < file_len => {
-                    out[i] = Some(KeyOutcome::Failed(format!(
-                        "truncated: {} is {} bytes, a block of this namespace needs {file_len}",
-                        path.display(),
-                        m.len(),
-                    )))
-                }
-                Ok(m) => {
-                    out[i] = Some(KeyOutcome::Failed(format!(
-                        "foreign: {} is {} bytes, a block of this namespace is {file_len}: written with other page sizes?",
-                        path.display(),
-                        m.len(),
-                    )))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    out[i] = Some(KeyOutcome::Failed(format!(
-                        "missing: no block file at {}",
-                        path.display()
-                    )))
-                }
-                Err(e) => {
-                    out[i] = Some(KeyOutcome::Failed(format!(
-                        "cannot read {}: {e}",
-                        path.display()
-                    )))
-                }
-            }
-        }
-        let paths: Vec<PathBuf> = reading.iter().map(|&i| self.path(&tasks[i].key)).collect();
-        let staging = match staging.at_least(reading.len() as u64 * file_len) {
-            Ok(s) => s,
-            Err(e) => return fail_rest(out, &e.to_string()),
-        };
-        let results = self.run_each(Direction::Load, staging, &paths, cancel);
-        let fl = file_len as usize;
-        for ((slot, &i), result) in reading.iter().enumerate().zip(results) {
-            out[i] = Some(match result {
-                Err(e) => outcome_of(e),
-                Ok(()) => {
-                    let image = &staging.as_slice()[slot * fl..(slot + 1) * fl];
-                    let origin = paths[slot].display().to_string();
-                    // SAFETY: the caller guarantees exclusive access to the
-                    // pages of the task's ids.
-                    match unsafe { self.codec.decode_into(image, &tasks[i], &origin) } {
-                        Ok(()) => KeyOutcome::Loaded,
-                        Err(r) if r.damaged => {
-                            KeyOutcome::Failed(quarantine(&paths[slot], inodes[slot], r.reason))
-                        }
-                        Err(r) => KeyOutcome::Failed(r.reason),
-                    }
-                }
-            });
-        }
-        out.into_iter()
-            .map(|o| o.expect("every key has an outcome"))
-            .collect()
-    }
-
-    /// Writes and publishes a block file for every task.
-    ///
-    /// # Safety
-    /// Nobody may write the pages of the tasks' block ids during the call.
-    unsafe fn store_files(
-        &self,
-        staging: &mut Staging,
-        tasks: &[KeyTask],
-        cancel: &AtomicBool,
-    ) -> Vec<KeyOutcome> {
-        let mut out: Vec<Option<KeyOutcome>> = vec![None; tasks.len()];
-        let fl = self.codec.file_len as usize;
-        let staging = match staging.at_least(tasks.len() as u64 * self.codec.file_len) {
-            Ok(s) => s,
-            Err(e) => return fail_rest(out, &e.to_string()),
-        };
-        let mut writing = Vec::new();
-        let mut temps = Vec::new();
-        for (i, t) in tasks.iter().enumerate() {
-            let slot = writing.len();
-            let image = &mut staging.as_mut_slice()[slot * fl..(slot + 1) * fl];
-            // SAFETY: the caller rules out writers of these pages.
-            if let Err(e) = unsafe { self.codec.encode(t, image) } {
-                out[i] = Some(KeyOutcome::Failed(e.to_string()));
-                continue;
-            }
-            match self.create_temp(&t.key) {
-                Ok(temp) => {
-                    writing.push(i);
-                    temps.push(temp);
-                }
-                Err(e) => out[i] = Some(KeyOutcome::Failed(e.to_string())),
-            }
-        }
-        let results = self.run_each(Direction::Store, staging, &temps, cancel);
-        for ((&i, temp), result) in writing.iter().zip(&temps).zip(results) {
-            let outcome = match result.and_then(|()| self.publish(temp, &tasks[i].key)) {
-                Ok(()) => KeyOutcome::Stored,
-                Err(e) => {
-                    let _ = std::fs::remove_file(temp);
-                    outcome_of(e)
-                }
-            };
-            out[i] = Some(outcome);
-        }
-        out.into_iter()
-            .map(|o| o.expect("every key has an outcome"))
-            .collect()
-    }
-
-    /// Creates an empty temporary file next to `key`'s final path.
-    fn create_temp(&self, key: &BlockKey) -> Result<PathBuf> {
+    /// Creates a temporary file of the block's size next to `key`'s final
+    /// path, open for writing.
+    pub(super) fn create_temp(&self, key: &BlockKey) -> Result<(PathBuf, File)> {
         let path = self.path(key);
         let parent = path.parent().expect("block paths have a parent");
         std::fs::create_dir_all(parent)
@@ -291,74 +176,18 @@ impl BlockFiles {
             let _ = std::fs::remove_file(&temp);
             return Err(e);
         }
-        Ok(temp)
+        Ok((temp, file))
     }
 
     /// Makes a written temporary file the block for `key` (atomic rename;
     /// a concurrent store of the same key publishes identical bytes).
-    fn publish(&self, temp: &Path, key: &BlockKey) -> Result<()> {
+    pub(super) fn publish(&self, temp: &Path, file: &File, key: &BlockKey) -> Result<()> {
         if self.fsync {
-            File::open(temp)
-                .and_then(|f| f.sync_all())
+            file.sync_all()
                 .map_err(|e| Error::writing("block file", temp, e))?;
         }
         let path = self.path(key);
         std::fs::rename(temp, &path).map_err(|e| Error::writing("block file", &path, e))
-    }
-
-    /// Runs one whole-file operation per path against consecutive slots of
-    /// `staging`; when the batch fails, retries each file alone so the
-    /// error lands on the key that caused it.
-    fn run_each(
-        &self,
-        direction: Direction,
-        staging: &HostRegion,
-        paths: &[PathBuf],
-        cancel: &AtomicBool,
-    ) -> Vec<Result<()>> {
-        if paths.is_empty() {
-            return Vec::new();
-        }
-        let all: Vec<usize> = (0..paths.len()).collect();
-        match self.run_files(direction, staging, paths, &all, cancel) {
-            Ok(()) => paths.iter().map(|_| Ok(())).collect(),
-            Err(Error::Cancelled) => paths.iter().map(|_| Err(Error::Cancelled)).collect(),
-            Err(e) if paths.len() == 1 => vec![Err(e)],
-            Err(_) => (0..paths.len())
-                .map(|i| self.run_files(direction, staging, paths, &[i], cancel))
-                .collect(),
-        }
-    }
-
-    fn run_files(
-        &self,
-        direction: Direction,
-        staging: &HostRegion,
-        paths: &[PathBuf],
-        which: &[usize],
-        cancel: &AtomicBool,
-    ) -> Result<()> {
-        let file_len = self.codec.file_len;
-        let mut plan = PlanBuilder::new(direction, crate::integrity::DEFAULT_CHUNK, self.io_chunk);
-        for &i in which {
-            let file = plan.add_file(FileTarget {
-                path: paths[i].clone(),
-                root: 0,
-                size: file_len,
-            });
-            plan.add_extent(file, 0, file_len, 0, i as u64 * file_len);
-        }
-        let plan = plan.build();
-        let regions: [&dyn Region; 1] = [staging];
-        let mut job = TransferJob::new(&plan, &regions, Checksums::Skip);
-        job.cancel = Some(cancel);
-        let stats = self.backend.run(&job)?;
-        let mut mode = stats.mode;
-        for f in &stats.fallbacks {
-            mode.push_str(&format!(" ({f})"));
-        }
-        *self.mode.lock().expect("mode lock") = mode;
-        Ok(())
     }
 }
 
@@ -376,7 +205,21 @@ impl Backing for BlockFiles {
     }
 
     fn mode(&self) -> String {
-        self.mode.lock().expect("mode lock").clone()
+        let direct = self.ran_direct.load(Ordering::Relaxed);
+        let buffered = self.ran_buffered.load(Ordering::Relaxed);
+        let fallback = self.fallback.lock().expect("fallback lock").clone();
+        let mut mode = match (direct, buffered, self.direct) {
+            (false, false, _) => return String::new(),
+            (true, false, _) => "odirect-uring",
+            (false, true, false) => "buffered-uring",
+            (false, true, true) => "buffered-fallback",
+            (true, true, _) => "odirect-uring+buffered-fallback",
+        }
+        .to_string();
+        if let Some(why) = fallback {
+            mode.push_str(&format!(" ({why})"));
+        }
+        mode
     }
 
     fn probe_batch(&self) -> usize {
@@ -401,24 +244,8 @@ impl Backing for BlockFiles {
         keys.iter().map(|k| self.stored_and_valid(k)).collect()
     }
 
-    unsafe fn load(
-        &self,
-        staging: &mut Staging,
-        tasks: &[KeyTask],
-        cancel: &AtomicBool,
-    ) -> Vec<KeyOutcome> {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.load_files(staging, tasks, cancel) }
-    }
-
-    unsafe fn store(
-        &self,
-        staging: &mut Staging,
-        tasks: &[KeyTask],
-        cancel: &AtomicBool,
-    ) -> Vec<KeyOutcome> {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.store_files(staging, tasks, cancel) }
+    fn pipeline(&self, depth: usize) -> Result<Box<dyn KeyPipeline + '_>> {
+        Ok(Box::new(FileRing::new(self, depth)?))
     }
 
     fn remove(&self, key: &BlockKey) -> Result<bool> {
@@ -480,7 +307,7 @@ fn probe_writable(dir: &Path) -> Result<()> {
 /// skips keys whose header is valid). Only the file that was read is
 /// removed: when the inode at `path` changed meanwhile (a concurrent store
 /// republished the key), it is left alone.
-fn quarantine(path: &Path, inode: u64, reason: String) -> String {
+pub(super) fn quarantine(path: &Path, inode: u64, reason: String) -> String {
     let same = std::fs::metadata(path).is_ok_and(|m| m.ino() == inode);
     if same && std::fs::remove_file(path).is_ok() {
         format!("{reason}; the file was removed")
@@ -494,10 +321,4 @@ pub(crate) fn outcome_of(e: Error) -> KeyOutcome {
         Error::Cancelled => KeyOutcome::Cancelled,
         e => KeyOutcome::Failed(e.to_string()),
     }
-}
-
-pub(crate) fn fail_rest(out: Vec<Option<KeyOutcome>>, reason: &str) -> Vec<KeyOutcome> {
-    out.into_iter()
-        .map(|o| o.unwrap_or_else(|| KeyOutcome::Failed(reason.to_string())))
-        .collect()
 }

@@ -2,8 +2,8 @@
 //! ([`super::store`]) drives:
 //!
 //! - [`files`]: block files in a directory on a local or shared filesystem,
-//!   moved through the transfer backends (buffered or O_DIRECT io_uring),
-//!   published by rename, access recorded in the file's mtime;
+//!   moved by a per-worker io_uring engine ([`file_ring`], O_DIRECT or
+//!   page cache), published by rename, access recorded in the file's mtime;
 //! - [`s3`]: block objects under a prefix of an S3-compatible bucket, moved
 //!   by concurrent whole-object PUTs and GETs, access recorded by small
 //!   marker objects.
@@ -12,20 +12,22 @@
 //! ([`super::codec`]), so a block means the same thing wherever it is.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::SystemTime;
 
 use super::codec::BlockCodec;
-use super::job::{KeyOutcome, KeyTask};
+use super::job::{JobKind, KeyOutcome, KeyTask};
 use super::key::BlockKey;
 use super::scan::ScannedBlock;
 use super::stats::Counters;
 use crate::Result;
 
+mod file_ring;
 pub(crate) mod files;
 pub(crate) mod s3;
 
-pub(crate) use files::{BlockFiles, Staging};
+pub(crate) use files::BlockFiles;
 pub(crate) use s3::BlockObjects;
 
 /// A stored block as seen by a probe.
@@ -57,34 +59,16 @@ pub(crate) trait Backing: Send + Sync {
     /// Whether each key's block exists with a header naming this namespace,
     /// the key and the right payload length.
     fn valid_many(&self, keys: &[BlockKey]) -> Vec<bool>;
-    /// Reads, verifies and scatters every task's block.
-    ///
-    /// # Safety
-    /// Nobody may access the pages of the tasks' block ids during the call.
-    unsafe fn load(
-        &self,
-        staging: &mut Staging,
-        tasks: &[KeyTask],
-        cancel: &AtomicBool,
-    ) -> Vec<KeyOutcome>;
-    /// True when [`Backing::store`] itself finds valid blocks already
-    /// stored and reports them `AlreadyStored` (one create-only request
-    /// instead of a probe, then a write); otherwise the engine probes with
-    /// [`Backing::valid_many`] first.
+    /// True when a store started on the [`Backing::pipeline`] itself finds
+    /// valid blocks already stored and reports them `AlreadyStored` (one
+    /// create-only request instead of a probe, then a write); otherwise the
+    /// engine probes with [`Backing::valid_many`] first.
     fn store_checks_existing(&self) -> bool {
         false
     }
-    /// Gathers and publishes every task's block (readers see no block or a
-    /// whole one).
-    ///
-    /// # Safety
-    /// Nobody may write the pages of the tasks' block ids during the call.
-    unsafe fn store(
-        &self,
-        staging: &mut Staging,
-        tasks: &[KeyTask],
-        cancel: &AtomicBool,
-    ) -> Vec<KeyOutcome>;
+    /// One worker's engine for moving blocks (see [`KeyPipeline`]), with
+    /// room for `depth` keys in flight where the backing can overlap them.
+    fn pipeline(&self, depth: usize) -> Result<Box<dyn KeyPipeline + '_>>;
     /// Removes `key`'s block; false when it was not there.
     fn remove(&self, key: &BlockKey) -> Result<bool>;
     /// Records a use of every key at `when` (best effort: a key evicted
@@ -101,4 +85,25 @@ pub(crate) trait Backing: Send + Sync {
     /// Bytes used and total of the filesystem holding the blocks (for
     /// watermarks); `None` where there is no such thing.
     fn usage(&self) -> Option<(f64, f64)>;
+}
+
+/// One worker's engine: keys are started one at a time and finish in any
+/// order. A load reads, verifies and scatters its block; a store gathers
+/// and publishes it (readers see no block or a whole one).
+pub(crate) trait KeyPipeline {
+    /// Keys that may be started now (0 while finished keys wait to be
+    /// reaped).
+    fn room(&self) -> usize;
+    /// Keys started and not yet finished.
+    fn in_flight(&self) -> usize;
+    /// Starts `task`; its outcome comes back from [`KeyPipeline::reap`]
+    /// with `tag`. Only called while [`KeyPipeline::room`] is above 0.
+    ///
+    /// # Safety
+    /// Until that outcome is reaped, nobody may access the pages of
+    /// `task.ids` (load), or write them (store).
+    unsafe fn start(&mut self, tag: u64, kind: JobKind, task: KeyTask, cancel: Arc<AtomicBool>);
+    /// The keys finished since the last call; when none has and some are
+    /// in flight, waits until one finishes.
+    fn reap(&mut self) -> Vec<(u64, KeyOutcome)>;
 }

@@ -27,8 +27,8 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -38,12 +38,11 @@ use object_store::{
     GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 };
 
-use super::files::Staging;
-use super::{Backing, Found};
+use super::{Backing, Found, KeyPipeline};
 use crate::kv::codec::BlockCodec;
 use crate::kv::config::KvConfig;
 use crate::kv::format::HEADER_BYTES;
-use crate::kv::job::{KeyOutcome, KeyTask};
+use crate::kv::job::{JobKind, KeyOutcome, KeyTask};
 use crate::kv::key::BlockKey;
 use crate::kv::namespace::{BlockLayout, LAYOUT_FILE, NAMESPACE_FILE, Namespace};
 use crate::kv::scan::{STALE_TEMP_AGE, ScannedBlock};
@@ -372,37 +371,11 @@ impl Backing for BlockObjects {
         )
     }
 
-    unsafe fn load(
-        &self,
-        _staging: &mut Staging,
-        tasks: &[KeyTask],
-        cancel: &AtomicBool,
-    ) -> Vec<KeyOutcome> {
-        self.client.run(
-            futures::stream::iter(tasks.iter().map(|t| {
-                // SAFETY: forwarded from the caller; the tasks' block ids
-                // are distinct, so the concurrent scatters never overlap.
-                unsafe { self.load_one(t, cancel) }
-            }))
-            .buffered(self.concurrency())
-            .collect(),
-        )
-    }
-
-    unsafe fn store(
-        &self,
-        _staging: &mut Staging,
-        tasks: &[KeyTask],
-        cancel: &AtomicBool,
-    ) -> Vec<KeyOutcome> {
-        self.client.run(
-            futures::stream::iter(tasks.iter().map(|t| {
-                // SAFETY: forwarded from the caller (gathers only read).
-                unsafe { self.store_one(t, cancel) }
-            }))
-            .buffered(self.concurrency())
-            .collect(),
-        )
+    fn pipeline(&self, _depth: usize) -> Result<Box<dyn KeyPipeline + '_>> {
+        Ok(Box::new(OneRequest {
+            objects: self,
+            finished: None,
+        }))
     }
 
     fn remove(&self, key: &BlockKey) -> Result<bool> {
@@ -538,5 +511,38 @@ impl Backing for BlockObjects {
 
     fn usage(&self) -> Option<(f64, f64)> {
         None
+    }
+}
+
+/// A worker's engine on a bucket: one key at a time, its request made
+/// synchronously on the client's runtime (the store runs many such
+/// workers, so many requests are in flight without a barrier per batch).
+struct OneRequest<'a> {
+    objects: &'a BlockObjects,
+    finished: Option<(u64, KeyOutcome)>,
+}
+
+impl KeyPipeline for OneRequest<'_> {
+    fn room(&self) -> usize {
+        usize::from(self.finished.is_none())
+    }
+
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    unsafe fn start(&mut self, tag: u64, kind: JobKind, task: KeyTask, cancel: Arc<AtomicBool>) {
+        let o = self.objects;
+        let outcome = match kind {
+            // SAFETY: forwarded from the caller.
+            JobKind::Load => o.client.run(unsafe { o.load_one(&task, &cancel) }),
+            // SAFETY: forwarded from the caller (gathers only read).
+            JobKind::Store => o.client.run(unsafe { o.store_one(&task, &cancel) }),
+        };
+        self.finished = Some((tag, outcome));
+    }
+
+    fn reap(&mut self) -> Vec<(u64, KeyOutcome)> {
+        self.finished.take().into_iter().collect()
     }
 }
