@@ -4,7 +4,7 @@ the page cache, and giving fio hugepage buffers like memferry's."""
 import atexit, json, os, subprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BIN = os.path.join(HERE, "..", "target", "release", "memferry")
+BIN = os.environ.get("MEMFERRY_BIN") or os.path.join(HERE, "..", "target", "release", "memferry")
 GIB = float(1 << 30)
 HUGEPAGES = "/proc/sys/vm/nr_hugepages"
 _fio_mem = ["--mem=malloc"]

@@ -507,6 +507,28 @@ fn cancel_stops_a_job_and_publishes_nothing_partial() {
             .corrupt
             .is_empty()
     );
+    drop(store);
+
+    // A cancelled load: once its result is out, none of its keys is still
+    // protected, so removing them right away removes every block.
+    let fast = KvStore::open(
+        {
+            let mut c = slow(root.path());
+            c.tuning = Tuning::default();
+            c
+        },
+        big_layout(),
+    )
+    .unwrap();
+    assert!(store_keys(&fast, &keys, &ids).succeeded());
+    drop(fast);
+    let store = KvStore::open(slow(root.path()), big_layout()).unwrap();
+    // SAFETY: the test leaves the pages alone while the job runs.
+    let job = unsafe { store.submit_load(&keys, &ids) }.unwrap();
+    assert!(store.cancel(job));
+    let r = wait_one(&store, job);
+    assert!(r.count(|o| *o == KeyOutcome::Cancelled) >= 14, "{r:?}");
+    assert_eq!(store.remove(&keys).unwrap(), 16, "a key stayed protected");
 }
 
 #[test]

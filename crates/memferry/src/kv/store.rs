@@ -113,6 +113,8 @@ struct JobState {
     bytes: u64,
     submitted: Instant,
     cancel: Arc<AtomicBool>,
+    /// Every outcome is set and the job is being finished.
+    finishing: bool,
 }
 
 /// A slice of a job handed to one worker.
@@ -174,10 +176,16 @@ impl KvStore {
             next_job: AtomicU64::new(1),
             config,
         });
-        let mut threads = Vec::new();
+        // Threads join the store: if a later one fails to start, dropping
+        // it stops and joins those already running.
+        let mut store = Self {
+            shared,
+            threads: Vec::new(),
+        };
+        let shared = store.shared.clone();
         for i in 0..shared.config.workers {
             let s = shared.clone();
-            threads.push(
+            store.threads.push(
                 std::thread::Builder::new()
                     .name(format!("memferry-kv-io-{i}"))
                     .spawn(move || s.worker(i))
@@ -185,13 +193,13 @@ impl KvStore {
             );
         }
         let s = shared.clone();
-        threads.push(
+        store.threads.push(
             std::thread::Builder::new()
                 .name("memferry-kv-housekeeper".into())
                 .spawn(move || s.housekeeper())
                 .map_err(|e| Error::io("starting the KV housekeeper thread", e))?,
         );
-        Ok(Self { shared, threads })
+        Ok(store)
     }
 
     /// The namespace directory, when blocks live on a filesystem.
@@ -381,6 +389,9 @@ impl KvStore {
         let Some(state) = sched.jobs.get_mut(&job) else {
             return false;
         };
+        if state.finishing {
+            return false;
+        }
         state.cancel.store(true, Ordering::Relaxed);
         let kind = state.kind;
         let skipped = state.tasks.len() - state.next;
@@ -396,13 +407,9 @@ impl KvStore {
                 sched.store_keys_waiting -= skipped;
             }
         }
-        let release = if idle {
-            s.finish(&mut sched, job)
-        } else {
-            Vec::new()
-        };
-        drop(sched);
-        s.unprotect(&release);
+        if idle {
+            s.finish(sched, job);
+        }
         true
     }
 
@@ -482,6 +489,7 @@ impl Shared {
             bytes: 0,
             submitted: Instant::now(),
             cancel: Arc::new(AtomicBool::new(false)),
+            finishing: false,
         };
         if dropped || sched.shutdown {
             let outcome = if dropped {
@@ -493,9 +501,7 @@ impl Shared {
             state.outcomes.fill(Some(outcome));
             state.next = n;
             sched.jobs.insert(id, state);
-            let release = self.finish(&mut sched, id);
-            drop(sched);
-            self.unprotect(&release);
+            self.finish(sched, id);
             return id;
         }
         sched.jobs.insert(id, state);
@@ -641,9 +647,7 @@ impl Shared {
         state.running -= 1;
         state.bytes += bytes;
         if state.running == 0 && state.next == state.tasks.len() {
-            let release = self.finish(&mut sched, piece.job);
-            drop(sched);
-            self.unprotect(&release);
+            self.finish(sched, piece.job);
         }
     }
 
@@ -859,20 +863,27 @@ impl Shared {
             .collect()
     }
 
-    /// Moves a job to the finished queue (its outcomes are all set).
-    /// Returns the keys a load protected that no worker ran (and so did not
-    /// release): the caller unprotects them after releasing the scheduler
-    /// lock, so `poll` never waits on eviction I/O.
-    #[must_use]
-    fn finish(&self, sched: &mut Sched, job: JobId) -> Vec<BlockKey> {
-        let state = sched.jobs.remove(&job).expect("finishing a known job");
-        let release = match state.kind {
-            JobKind::Load => state.tasks[state.handed..]
+    /// Moves a job whose outcomes are all set to the finished queue. A
+    /// load's keys that no worker ran (and so did not release) are
+    /// unprotected first, outside the scheduler lock (so `poll` never waits
+    /// on eviction I/O), and before the result becomes visible (so a caller
+    /// acting on it never finds them still protected).
+    fn finish<'a>(&'a self, mut sched: MutexGuard<'a, Sched>, job: JobId) {
+        let state = sched.jobs.get_mut(&job).expect("finishing a known job");
+        state.finishing = true;
+        if state.kind == JobKind::Load && state.handed < state.tasks.len() {
+            let release: Vec<BlockKey> = state.tasks[state.handed..]
                 .iter()
                 .map(|t| t.key.clone())
-                .collect(),
-            JobKind::Store => Vec::new(),
-        };
+                .collect();
+            state.handed = state.tasks.len();
+            drop(sched);
+            // The job stays listed (`finishing`), so `wait` keeps waiting
+            // and no one else finishes it meanwhile.
+            self.unprotect(&release);
+            sched = lock(&self.sched);
+        }
+        let state = sched.jobs.remove(&job).expect("finishing a known job");
         let keys = state
             .tasks
             .iter()
@@ -890,7 +901,6 @@ impl Shared {
             seconds: state.submitted.elapsed().as_secs_f64(),
         });
         self.done.notify_all();
-        release
     }
 
     fn rescan(&self) -> Result<()> {
