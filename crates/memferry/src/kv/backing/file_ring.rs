@@ -502,8 +502,10 @@ impl Drop for FileRing<'_> {
             }
         }
         if self.broken.is_none() {
-            // SAFETY: nothing is in flight, and the staging is not used
-            // after this.
+            // The ring (and its registration of the staging) goes first.
+            self.submitter = Submitter::Sync;
+            // SAFETY: nothing is in flight, the ring is gone, and the
+            // staging is not used after this.
             unsafe { ManuallyDrop::drop(&mut self.staging) };
         }
     }
