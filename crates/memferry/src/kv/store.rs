@@ -802,7 +802,7 @@ impl Shared {
                 Some(t) if t > entry.accessed + ACCESS_SLACK => {
                     lock(&self.index).index.touch(&key, t);
                 }
-                Some(_) => match self.blocks.remove(&key) {
+                Some(_) => match self.blocks.evict(&key) {
                     Ok(true) => {
                         evicted += 1;
                         self.counters.evictions.fetch_add(1, Ordering::Relaxed);

@@ -71,6 +71,12 @@ pub(crate) trait Backing: Send + Sync {
     fn pipeline(&self, depth: usize) -> Result<Box<dyn KeyPipeline + '_>>;
     /// Removes `key`'s block; false when it was not there.
     fn remove(&self, key: &BlockKey) -> Result<bool>;
+    /// Removes the block of `key` that [`Backing::last_access`] has just
+    /// found; false when it turned out to be gone already (where the
+    /// backing can tell without another request).
+    fn evict(&self, key: &BlockKey) -> Result<bool> {
+        self.remove(key)
+    }
     /// Records a use of every key at `when` (best effort: a key evicted
     /// meanwhile is skipped).
     fn record_access(&self, keys: &[BlockKey], when: SystemTime);

@@ -379,11 +379,17 @@ impl Backing for BlockObjects {
     }
 
     fn remove(&self, key: &BlockKey) -> Result<bool> {
-        let k = self.block_key(key);
-        let existed = self.client.head(&k)?.is_some();
-        self.client.delete(&k)?;
-        self.client.delete(&self.marker_key(key))?;
+        let existed = self.client.head(&self.block_key(key))?.is_some();
+        self.evict(key)?;
         Ok(existed)
+    }
+
+    fn evict(&self, key: &BlockKey) -> Result<bool> {
+        // A DELETE succeeds whether or not the object is there: the HEAD of
+        // `last_access` is the evidence that it was.
+        self.client.delete(&self.block_key(key))?;
+        self.client.delete(&self.marker_key(key))?;
+        Ok(true)
     }
 
     fn record_access(&self, keys: &[BlockKey], _when: SystemTime) {
