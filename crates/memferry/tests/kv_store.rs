@@ -135,23 +135,8 @@ fn outcomes(r: &JobResult) -> Vec<KeyOutcome> {
     r.keys.iter().map(|k| k.outcome.clone()).collect()
 }
 
-fn block_files(dir: &Path) -> BTreeSet<PathBuf> {
-    let mut out = BTreeSet::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "kvb") {
-                out.insert(p);
-            }
-        }
-    }
-    out
-}
-
-fn temp_files(dir: &Path) -> Vec<PathBuf> {
+/// Every file under `dir` whose path satisfies `keep`.
+fn files_where(dir: &Path, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -159,12 +144,22 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.to_string_lossy().contains(".tmp-") {
+            } else if keep(&p) {
                 out.push(p);
             }
         }
     }
     out
+}
+
+fn block_files(dir: &Path) -> BTreeSet<PathBuf> {
+    files_where(dir, |p| p.extension().is_some_and(|x| x == "kvb"))
+        .into_iter()
+        .collect()
+}
+
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    files_where(dir, |p| p.to_string_lossy().contains(".tmp-"))
 }
 
 #[test]

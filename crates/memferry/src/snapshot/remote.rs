@@ -41,10 +41,10 @@ use super::manifest::{
 use super::ownership::shard_file_name;
 use super::placement::place;
 use super::report::{Phases, Report};
-use super::restore::{LoadOptions, RestoredSnapshot};
+use super::restore::{LoadOptions, RestoredSnapshot, allocate_destinations};
 use super::save::SaveOptions;
 use super::source::SnapshotSource;
-use crate::memory::{Device, DiscardRegion, OwnedRegion, Region};
+use crate::memory::{DiscardRegion, OwnedRegion, Region};
 use crate::storage::durable::unique_id;
 use crate::storage::location::S3Url;
 use crate::storage::s3::{ObjectClient, ObjectInfo, PutCondition, now_ms};
@@ -462,22 +462,7 @@ fn load(
     let host: Vec<OwnedRegion> = if keep {
         // Each allocation goes where --device says, else where it was saved
         // from (host or a CUDA device); region copies do the rest.
-        let targets: Vec<Device> = m
-            .allocations
-            .iter()
-            .map(|a| opts.device.unwrap_or(a.allocation.device))
-            .collect();
-        let mut devices = targets.clone();
-        devices.sort_by_key(|d| d.to_string());
-        devices.dedup();
-        for &d in &devices {
-            crate::memory::cuda::check_device(d)?;
-        }
-        m.allocations
-            .iter()
-            .zip(&targets)
-            .map(|(a, &d)| OwnedRegion::allocate(d, a.allocation.size))
-            .collect::<Result<_>>()?
+        allocate_destinations(m, opts.device)?
     } else {
         Vec::new()
     };

@@ -90,16 +90,17 @@ pub fn restore(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Repo
     }
 }
 
-fn restore_once(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Report)> {
-    let mut phases = Phases::default();
-    let (snap, plan, sums) = open_and_plan(dir, opts, &mut phases)?;
-
-    let t = Instant::now();
-    let targets: Vec<Device> = snap
-        .manifest
+/// Memory for every allocation of `manifest`: on `device` when given, else
+/// where it was saved from (host or a CUDA device). Each device is checked
+/// once, before anything is allocated.
+pub(crate) fn allocate_destinations(
+    manifest: &Manifest,
+    device: Option<Device>,
+) -> Result<Vec<OwnedRegion>> {
+    let targets: Vec<Device> = manifest
         .allocations
         .iter()
-        .map(|a| opts.device.unwrap_or(a.allocation.device))
+        .map(|a| device.unwrap_or(a.allocation.device))
         .collect();
     let mut devices = targets.clone();
     devices.sort_by_key(|d| d.to_string());
@@ -107,13 +108,20 @@ fn restore_once(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Rep
     for &d in &devices {
         crate::memory::cuda::check_device(d)?;
     }
-    let regions = snap
-        .manifest
+    manifest
         .allocations
         .iter()
         .zip(&targets)
         .map(|(a, &d)| OwnedRegion::allocate(d, a.allocation.size))
-        .collect::<Result<Vec<_>>>()?;
+        .collect()
+}
+
+fn restore_once(dir: &Path, opts: &LoadOptions) -> Result<(RestoredSnapshot, Report)> {
+    let mut phases = Phases::default();
+    let (snap, plan, sums) = open_and_plan(dir, opts, &mut phases)?;
+
+    let t = Instant::now();
+    let regions = allocate_destinations(&snap.manifest, opts.device)?;
     phases.allocate = t.elapsed().as_secs_f64();
 
     let refs: Vec<&dyn Region> = regions.iter().map(|r| r as &dyn Region).collect();
