@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::backing::{Backing, BlockFiles, BlockObjects};
+use super::backing::{Backing, BlockFiles, BlockObjects, NoEngine};
 use super::config::{CAPACITY_LOW_FRACTION, KvConfig};
 use super::index::Index;
 use super::job::{JobId, JobKind, JobResult, KeyOutcome, KeyResult, KeyTask, split_groups};
@@ -117,13 +117,20 @@ struct JobState {
     finishing: bool,
 }
 
-/// A slice of a job handed to one worker.
+/// One key of a job, handed to a worker.
 struct Piece {
     job: JobId,
     kind: JobKind,
     tasks: Arc<Vec<KeyTask>>,
-    range: std::ops::Range<usize>,
+    /// Which of the job's tasks.
+    index: usize,
     cancel: Arc<AtomicBool>,
+}
+
+impl Piece {
+    fn task(&self) -> &KeyTask {
+        &self.tasks[self.index]
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -525,23 +532,22 @@ impl Shared {
         };
         let &id = queue.front()?;
         let state = sched.jobs.get_mut(&id).expect("queued jobs exist");
-        let start = state.next;
-        let end = start + 1;
-        state.next = end;
-        state.handed = end;
+        let index = state.next;
+        state.next += 1;
+        state.handed = state.next;
         state.running += 1;
         let piece = Piece {
             job: id,
             kind,
             tasks: state.tasks.clone(),
-            range: start..end,
+            index,
             cancel: state.cancel.clone(),
         };
-        if end == state.tasks.len() {
+        if state.next == state.tasks.len() {
             queue.pop_front();
         }
         if kind == JobKind::Store {
-            sched.store_keys_waiting -= end - start;
+            sched.store_keys_waiting -= 1;
         }
         Some(piece)
     }
@@ -551,10 +557,10 @@ impl Shared {
     /// The first `load_reserved_workers` workers never take stores.
     fn worker(&self, n: usize) {
         let may_store = n >= self.config.load_reserved_workers;
-        let mut pipe = match self.blocks.pipeline(self.config.batch) {
-            Ok(p) => p,
-            Err(e) => return self.fail_all_work(&e.to_string()),
-        };
+        let mut pipe = self.blocks.pipeline(self.config.batch).unwrap_or_else(|e| {
+            tracing::error!("a KV worker has no I/O engine: {e}");
+            Box::new(NoEngine::new(format!("no I/O engine for this worker: {e}")))
+        });
         let mut running: HashMap<u64, Piece> = HashMap::new();
         let mut next_tag = 0u64;
         loop {
@@ -581,7 +587,7 @@ impl Shared {
                     }
                 };
                 let Some(piece) = piece else { break };
-                let task = piece.tasks[piece.range.start].clone();
+                let task = piece.task().clone();
                 if piece.cancel.load(Ordering::Relaxed) {
                     self.publish(&piece, KeyOutcome::Cancelled);
                     continue;
@@ -602,7 +608,7 @@ impl Shared {
             }
             for (tag, outcome) in pipe.reap() {
                 let piece = running.remove(&tag).expect("reaped keys were started");
-                let task = &piece.tasks[piece.range.start];
+                let task = piece.task();
                 let outcome = match piece.kind {
                     JobKind::Load => self.after_load(task, outcome),
                     JobKind::Store => self.after_store(task, outcome),
@@ -612,27 +618,9 @@ impl Shared {
         }
     }
 
-    /// When a worker cannot build its engine: fails what is queued (the
-    /// other workers may still run) and stops.
-    fn fail_all_work(&self, why: &str) {
-        tracing::error!("a KV worker could not start: {why}");
-        let mut sched = lock(&self.sched);
-        while let Some(p) = self
-            .take(&mut sched, JobKind::Load)
-            .or_else(|| self.take(&mut sched, JobKind::Store))
-        {
-            drop(sched);
-            self.publish(
-                &p,
-                KeyOutcome::Failed(format!("no I/O engine for this worker: {why}")),
-            );
-            sched = lock(&self.sched);
-        }
-    }
-
     /// Reports one key's outcome; finishes its job when it was the last.
     fn publish(&self, piece: &Piece, outcome: KeyOutcome) {
-        let task = &piece.tasks[piece.range.start];
+        let task = piece.task();
         let bytes = if matches!(outcome, KeyOutcome::Loaded | KeyOutcome::Stored) {
             task.ids.len() as u64 * self.blocks.codec().layout.block_bytes()
         } else {
@@ -643,7 +631,7 @@ impl Shared {
         }
         let mut sched = lock(&self.sched);
         let state = sched.jobs.get_mut(&piece.job).expect("running jobs exist");
-        state.outcomes[piece.range.start] = Some(outcome);
+        state.outcomes[piece.index] = Some(outcome);
         state.running -= 1;
         state.bytes += bytes;
         if state.running == 0 && state.next == state.tasks.len() {

@@ -113,3 +113,38 @@ pub(crate) trait KeyPipeline {
     /// in flight, waits until one finishes.
     fn reap(&mut self) -> Vec<(u64, KeyOutcome)>;
 }
+
+/// The engine of a worker whose own could not be built (say, its staging
+/// memory could not be allocated): every key fails with the reason, so jobs
+/// still finish instead of waiting for a worker that never runs them.
+pub(crate) struct NoEngine {
+    why: String,
+    finished: Option<(u64, KeyOutcome)>,
+}
+
+impl NoEngine {
+    pub fn new(why: String) -> Self {
+        Self {
+            why,
+            finished: None,
+        }
+    }
+}
+
+impl KeyPipeline for NoEngine {
+    fn room(&self) -> usize {
+        usize::from(self.finished.is_none())
+    }
+
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    unsafe fn start(&mut self, tag: u64, _kind: JobKind, _task: KeyTask, _cancel: Arc<AtomicBool>) {
+        self.finished = Some((tag, KeyOutcome::Failed(self.why.clone())));
+    }
+
+    fn reap(&mut self) -> Vec<(u64, KeyOutcome)> {
+        self.finished.take().into_iter().collect()
+    }
+}
