@@ -16,8 +16,11 @@ use memferry::transfer::{BackendKind, Tuning};
 
 const BLOCKS: u64 = 32;
 /// Two tensors per block, one of them with a page size that is not a
-/// multiple of 4096, so gathers are scattered and unaligned.
+/// multiple of 4096, so gathers are scattered and unaligned, and O_DIRECT
+/// cannot move the pages in place (staged).
 const PAGES: [u64; 2] = [8192, 3000];
+/// Pages O_DIRECT can move in place (zero copy).
+const ALIGNED_PAGES: [u64; 2] = [8192, 4096];
 
 fn namespace(per_file: u32) -> Namespace {
     Namespace {
@@ -36,9 +39,14 @@ fn namespace(per_file: u32) -> Namespace {
 /// Tensors whose every page holds a pattern derived from (seed, tensor,
 /// block); seed 0 gives zeroed memory.
 fn tensors(seed: u64) -> (KvLayout, Vec<Arc<HostRegion>>) {
+    tensors_of(seed, PAGES)
+}
+
+/// Like [`tensors`], with the given page sizes.
+fn tensors_of(seed: u64, pages: [u64; 2]) -> (KvLayout, Vec<Arc<HostRegion>>) {
     let mut regions = Vec::new();
     let mut list = Vec::new();
-    for (t, &page) in PAGES.iter().enumerate() {
+    for (t, &page) in pages.iter().enumerate() {
         let mut r = HostRegion::new(BLOCKS * page).unwrap();
         if seed != 0 {
             for b in 0..BLOCKS {
@@ -99,7 +107,7 @@ fn slow(root: &Path) -> KvConfig {
 }
 
 fn page(regions: &[Arc<HostRegion>], t: usize, block: u64) -> &[u8] {
-    let p = PAGES[t] as usize;
+    let p = (regions[t].len() / BLOCKS) as usize;
     &regions[t].as_slice()[block as usize * p..(block as usize + 1) * p]
 }
 
@@ -164,44 +172,82 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn round_trips_with_1_2_and_4_blocks_per_file_and_a_partial_first_group() {
-    for backend in [BackendKind::Buffered, BackendKind::Direct] {
+    // (pages, backend, most bytes per request): zero copy and staged, whole
+    // files and short transfers resumed mid-page.
+    let cases = [
+        (
+            PAGES,
+            BackendKind::Buffered,
+            None,
+            "buffered-uring, zero-copy",
+        ),
+        (PAGES, BackendKind::Direct, None, "odirect-uring, staged"),
+        (
+            ALIGNED_PAGES,
+            BackendKind::Direct,
+            None,
+            "odirect-uring, zero-copy",
+        ),
+        (
+            ALIGNED_PAGES,
+            BackendKind::Direct,
+            Some(5000),
+            "odirect-uring, zero-copy",
+        ),
+        (
+            PAGES,
+            BackendKind::Buffered,
+            Some(5000),
+            "buffered-uring, zero-copy",
+        ),
+        (
+            PAGES,
+            BackendKind::Direct,
+            Some(5000),
+            "odirect-uring, staged",
+        ),
+    ];
+    for (pages, backend, cap, expected) in cases {
         for per_file in [1u32, 2, 4] {
+            let what = format!("{backend} pages {pages:?} cap {cap:?} per_file {per_file}");
             let root = tempfile::tempdir().unwrap();
-            let (src, src_mem) = tensors(7);
-            let store = KvStore::open(config(root.path(), per_file, backend), src).unwrap();
+            let mut c = config(root.path(), per_file, backend);
+            c.tuning.max_bytes_per_call = cap;
+            let (src, src_mem) = tensors_of(7, pages);
+            let store = KvStore::open(c.clone(), src).unwrap();
             let pf = per_file as u64;
             let keys: Vec<BlockKey> = (0..3).map(key).collect();
             // Source blocks 5.. in groups of `per_file`.
             let ids: Vec<u64> = (5..5 + 3 * pf).collect();
             let r = store_keys(&store, &keys, &ids);
-            assert!(r.succeeded(), "{backend} {per_file}: {r:?}");
-            assert_eq!(r.bytes, 3 * pf * (PAGES[0] + PAGES[1]));
+            assert!(r.succeeded(), "{what}: {r:?}");
+            assert_eq!(r.bytes, 3 * pf * (pages[0] + pages[1]));
             assert_eq!(store.lookup(&keys), 3);
-            let expected = match backend {
-                BackendKind::Buffered => "buffered-uring",
-                _ => "odirect-uring",
-            };
-            assert_eq!(store.mode(), expected, "{backend}");
+            assert_eq!(store.mode(), expected, "{what}");
             drop(store);
+            // Every stored file is a valid block (header, checksum, padding).
+            let report = memferry::kv::admin::verify(root.path(), false).unwrap();
+            assert_eq!((report.checked, report.ok), (3, 3), "{what}: {report:?}");
 
             // Another process's view: fresh zeroed memory, same namespace.
-            let (dst, dst_mem) = tensors(0);
-            let store = KvStore::open(config(root.path(), per_file, backend), dst).unwrap();
+            let (dst, dst_mem) = tensors_of(0, pages);
+            let store = KvStore::open(c, dst).unwrap();
             assert_eq!(store.lookup(&keys), 3, "found after restart");
             // The request starts at the last block of the first group.
             let first = 1;
             let n = first + 2 * pf;
             let targets: Vec<u64> = (20..20 + n).collect();
             let r = load_keys(&store, &keys, &targets);
-            assert!(r.succeeded(), "{backend} {per_file}: {r:?}");
-            assert_eq!(r.bytes, n * (PAGES[0] + PAGES[1]));
+            assert!(r.succeeded(), "{what}: {r:?}");
+            assert_eq!(r.bytes, n * (pages[0] + pages[1]));
+            assert_eq!(store.mode(), expected, "{what}");
             // Source block of each target: the tail of group 0, then groups 1, 2.
             let sources: Vec<u64> = ids[(pf - first) as usize..].to_vec();
             for (&t, &s) in targets.iter().zip(&sources) {
                 for tensor in 0..2 {
                     assert!(
                         page(&dst_mem, tensor, t) == page(&src_mem, tensor, s),
-                        "{backend} per_file {per_file}: block {t} (from {s}) tensor {tensor} differs"
+                        "{what}: block {t} (from {s}) tensor {tensor} differs"
                     );
                 }
             }
@@ -249,8 +295,15 @@ fn a_root_that_refuses_o_direct_falls_back_to_the_page_cache() {
 
 #[test]
 fn corrupt_truncated_missing_and_foreign_blocks_fail_per_key() {
+    // Staged (checked in the slot before any page is written) and zero
+    // copy (checked on the pages after the read).
+    corrupt_truncated_missing_and_foreign_with(PAGES, "odirect-uring, staged");
+    corrupt_truncated_missing_and_foreign_with(ALIGNED_PAGES, "odirect-uring, zero-copy");
+}
+
+fn corrupt_truncated_missing_and_foreign_with(pages: [u64; 2], mode: &str) {
     let root = tempfile::tempdir().unwrap();
-    let (src, _) = tensors(3);
+    let (src, src_mem) = tensors_of(3, pages);
     let store = KvStore::open(config(root.path(), 1, BackendKind::Direct), src).unwrap();
     let keys: Vec<BlockKey> = (0..5).map(key).collect();
     assert!(store_keys(&store, &keys, &[0, 1, 2, 3, 4]).succeeded());
@@ -268,7 +321,7 @@ fn corrupt_truncated_missing_and_foreign_blocks_fail_per_key() {
     // 3: missing.
     std::fs::remove_file(path(3)).unwrap();
     // 4: a block of another namespace under this key's name.
-    let (other_mem, _) = tensors(3);
+    let (other_mem, _) = tensors_of(3, pages);
     let mut ns = namespace(1);
     ns.tp_size = 2;
     let other_root = tempfile::tempdir().unwrap();
@@ -278,11 +331,15 @@ fn corrupt_truncated_missing_and_foreign_blocks_fail_per_key() {
     assert!(store_keys(&other, &[key(4)], &[4]).succeeded());
     std::fs::copy(other.dir().unwrap().join(key(4).rel_path()), path(4)).unwrap();
 
-    let (dst, dst_mem) = tensors(0);
+    let (dst, dst_mem) = tensors_of(0, pages);
     let reader = KvStore::open(config(root.path(), 1, BackendKind::Direct), dst).unwrap();
     let r = load_keys(&reader, &keys, &[10, 11, 12, 13, 14]);
+    assert_eq!(reader.mode(), mode);
     let o = outcomes(&r);
     assert_eq!(o[0], KeyOutcome::Loaded);
+    for t in 0..2 {
+        assert!(page(&dst_mem, t, 10) == page(&src_mem, t, 0), "tensor {t}");
+    }
     let reason = |i: usize| match &o[i] {
         KeyOutcome::Failed(m) => m.clone(),
         other => panic!("key {i}: expected a failure, got {other:?}"),
@@ -299,7 +356,7 @@ fn corrupt_truncated_missing_and_foreign_blocks_fail_per_key() {
         );
     }
     assert!(!r.succeeded());
-    assert_eq!(r.bytes, PAGES[0] + PAGES[1], "only the good key counts");
+    assert_eq!(r.bytes, pages[0] + pages[1], "only the good key counts");
     assert_eq!(reader.stats().counters.failed, 4);
     assert_eq!(
         reader.lookup(&[key(3)]),

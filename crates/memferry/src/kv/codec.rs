@@ -67,28 +67,33 @@ impl BlockCodec {
         // SAFETY: the caller rules out writers of these pages.
         unsafe { self.layout.gather(&task.ids, payload) }?;
         padding.fill(0);
-        let header = BlockHeader {
-            namespace_hash: self.namespace_hash,
-            key: task.key.clone(),
-            payload_len: self.payload_len,
-            payload_crc32c: crc32c(payload),
-        };
-        head.copy_from_slice(&header.encode());
+        head.copy_from_slice(&self.header(&task.key, crc32c(payload)));
         Ok(())
     }
 
-    /// Checks a whole image read from `origin` (a path or URL, for
-    /// messages) and returns its payload.
-    pub fn check<'a>(
+    /// The encoded header of `key`'s block whose payload has CRC32C `crc`.
+    pub fn header(&self, key: &BlockKey, crc: u32) -> Vec<u8> {
+        BlockHeader {
+            namespace_hash: self.namespace_hash,
+            key: key.clone(),
+            payload_len: self.payload_len,
+            payload_crc32c: crc,
+        }
+        .encode()
+    }
+
+    /// Checks the header (the first 4096 bytes of an image read from
+    /// `origin`) and returns the payload CRC32C it records.
+    pub fn check_header(
         &self,
-        image: &'a [u8],
+        head: &[u8],
         key: &BlockKey,
         origin: &str,
-    ) -> std::result::Result<&'a [u8], Refused> {
-        let header = BlockHeader::decode(image)
+    ) -> std::result::Result<u32, Refused> {
+        BlockHeader::decode(head)
             .and_then(|h| {
                 h.expect(self.namespace_hash, key, self.payload_len)
-                    .map(|()| h)
+                    .map(|()| h.payload_crc32c)
             })
             .map_err(|e| {
                 let damaged = !matches!(
@@ -102,7 +107,36 @@ impl BlockCodec {
                     reason: format!("{what}: {origin}: {e}"),
                     damaged,
                 }
-            })?;
+            })
+    }
+
+    /// Compares the payload CRC32C `found` with the `recorded` one.
+    pub fn check_crc(
+        &self,
+        recorded: u32,
+        found: u32,
+        origin: &str,
+    ) -> std::result::Result<(), Refused> {
+        if found == recorded {
+            return Ok(());
+        }
+        Err(Refused {
+            reason: format!(
+                "corrupt: {origin}: payload checksum mismatch (recorded {recorded:08x}, found {found:08x})"
+            ),
+            damaged: true,
+        })
+    }
+
+    /// Checks a whole image read from `origin` (a path or URL, for
+    /// messages) and returns its payload.
+    pub fn check<'a>(
+        &self,
+        image: &'a [u8],
+        key: &BlockKey,
+        origin: &str,
+    ) -> std::result::Result<&'a [u8], Refused> {
+        let recorded = self.check_header(image, key, origin)?;
         let end = HEADER_BYTES + self.payload_len as usize;
         let Some(payload) = image.get(HEADER_BYTES..end) else {
             return Err(Refused {
@@ -114,16 +148,7 @@ impl BlockCodec {
                 damaged: true,
             });
         };
-        let found = crc32c(payload);
-        if found != header.payload_crc32c {
-            return Err(Refused {
-                reason: format!(
-                    "corrupt: {origin}: payload checksum mismatch (recorded {:08x}, found {found:08x})",
-                    header.payload_crc32c
-                ),
-                damaged: true,
-            });
-        }
+        self.check_crc(recorded, crc32c(payload), origin)?;
         Ok(payload)
     }
 

@@ -45,7 +45,9 @@ pub enum KeyOutcome {
     /// (store) or the destination pages are unspecified (load).
     Cancelled,
     /// The key failed; the reason names the file and what was wrong. A
-    /// failed load never leaves wrong bytes reported as loaded.
+    /// failed load never leaves wrong bytes reported as loaded; its
+    /// destination pages are unspecified (a zero-copy load writes them
+    /// while it reads, before the checksum can be checked).
     Failed(String),
 }
 

@@ -219,9 +219,11 @@ impl KvStore {
         self.shared.blocks.location()
     }
 
-    /// The I/O mechanism last run (e.g. `odirect-uring`,
-    /// `buffered-fallback (why)`, `s3 (...)`); empty before any I/O on a
-    /// filesystem.
+    /// The I/O mechanism that ran (e.g. `odirect-uring, zero-copy`,
+    /// `odirect-uring, staged`, `buffered-fallback, zero-copy (why)`,
+    /// `s3 (...)`); empty before any I/O on a filesystem. `zero-copy`: the
+    /// kernel moved the registered pages themselves; `staged`: through a
+    /// staging buffer (device memory, or pages O_DIRECT cannot address).
     pub fn mode(&self) -> String {
         self.shared.blocks.mode()
     }

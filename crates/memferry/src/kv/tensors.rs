@@ -98,6 +98,41 @@ impl KvLayout {
         }
     }
 
+    /// True when the kernel can move every page straight to and from its
+    /// tensor: host memory whose base address and page size are multiples
+    /// of `align` (the O_DIRECT alignment, or 1 through the page cache).
+    pub fn pages_addressable(&self, align: u64) -> bool {
+        self.tensors.iter().all(|t| {
+            t.page_bytes.is_multiple_of(align)
+                && t.region
+                    .host_ptr_mut()
+                    .is_some_and(|p| (p as u64).is_multiple_of(align))
+        })
+    }
+
+    /// The host address and length of every page of `ids`, block-major
+    /// (for each id, one range per tensor in registration order); an error
+    /// for an id out of range or a tensor that is not host memory.
+    pub fn host_pages(&self, ids: &[u64]) -> Result<Vec<(*mut u8, usize)>> {
+        self.check_ids(ids)?;
+        let mut out = Vec::with_capacity(ids.len() * self.tensors.len());
+        for &id in ids {
+            for (i, t) in self.tensors.iter().enumerate() {
+                let base = t.region.host_ptr_mut().ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "KV tensor {i} is not host memory: its pages move through staging"
+                    ))
+                })?;
+                // SAFETY: `id < num_blocks` (checked), and the region holds
+                // `num_blocks * page_bytes` bytes (checked at registration),
+                // so the offset stays inside the allocation.
+                let page = unsafe { base.add((id * t.page_bytes) as usize) };
+                out.push((page, t.page_bytes as usize));
+            }
+        }
+        Ok(out)
+    }
+
     /// Copies the pages of `ids` into `dst` in block-major order
     /// (`dst.len() == ids.len() * block_bytes`).
     ///
@@ -211,6 +246,28 @@ mod tests {
         // SAFETY: no concurrent access.
         unsafe { target.gather(&[7], &mut back).unwrap() };
         assert_eq!(&back[..], &payload[130..260]);
+    }
+
+    #[test]
+    fn host_pages_are_block_major_and_alignment_is_checked() {
+        let layout = KvLayout::new(vec![tensor(8, 8192, 0), tensor(8, 4096, 1)]).unwrap();
+        assert!(layout.pages_addressable(4096));
+        let pages = layout.host_pages(&[3, 1]).unwrap();
+        let base = |t: usize| layout.tensors[t].region.host_ptr_mut().unwrap();
+        // SAFETY: pointer arithmetic inside the regions, compared only.
+        let want = unsafe {
+            vec![
+                (base(0).add(3 * 8192), 8192),
+                (base(1).add(3 * 4096), 4096),
+                (base(0).add(8192), 8192),
+                (base(1).add(4096), 4096),
+            ]
+        };
+        assert_eq!(pages, want);
+        assert!(layout.host_pages(&[8]).is_err(), "out of range");
+        let odd = KvLayout::new(vec![tensor(8, 8192, 0), tensor(8, 3000, 1)]).unwrap();
+        assert!(!odd.pages_addressable(4096), "3000-byte pages");
+        assert!(odd.pages_addressable(1));
     }
 
     #[test]

@@ -133,6 +133,57 @@ impl Ring {
         unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
     }
 
+    /// Queues a vectored read at `offset` into the `iovecs` memory ranges,
+    /// filled in order (the kernel pins the pages for the request).
+    ///
+    /// # Safety
+    /// The `iovecs` array and every range it names must stay valid, and the
+    /// ranges untouched by the caller, until the completion for `user_data`
+    /// arrives; for O_DIRECT files every base and length must be aligned to
+    /// the file's logical block size.
+    pub unsafe fn push_readv(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        iovecs: &[libc::iovec],
+        offset: u64,
+        user_data: u64,
+    ) {
+        let entry = opcode::Readv::new(
+            types::Fd(fd.as_raw_fd()),
+            iovecs.as_ptr(),
+            iovecs.len() as u32,
+        )
+        .offset(offset)
+        .build()
+        .user_data(user_data);
+        // SAFETY: as in `push_read`; the caller keeps the array alive too.
+        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
+    }
+
+    /// Queues a vectored write at `offset` from the `iovecs` memory ranges,
+    /// taken in order.
+    ///
+    /// # Safety
+    /// As for [`Ring::push_readv`], with the ranges left unmodified.
+    pub unsafe fn push_writev(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        iovecs: &[libc::iovec],
+        offset: u64,
+        user_data: u64,
+    ) {
+        let entry = opcode::Writev::new(
+            types::Fd(fd.as_raw_fd()),
+            iovecs.as_ptr(),
+            iovecs.len() as u32,
+        )
+        .offset(offset)
+        .build()
+        .user_data(user_data);
+        // SAFETY: as in `push_readv`.
+        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
+    }
+
     /// Submits queued requests and waits for at least `want` completions.
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         loop {

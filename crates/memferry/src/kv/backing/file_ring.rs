@@ -4,6 +4,13 @@
 //! verifies, scatters or publishes each block as soon as its own request
 //! completes, while the others are still moving. No barrier per batch.
 //!
+//! Where the tensors are host memory the kernel can address (page-aligned
+//! pages for O_DIRECT), a request moves the block straight between the file
+//! and the KV pages with a vectored read or write ([`super::placement`]):
+//! no staging copy, and the checksum is computed on the pages themselves.
+//! Otherwise (device memory, odd page sizes) the whole file goes through
+//! the key's staging slot and is gathered or scattered there.
+//!
 //! Files are opened with O_DIRECT (`direct`/`auto`) or through the page
 //! cache (`buffered`); a filesystem that refuses O_DIRECT gets page-cache
 //! requests on the same ring, and a kernel without io_uring (or a policy
@@ -17,7 +24,10 @@
 //! - short reads and writes are resumed for the remainder; a read that
 //!   ends before the block does fails that key as truncated;
 //! - a store is published (renamed) only after its whole file was written;
-//!   a failed or cancelled one removes its temporary file.
+//!   a failed or cancelled one removes its temporary file;
+//! - a zero-copy load writes the pages while it reads, so a key that fails
+//!   (damaged, foreign, cancelled) leaves its pages unspecified; it is
+//!   never reported loaded.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
@@ -28,6 +38,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::KeyPipeline;
 use super::files::{BlockFiles, outcome_of, quarantine};
+use super::placement::Placement;
+use crate::kv::format::HEADER_BYTES;
 use crate::kv::job::{JobKind, KeyOutcome, KeyTask};
 use std::mem::ManuallyDrop;
 
@@ -60,6 +72,11 @@ struct Op {
     done: u64,
     /// Opened with O_DIRECT.
     direct: bool,
+    /// Zero-copy: the file's bytes in memory (the pages, and the slot for
+    /// the header and padding); `None` moves the whole file through the slot.
+    placement: Option<Placement>,
+    /// The iovecs of the request in flight (kept until its completion).
+    iov: Vec<libc::iovec>,
 }
 
 /// The engine: see the module docs.
@@ -77,6 +94,8 @@ pub(crate) struct FileRing<'a> {
     cap: u64,
     /// Set when the ring failed: every later key fails with this reason.
     broken: Option<String>,
+    /// Blocks move straight between files and pages (see the module docs).
+    zero_copy: bool,
 }
 
 impl<'a> FileRing<'a> {
@@ -113,6 +132,10 @@ impl<'a> FileRing<'a> {
                 Submitter::Sync
             }
         };
+        // O_DIRECT needs every iovec aligned; the page cache takes any.
+        let align = if files.wants_direct() { IO_ALIGN } else { 1 };
+        let zero_copy = matches!(submitter, Submitter::Ring { .. })
+            && files.codec.layout.pages_addressable(align);
         let cap = files
             .max_bytes_per_call()
             .unwrap_or(1 << 30)
@@ -127,6 +150,7 @@ impl<'a> FileRing<'a> {
             finished: Vec::new(),
             cap,
             broken: None,
+            zero_copy,
         })
     }
 
@@ -194,7 +218,9 @@ impl<'a> FileRing<'a> {
         Ok((file, meta.ino(), direct))
     }
 
-    /// Encodes `task` into `slot` and creates its temporary file.
+    /// Prepares `task`'s block file image (the whole of it in `slot`, or
+    /// with zero copy the header and padding there and a placement naming
+    /// the pages) and creates its temporary file.
     ///
     /// # Safety
     /// Nobody may write the pages of `task.ids` during the call.
@@ -202,12 +228,27 @@ impl<'a> FileRing<'a> {
         &mut self,
         slot: usize,
         task: &KeyTask,
-    ) -> std::result::Result<(File, PathBuf, bool), KeyOutcome> {
+    ) -> std::result::Result<(File, PathBuf, bool, Option<Placement>), KeyOutcome> {
         let files = self.files;
-        // SAFETY: forwarded from the caller; `slot` was just taken from the
-        // free list, so the kernel does not own it.
-        unsafe { files.codec.encode(task, self.slot_bytes(slot)) }
-            .map_err(|e| KeyOutcome::Failed(e.to_string()))?;
+        let codec = &files.codec;
+        let failed = |e: Error| KeyOutcome::Failed(e.to_string());
+        let placement = if self.zero_copy {
+            let p = Placement::new(codec, task, self.slot_ptr(slot)).map_err(failed)?;
+            let end = HEADER_BYTES + codec.payload_len as usize;
+            // SAFETY: the caller rules out writers of the pages, and the
+            // slot is free (the kernel does not own it).
+            let crc = unsafe { p.crc32c(HEADER_BYTES as u64..end as u64) };
+            // SAFETY: `slot` was just taken from the free list.
+            let image = unsafe { self.slot_bytes(slot) };
+            image[..HEADER_BYTES].copy_from_slice(&codec.header(&task.key, crc));
+            image[end..].fill(0);
+            Some(p)
+        } else {
+            // SAFETY: forwarded from the caller; `slot` was just taken from
+            // the free list, so the kernel does not own it.
+            unsafe { codec.encode(task, self.slot_bytes(slot)) }.map_err(failed)?;
+            None
+        };
         let (temp, file) = files.create_temp(&task.key).map_err(outcome_of)?;
         let mut direct = files.wants_direct();
         if direct {
@@ -222,7 +263,7 @@ impl<'a> FileRing<'a> {
                 direct = false;
             }
         }
-        Ok((file, temp, direct))
+        Ok((file, temp, direct, placement))
     }
 
     /// Queues the rest of `slot`'s transfer or, without io_uring, performs
@@ -249,7 +290,26 @@ impl<'a> FileRing<'a> {
         let offset = op.done;
         // SAFETY: `offset + len <= file_len`, inside this slot of the staging.
         let ptr = unsafe { self.slot_ptr(slot).add(offset as usize) };
+        let op = self.ops[slot].as_mut().expect("slot in use");
         match &mut self.submitter {
+            Submitter::Ring { ring, .. } if op.placement.is_some() => {
+                let placement = op.placement.as_ref().expect("zero-copy op");
+                placement.iovecs(offset, len, &mut op.iov);
+                let fd = op.file.as_fd();
+                // SAFETY: the iovecs name this key's pages (given to us by
+                // `start`'s caller until the outcome is reaped) and its slot
+                // (not in flight otherwise); they, the iovec array (kept in
+                // the op) and the file stay untouched until the completion
+                // arrives (`Drop` drains). For O_DIRECT every range is
+                // aligned (`pages_addressable(IO_ALIGN)`, aligned cap).
+                unsafe {
+                    match op.kind {
+                        JobKind::Load => ring.push_readv(fd, &op.iov, offset, slot as u64),
+                        JobKind::Store => ring.push_writev(fd, &op.iov, offset, slot as u64),
+                    }
+                }
+                None
+            }
             Submitter::Ring { ring, registered } => {
                 let fd = op.file.as_fd();
                 // SAFETY: the slot is not in flight (a slot is submitted
@@ -362,9 +422,24 @@ impl<'a> FileRing<'a> {
                 // SAFETY: the slot's request completed, so the kernel no
                 // longer writes it; it is freed only below.
                 let image: &[u8] = unsafe { self.slot_bytes(slot) };
-                // SAFETY: `start`'s caller gave us exclusive access to the
-                // pages of the task's ids until the outcome is reaped.
-                match unsafe { self.files.codec.decode_into(image, &op.task, &origin) } {
+                let codec = &self.files.codec;
+                let checked = match &op.placement {
+                    Some(p) => codec
+                        .check_header(image, &op.task.key, &origin)
+                        .and_then(|crc| {
+                            let end = HEADER_BYTES as u64 + codec.payload_len;
+                            // SAFETY: the request completed, so the kernel no
+                            // longer writes the pages or the slot, and
+                            // `start`'s caller keeps everyone else off the
+                            // pages until the outcome is reaped.
+                            let found = unsafe { p.crc32c(HEADER_BYTES as u64..end) };
+                            codec.check_crc(crc, found, &origin)
+                        }),
+                    // SAFETY: `start`'s caller gave us exclusive access to
+                    // the pages of the task's ids until the outcome is reaped.
+                    None => unsafe { codec.decode_into(image, &op.task, &origin) },
+                };
+                match checked {
                     Ok(()) => KeyOutcome::Loaded,
                     Err(r) if r.damaged => {
                         KeyOutcome::Failed(quarantine(&op.path, op.inode, r.reason))
@@ -433,14 +508,21 @@ impl KeyPipeline for FileRing<'_> {
         }
         let slot = self.free.pop().expect("start is called only with room");
         let opened = match kind {
-            JobKind::Load => self
-                .open_block(&task)
-                .map(|(file, inode, direct)| (file, self.files.path(&task.key), inode, direct)),
+            JobKind::Load => self.open_block(&task).and_then(|(file, inode, direct)| {
+                let placement = if self.zero_copy {
+                    let p = Placement::new(&self.files.codec, &task, self.slot_ptr(slot))
+                        .map_err(|e| KeyOutcome::Failed(e.to_string()))?;
+                    Some(p)
+                } else {
+                    None
+                };
+                Ok((file, self.files.path(&task.key), inode, direct, placement))
+            }),
             // SAFETY: forwarded from the caller.
             JobKind::Store => unsafe { self.prepare_store(slot, &task) }
-                .map(|(file, temp, direct)| (file, temp, 0, direct)),
+                .map(|(file, temp, direct, placement)| (file, temp, 0, direct, placement)),
         };
-        let (file, path, inode, direct) = match opened {
+        let (file, path, inode, direct, placement) = match opened {
             Ok(o) => o,
             Err(outcome) => {
                 self.free.push(slot);
@@ -448,7 +530,7 @@ impl KeyPipeline for FileRing<'_> {
                 return;
             }
         };
-        self.files.note_ran(direct);
+        self.files.note_ran(direct, placement.is_some());
         self.ops[slot] = Some(Op {
             tag,
             kind,
@@ -459,6 +541,8 @@ impl KeyPipeline for FileRing<'_> {
             inode,
             done: 0,
             direct,
+            placement,
+            iov: Vec::new(),
         });
         self.submit(slot);
     }

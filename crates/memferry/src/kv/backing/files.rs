@@ -3,9 +3,11 @@
 //!
 //! Bytes move through [`super::file_ring`]: each worker keeps its keys in
 //! flight on its own io_uring ring, one whole-file request per key (the
-//! header, payload and padding) into a registered staging slot, O_DIRECT
-//! unless the `buffered` backend was chosen or the filesystem refuses it.
-//! Pages are gathered into / scattered out of the slot block-major.
+//! header, payload and padding), O_DIRECT unless the `buffered` backend was
+//! chosen or the filesystem refuses it. The request moves the pages
+//! themselves where the kernel can address them (zero copy, host memory),
+//! otherwise a registered staging slot that pages are gathered into and
+//! scattered out of block-major.
 //!
 //! Guarantees:
 //! - a store writes a temporary file next to the final name and publishes it
@@ -53,6 +55,9 @@ pub(crate) struct BlockFiles {
     /// What ran: O_DIRECT requests, page-cache requests.
     ran_direct: AtomicBool,
     ran_buffered: AtomicBool,
+    /// What ran: zero-copy requests, requests through staging.
+    ran_zero_copy: AtomicBool,
+    ran_staged: AtomicBool,
     /// Why something ran otherwise than asked (first reason).
     fallback: Mutex<Option<String>>,
 }
@@ -100,6 +105,8 @@ impl BlockFiles {
             max_bytes_per_call: config.tuning.max_bytes_per_call,
             ran_direct: AtomicBool::new(false),
             ran_buffered: AtomicBool::new(false),
+            ran_zero_copy: AtomicBool::new(false),
+            ran_staged: AtomicBool::new(false),
             fallback: Mutex::new(None),
         })
     }
@@ -113,12 +120,19 @@ impl BlockFiles {
         self.max_bytes_per_call
     }
 
-    /// Records that a request ran with or without O_DIRECT.
-    pub(super) fn note_ran(&self, direct: bool) {
+    /// Records that a request ran with or without O_DIRECT, and zero-copy
+    /// or through staging.
+    pub(super) fn note_ran(&self, direct: bool, zero_copy: bool) {
         let flag = if direct {
             &self.ran_direct
         } else {
             &self.ran_buffered
+        };
+        flag.store(true, Ordering::Relaxed);
+        let flag = if zero_copy {
+            &self.ran_zero_copy
+        } else {
+            &self.ran_staged
         };
         flag.store(true, Ordering::Relaxed);
     }
@@ -216,6 +230,16 @@ impl Backing for BlockFiles {
             (true, true, _) => "odirect-uring+buffered-fallback",
         }
         .to_string();
+        mode.push_str(
+            match (
+                self.ran_zero_copy.load(Ordering::Relaxed),
+                self.ran_staged.load(Ordering::Relaxed),
+            ) {
+                (true, false) => ", zero-copy",
+                (true, true) => ", zero-copy+staged",
+                _ => ", staged",
+            },
+        );
         if let Some(why) = fallback {
             mode.push_str(&format!(" ({why})"));
         }

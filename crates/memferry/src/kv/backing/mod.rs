@@ -25,6 +25,7 @@ use crate::Result;
 
 mod file_ring;
 pub(crate) mod files;
+mod placement;
 pub(crate) mod s3;
 
 pub(crate) use files::BlockFiles;
