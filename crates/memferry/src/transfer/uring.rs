@@ -5,10 +5,64 @@
 //! returned by [`Ring::completions`]; the caller must neither touch nor free
 //! it before then, and must not drop the ring while requests are in flight.
 
+use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use io_uring::{IoUring, opcode, types};
+
+/// A file-system request that runs on the ring beside the data (the
+/// kernel runs it asynchronously, so one thread keeps many going).
+pub(crate) enum Meta<'a> {
+    /// `mkdir(path, 0o777)` (less the umask).
+    MakeDir(&'a CStr),
+    /// `open(path, O_CREAT | O_EXCL | flags, 0o666)`: the result is the fd.
+    Create(&'a CStr, i32),
+    /// `fallocate(fd, 0, 0, len)`.
+    Allocate(BorrowedFd<'a>, u64),
+    /// `fsync(fd)`.
+    Flush(BorrowedFd<'a>),
+    /// `rename(from, to)`.
+    Rename(&'a CStr, &'a CStr),
+}
+
+impl Meta<'_> {
+    /// The opcodes of every kind of [`Meta`] request.
+    const OPCODES: [u8; 5] = [
+        opcode::MkDirAt::CODE,
+        opcode::OpenAt::CODE,
+        opcode::Fallocate::CODE,
+        opcode::Fsync::CODE,
+        opcode::RenameAt::CODE,
+    ];
+}
+
+impl Meta<'_> {
+    /// Runs the request on this thread (no ring, or a kernel without these
+    /// opcodes); the result as a completion would carry it: the fd or 0 on
+    /// success, `-errno` on failure.
+    pub fn run_now(self) -> i32 {
+        use rustix::fs::{self, FallocateFlags, Mode, OFlags};
+        let done = match self {
+            Meta::MakeDir(path) => fs::mkdir(path, Mode::from_raw_mode(0o777)).map(|()| 0),
+            Meta::Create(path, flags) => fs::open(
+                path,
+                OFlags::from_bits_retain(flags as u32)
+                    | OFlags::CREATE
+                    | OFlags::EXCL
+                    | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o666),
+            )
+            .map(std::os::fd::IntoRawFd::into_raw_fd),
+            Meta::Allocate(fd, len) => {
+                fs::fallocate(fd, FallocateFlags::empty(), 0, len).map(|()| 0)
+            }
+            Meta::Flush(fd) => fs::fsync(fd).map(|()| 0),
+            Meta::Rename(from, to) => fs::rename(from, to).map(|()| 0),
+        };
+        done.unwrap_or_else(|e| -e.raw_os_error())
+    }
+}
 
 /// A ring with registered staging buffers.
 pub(crate) struct Ring {
@@ -181,6 +235,41 @@ impl Ring {
         .build()
         .user_data(user_data);
         // SAFETY: as in `push_readv`.
+        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
+    }
+
+    /// True when the kernel runs every kind of [`Meta`] request on a ring
+    /// (Linux 5.15 and later).
+    pub fn supports_meta(&self) -> bool {
+        let mut probe = io_uring::Probe::new();
+        self.ring.submitter().register_probe(&mut probe).is_ok()
+            && Meta::OPCODES.iter().all(|&c| probe.is_supported(c))
+    }
+
+    /// Queues the file-system request `meta`.
+    ///
+    /// # Safety
+    /// Every path and file named by `meta` must stay valid (paths unmoved,
+    /// fds open) until the completion for `user_data` arrives.
+    pub unsafe fn push_meta(&mut self, meta: Meta<'_>, user_data: u64) {
+        let cwd = types::Fd(libc::AT_FDCWD);
+        let entry = match meta {
+            Meta::MakeDir(path) => opcode::MkDirAt::new(cwd, path.as_ptr()).mode(0o777).build(),
+            Meta::Create(path, flags) => opcode::OpenAt::new(cwd, path.as_ptr())
+                .flags(flags | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC)
+                .mode(0o666)
+                .build(),
+            Meta::Allocate(fd, len) => {
+                opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len).build()
+            }
+            Meta::Flush(fd) => opcode::Fsync::new(types::Fd(fd.as_raw_fd())).build(),
+            Meta::Rename(from, to) => {
+                opcode::RenameAt::new(cwd, from.as_ptr(), cwd, to.as_ptr()).build()
+            }
+        }
+        .user_data(user_data);
+        // SAFETY: the caller keeps the paths and fds valid until the
+        // completion arrives; the queue has room as in `push_read`.
         unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
     }
 

@@ -38,7 +38,7 @@ use crate::kv::namespace::{BlockLayout, check_layout};
 use crate::kv::scan::{ScannedBlock, TEMP_MARK, scan};
 use crate::kv::stats::{Counters, add_to_file};
 use crate::kv::tensors::KvLayout;
-use crate::storage::durable::{preallocate, unique_id};
+use crate::storage::durable::unique_id;
 use crate::storage::roots::check_dir;
 use crate::transfer::BackendKind;
 use crate::{Error, Result};
@@ -172,36 +172,17 @@ impl BlockFiles {
         self.codec.header_matches(&header, key)
     }
 
-    /// Creates a temporary file of the block's size next to `key`'s final
-    /// path, open for writing.
-    pub(super) fn create_temp(&self, key: &BlockKey) -> Result<(PathBuf, File)> {
-        let path = self.path(key);
-        let parent = path.parent().expect("block paths have a parent");
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::writing("block directory", parent, e))?;
-        let mut name = path.file_name().expect("file name").to_os_string();
-        name.push(format!("{TEMP_MARK}{}", unique_id()));
-        let temp = parent.join(name);
-        let file = File::create_new(&temp).map_err(|e| Error::writing("block file", &temp, e))?;
-        // Allocated up front: a full disk fails here, before data moves, and
-        // direct writes land inside the file instead of extending it (which
-        // filesystems serialise).
-        if let Err(e) = preallocate(&file, &temp, self.codec.file_len) {
-            let _ = std::fs::remove_file(&temp);
-            return Err(e);
-        }
-        Ok((temp, file))
+    /// A fresh temporary name next to `key`'s block file (the scan removes
+    /// leftovers of stores that died).
+    pub(super) fn temp_path(&self, key: &BlockKey) -> PathBuf {
+        let mut path = self.path(key).into_os_string();
+        path.push(format!("{TEMP_MARK}{}", unique_id()));
+        path.into()
     }
 
-    /// Makes a written temporary file the block for `key` (atomic rename;
-    /// a concurrent store of the same key publishes identical bytes).
-    pub(super) fn publish(&self, temp: &Path, file: &File, key: &BlockKey) -> Result<()> {
-        if self.fsync {
-            file.sync_all()
-                .map_err(|e| Error::writing("block file", temp, e))?;
-        }
-        let path = self.path(key);
-        std::fs::rename(temp, &path).map_err(|e| Error::writing("block file", &path, e))
+    /// True when stores flush their file before publishing it.
+    pub(super) fn fsync(&self) -> bool {
+        self.fsync
     }
 }
 
