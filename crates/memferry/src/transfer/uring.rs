@@ -1,9 +1,10 @@
 //! The io_uring fence: every unsafe io_uring call lives here.
 //!
-//! Contract for callers: a buffer handed to [`Ring::push_read`] or
-//! [`Ring::push_write`] belongs to the kernel until its completion has been
-//! returned by [`Ring::completions`]; the caller must neither touch nor free
-//! it before then, and must not drop the ring while requests are in flight.
+//! Contract for callers: a buffer handed to a `push_*` call (read, write,
+//! readv, writev), and the iovec array, paths and fds a request names,
+//! belong to the kernel until its completion has been returned by
+//! [`Ring::completions`]; the caller must neither touch nor free them
+//! before then, and must not drop the ring while requests are in flight.
 
 use std::ffi::CStr;
 use std::io;

@@ -4,19 +4,21 @@
 //! verifies, scatters or publishes each block as soon as its own request
 //! completes, while the others are still moving. No barrier per batch.
 //!
-//! Where the tensors are host memory the kernel can address (page-aligned
-//! pages for O_DIRECT), a request moves the block straight between the file
-//! and the KV pages with a vectored read or write ([`super::placement`]):
-//! no staging copy, and the checksum is computed on the pages themselves.
-//! Otherwise (device memory, odd page sizes) the whole file goes through
-//! the key's staging slot and is gathered or scattered there.
+//! Where io_uring runs and the tensors are host memory the kernel can
+//! address (4096-aligned pages for O_DIRECT, any through the page cache), a
+//! request moves the block straight between the file and the KV pages with
+//! a vectored read or write ([`super::placement`]): no staging copy, and
+//! the checksum is computed on the pages themselves. Otherwise (device
+//! memory, pages O_DIRECT cannot address, no io_uring) the whole file goes
+//! through the key's staging slot and is gathered or scattered there.
 //!
 //! A store's file-system steps run on the same ring as the data, one
 //! request each: create the temporary file (and its directories when they
 //! are missing), allocate it, write it, flush it (`fsync` configured) and
 //! rename it into place. The kernel runs them asynchronously, so a worker
-//! never stalls its other keys on a slow create or allocation. Kernels
-//! without these opcodes get the same steps as system calls.
+//! does not stall its other keys on a slow create or allocation (a load's
+//! open and size check still run on the worker). Kernels without these
+//! opcodes get the same steps as system calls.
 //!
 //! Files are opened with O_DIRECT (`direct`/`auto`) or through the page
 //! cache (`buffered`); a filesystem that refuses O_DIRECT gets page-cache
@@ -27,11 +29,14 @@
 //! Guarantees (on top of [`super::files`]'):
 //! - a staging slot is owned by the kernel from submission until its
 //!   completion arrives; it is never read, written or freed before, and the
-//!   engine waits for every request in flight before it goes away;
+//!   engine waits for every request in flight before it goes away (if the
+//!   ring itself fails, it leaks what the kernel may still use instead,
+//!   and still waits for requests that write the caller's pages);
 //! - short reads and writes are resumed for the remainder; a read that
 //!   ends before the block does fails that key as truncated;
 //! - a store is published (renamed) only after its whole file was written;
-//!   a failed or cancelled one removes its temporary file;
+//!   a failed or cancelled one removes its temporary file (after a ring
+//!   failure, the scan of leftovers does);
 //! - a zero-copy load writes the pages while it reads, so a key that fails
 //!   (damaged, foreign, cancelled) leaves its pages unspecified; it is
 //!   never reported loaded.
@@ -520,7 +525,14 @@ impl<'a> FileRing<'a> {
             }
             Step::Transfer => unreachable!("transfers complete in `complete`"),
         };
+        let cancelled = op.cancel.load(Ordering::Relaxed);
         match next {
+            // Cancelled: stop before the next step (the temporary file, if
+            // created, is removed by `finish`).
+            Ok(_) if cancelled => {
+                self.finish(slot, Err(Error::Cancelled));
+                false
+            }
             Ok(step) => {
                 op.step = step;
                 if step == Step::Transfer {
@@ -764,20 +776,40 @@ impl KeyPipeline for FileRing<'_> {
 
     fn reap(&mut self) -> Vec<(u64, KeyOutcome)> {
         while self.finished.is_empty() && self.in_flight_count() > 0 {
-            if let Err(e) = self.wait_one() {
-                self.break_down(format!("waiting for io_uring completions: {e}"));
-            }
+            self.wait_or_break_down();
         }
         std::mem::take(&mut self.finished)
     }
 }
 
 impl FileRing<'_> {
-    /// After the ring itself failed, requests may still be in flight: their
-    /// keys fail, and their files and the staging are leaked, never freed
-    /// under the kernel. Later keys fail with the same reason.
+    /// Waits for completions; when the ring itself fails, breaks down, and
+    /// once broken, collects what the kernel still completes.
+    fn wait_or_break_down(&mut self) {
+        if self.broken.is_some() {
+            self.reap_broken();
+        } else if let Err(e) = self.wait_one() {
+            self.break_down(format!("waiting for io_uring completions: {e}"));
+        }
+    }
+
+    /// After the ring itself failed, requests may still be in flight. Keys
+    /// whose requests touch only engine memory fail at once; their files,
+    /// paths and the staging are leaked, never freed under the kernel (a
+    /// store's temporary file may be left for the scan to remove). A
+    /// zero-copy load's request writes the caller's pages, so its key is
+    /// held back until its completion shows up ([`Self::reap_broken`]):
+    /// reporting it earlier would let the caller reuse pages the kernel
+    /// may still write. Later keys fail with the same reason.
     fn break_down(&mut self, why: String) {
+        tracing::error!("KV io_uring engine failed: {why}");
         for op in self.ops.iter_mut() {
+            let writes_pages = op
+                .as_ref()
+                .is_some_and(|o| o.kind == JobKind::Load && o.placement.is_some());
+            if writes_pages {
+                continue;
+            }
             if let Some(op) = op.take() {
                 if op.kind == JobKind::Store {
                     let _ = std::fs::remove_file(&op.path);
@@ -792,15 +824,30 @@ impl FileRing<'_> {
         self.free.clear();
         self.broken = Some(why);
     }
+
+    /// Broken: polls the completion queue (the kernel still posts to it;
+    /// the pause lets it run) and fails the held-back loads that finished.
+    fn reap_broken(&mut self) {
+        let Submitter::Ring { ring, .. } = &mut self.submitter else {
+            return;
+        };
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let why = self.broken.clone().unwrap_or_default();
+        for (slot, _) in ring.completions() {
+            if let Some(op) = self.ops.get_mut(slot as usize).and_then(Option::take) {
+                self.finished
+                    .push((op.tag, KeyOutcome::Failed(why.clone())));
+            }
+        }
+    }
 }
 
 impl Drop for FileRing<'_> {
     fn drop(&mut self) {
-        // Every request must complete before the staging and files go.
-        while self.broken.is_none() && self.in_flight_count() > 0 {
-            if let Err(e) = self.wait_one() {
-                self.break_down(format!("waiting for io_uring completions: {e}"));
-            }
+        // Every request must complete before the staging and files go
+        // (once broken: every request that writes the caller's pages).
+        while self.in_flight_count() > 0 {
+            self.wait_or_break_down();
         }
         if self.broken.is_none() {
             // The ring (and its registration of the staging) goes first.
@@ -874,9 +921,18 @@ mod tests {
 
     /// Starts every task and reaps until all are done.
     fn run(engine: &mut FileRing<'_>, kind: JobKind, tasks: Vec<KeyTask>) -> Vec<KeyOutcome> {
+        run_with(engine, kind, tasks, false)
+    }
+
+    fn run_with(
+        engine: &mut FileRing<'_>,
+        kind: JobKind,
+        tasks: Vec<KeyTask>,
+        cancelled: bool,
+    ) -> Vec<KeyOutcome> {
         let mut out = vec![None; tasks.len()];
         let mut tasks = tasks.into_iter().enumerate();
-        let cancel = Arc::new(AtomicBool::new(false));
+        let cancel = Arc::new(AtomicBool::new(cancelled));
         loop {
             while engine.room() > 0 {
                 let Some((tag, task)) = tasks.next() else {
@@ -892,6 +948,20 @@ mod tests {
                 return out.into_iter().map(Option::unwrap).collect();
             }
         }
+    }
+
+    /// Every file under `dir` but the namespace's own records.
+    fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else if p.extension().is_none_or(|x| x != "json") {
+                out.push(p);
+            }
+        }
+        out
     }
 
     #[test]
@@ -913,7 +983,12 @@ mod tests {
             let (src, src_mem) = layout(0x5a);
             let files = BlockFiles::open(&config, root.path(), src).unwrap();
             let mut engine = FileRing::build(&files, 2, shape).unwrap();
-            assert_eq!(engine.zero_copy, shape != Shape::NoRing, "{shape:?}");
+            let ring = matches!(engine.submitter, Submitter::Ring { .. });
+            if shape == Shape::NoRing {
+                assert!(!ring, "NoRing builds no ring");
+            }
+            // Zero copy wherever io_uring runs (a sandbox may forbid it).
+            assert_eq!(engine.zero_copy, ring, "{shape:?}");
             let task = |i: u64, id: u64| KeyTask {
                 key: BlockKey::new(format!("key-{i}").into_bytes()).unwrap(),
                 ids: vec![id],
@@ -928,6 +1003,11 @@ mod tests {
                 stored.iter().all(|o| *o == KeyOutcome::Stored),
                 "{shape:?}: {stored:?}"
             );
+            // A cancelled store publishes nothing and leaves no temporary
+            // file: only the five blocks are there.
+            let cancelled = run_with(&mut engine, JobKind::Store, vec![task(9, 0)], true);
+            assert_eq!(cancelled, [KeyOutcome::Cancelled], "{shape:?}");
+            assert_eq!(files_under(&files.dir).len(), 5, "{shape:?}");
             drop(engine);
             for i in 0..5 {
                 let path = files.path(&task(i, 0).key);

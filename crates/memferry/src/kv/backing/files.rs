@@ -2,9 +2,10 @@
 //! filesystem: `<root>/<namespace>/hh/hh/<hex>.kvb`.
 //!
 //! Bytes move through [`super::file_ring`]: each worker keeps its keys in
-//! flight on its own io_uring ring, one whole-file request per key (the
-//! header, payload and padding), O_DIRECT unless the `buffered` backend was
-//! chosen or the filesystem refuses it. The request moves the pages
+//! flight on its own io_uring ring, the whole file (header, payload and
+//! padding) in one request per key where it fits, O_DIRECT unless the
+//! `buffered` backend was chosen or the filesystem refuses it; a store's
+//! create, allocate and rename are requests on the same ring. The request moves the pages
 //! themselves where the kernel can address them (zero copy, host memory),
 //! otherwise a registered staging slot that pages are gathered into and
 //! scattered out of block-major.
@@ -12,7 +13,8 @@
 //! Guarantees:
 //! - a store writes a temporary file next to the final name and publishes it
 //!   with `rename`, so readers see either no block or a whole one; a failed
-//!   or cancelled store removes its temporary file and publishes nothing;
+//!   or cancelled store publishes nothing and removes its temporary file
+//!   (the scan removes leftovers of stores that died);
 //! - a load accepts a file only when its header names this namespace, the
 //!   key and the expected payload length, and the payload's CRC32C matches;
 //!   otherwise that key fails with a reason naming the file, and a damaged

@@ -32,6 +32,14 @@ impl Placement {
     /// padding from `slot`. Fails for an id out of range or a tensor that
     /// is not host memory.
     pub fn new(codec: &BlockCodec, task: &KeyTask, slot: *mut u8) -> Result<Self> {
+        if task.ids.len() != task.file_blocks.len() || task.file_blocks.end > codec.per_file {
+            return Err(crate::Error::InvalidInput(format!(
+                "cannot place blocks {:?} of a {}-block file into {} block ids",
+                task.file_blocks,
+                codec.per_file,
+                task.ids.len()
+            )));
+        }
         let pages = codec.layout.host_pages(&task.ids)?;
         let per_block = pages.len() / task.ids.len().max(1);
         let block_bytes = codec.layout.block_bytes() as usize;
