@@ -376,6 +376,18 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// True when `message` holds the HTTP status `code` as a number of its own
+/// (not inside another number, such as a duration "350.844037ms").
+fn has_status(message: &str, code: &str) -> bool {
+    let bytes = message.as_bytes();
+    message.match_indices(code).any(|(at, _)| {
+        let before = at.checked_sub(1).map(|i| bytes[i]);
+        let after = bytes.get(at + code.len()).copied();
+        !before.is_some_and(|b| b.is_ascii_digit() || b == b'.')
+            && !after.is_some_and(|b| b.is_ascii_digit() || b == b'.')
+    })
+}
+
 /// Our error for a failed request, with a hint for the usual causes.
 pub(crate) fn map_error(op: &str, url: &str, e: object_store::Error) -> Error {
     let message = e.to_string();
@@ -383,19 +395,19 @@ pub(crate) fn map_error(op: &str, url: &str, e: object_store::Error) -> Error {
     let hint = if matches!(
         e,
         object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
-    ) || [
-        "403",
-        "401",
-        "signaturedoesnotmatch",
-        "invalidaccesskeyid",
-        "accessdenied",
-        "forbidden",
-        "invalidtoken",
-        "expiredtoken",
-        "invalidclienttokenid",
-    ]
-    .iter()
-    .any(|n| low.contains(n))
+    ) || has_status(&low, "403")
+        || has_status(&low, "401")
+        || [
+            "signaturedoesnotmatch",
+            "invalidaccesskeyid",
+            "accessdenied",
+            "forbidden",
+            "invalidtoken",
+            "expiredtoken",
+            "invalidclienttokenid",
+        ]
+        .iter()
+        .any(|n| low.contains(n))
     {
         "; the server rejected the credentials or the request: check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), the region and the bucket's policy"
     } else if low.contains("nosuchbucket") {
@@ -411,5 +423,39 @@ pub(crate) fn map_error(op: &str, url: &str, e: object_store::Error) -> Error {
         context: format!("S3 {op} {url} failed"),
         message,
         hint: hint.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_are_found_only_as_numbers_of_their_own() {
+        assert!(has_status(
+            "server returned status code: 403 forbidden",
+            "403"
+        ));
+        assert!(has_status("status 401", "401"));
+        // A duration that happens to hold the digits is not a status.
+        assert!(!has_status("error performing get in 350.844037ms", "403"));
+        assert!(!has_status("request 14035 failed", "403"));
+    }
+
+    #[test]
+    fn a_throttled_request_is_not_blamed_on_the_credentials() {
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: "Error performing GET http://127.0.0.1:1/b/k in 350.844037ms, after 3 retries, max_retries: 3, retry_timeout: 2s - Server returned non-2xx status code: 503 Service Unavailable".into(),
+        };
+        let msg = map_error("GET", "s3://b/k", e).to_string();
+        assert!(msg.contains("retry bound"), "{msg}");
+        assert!(!msg.contains("credentials"), "{msg}");
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: "Server returned non-2xx status code: 403 Forbidden".into(),
+        };
+        let msg = map_error("GET", "s3://b/k", e).to_string();
+        assert!(msg.contains("credentials"), "{msg}");
     }
 }
