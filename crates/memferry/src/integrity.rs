@@ -19,6 +19,13 @@ pub fn crc32c(data: &[u8]) -> u32 {
     crc_fast::checksum(CrcAlgorithm::Crc32Iscsi, data) as u32
 }
 
+/// A running CRC32C for data that arrives in pieces (`update` each piece,
+/// then `finalize`): the same checksum as [`crc32c`] over their
+/// concatenation.
+pub fn crc32c_digest() -> crc_fast::Digest {
+    crc_fast::Digest::new(CrcAlgorithm::Crc32Iscsi)
+}
+
 /// Number of checksums an extent of `len` bytes carries.
 pub fn chunk_count(len: u64, chunk: u64) -> usize {
     len.div_ceil(chunk) as usize
@@ -52,7 +59,7 @@ pub fn verify_chunks_of_pieces(
     chunk: u64,
     expected: &[u32],
 ) -> Result<(), (usize, u32)> {
-    let mut digest = crc_fast::Digest::new(CrcAlgorithm::Crc32Iscsi);
+    let mut digest = crc32c_digest();
     let mut filled = 0u64;
     let mut index = 0;
     let check = |digest: &mut crc_fast::Digest, index: &mut usize| {

@@ -205,6 +205,40 @@ impl KvLayout {
     }
 }
 
+/// Host tensors for the crate's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::memory::HostRegion;
+
+    /// One host tensor of `blocks` pages per entry of `pages`, every byte
+    /// a pattern of (`seed`, tensor, offset); seed 0 leaves them zero.
+    pub fn patterned_layout(
+        pages: &[u64],
+        blocks: u64,
+        seed: u8,
+    ) -> (KvLayout, Vec<Arc<HostRegion>>) {
+        let mut regions = Vec::new();
+        let mut tensors = Vec::new();
+        for (t, &page) in pages.iter().enumerate() {
+            let mut r = HostRegion::new(blocks * page).unwrap();
+            if seed != 0 {
+                for (i, b) in r.as_mut_slice().iter_mut().enumerate() {
+                    *b = (i as u64 * 31 / 7 + t as u64) as u8 ^ seed;
+                }
+            }
+            let r = Arc::new(r);
+            regions.push(r.clone());
+            tensors.push(KvTensor {
+                region: r,
+                num_blocks: blocks,
+                page_bytes: page,
+            });
+        }
+        (KvLayout::new(tensors).unwrap(), regions)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

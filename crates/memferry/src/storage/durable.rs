@@ -69,7 +69,21 @@ pub fn preallocate(file: &File, path: &Path, len: u64) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
-    match rustix::fs::fallocate(file.as_fd(), FallocateFlags::empty(), 0, len) {
+    let allocated = rustix::fs::fallocate(file.as_fd(), FallocateFlags::empty(), 0, len);
+    settle_allocation(file, path, len, allocated)
+}
+
+/// Finishes [`preallocate`] from the result of `fallocate(file, 0, 0, len)`,
+/// wherever that ran (here, or as a request on an io_uring ring): a full
+/// disk becomes [`Error::NoSpace`], a filesystem without fallocate gets a
+/// plain size change.
+pub fn settle_allocation(
+    file: &File,
+    path: &Path,
+    len: u64,
+    allocated: rustix::io::Result<()>,
+) -> Result<()> {
+    match allocated {
         Ok(()) => Ok(()),
         Err(e) if e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::DQUOT => {
             Err(Error::NoSpace {

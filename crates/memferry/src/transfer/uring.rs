@@ -36,23 +36,23 @@ impl Meta<'_> {
         opcode::Fsync::CODE,
         opcode::RenameAt::CODE,
     ];
-}
+    /// Mode of created directories and files (less the umask).
+    const DIR_MODE: u32 = 0o777;
+    const FILE_MODE: u32 = 0o666;
+    /// Flags every [`Meta::Create`] adds to the caller's.
+    const CREATE_FLAGS: i32 = libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
 
-impl Meta<'_> {
     /// Runs the request on this thread (no ring, or a kernel without these
     /// opcodes); the result as a completion would carry it: the fd or 0 on
     /// success, `-errno` on failure.
     pub fn run_now(self) -> i32 {
         use rustix::fs::{self, FallocateFlags, Mode, OFlags};
         let done = match self {
-            Meta::MakeDir(path) => fs::mkdir(path, Mode::from_raw_mode(0o777)).map(|()| 0),
+            Meta::MakeDir(path) => fs::mkdir(path, Mode::from_raw_mode(Self::DIR_MODE)).map(|()| 0),
             Meta::Create(path, flags) => fs::open(
                 path,
-                OFlags::from_bits_retain(flags as u32)
-                    | OFlags::CREATE
-                    | OFlags::EXCL
-                    | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o666),
+                OFlags::from_bits_retain((flags | Self::CREATE_FLAGS) as u32),
+                Mode::from_raw_mode(Self::FILE_MODE),
             )
             .map(std::os::fd::IntoRawFd::into_raw_fd),
             Meta::Allocate(fd, len) => {
@@ -255,10 +255,12 @@ impl Ring {
     pub unsafe fn push_meta(&mut self, meta: Meta<'_>, user_data: u64) {
         let cwd = types::Fd(libc::AT_FDCWD);
         let entry = match meta {
-            Meta::MakeDir(path) => opcode::MkDirAt::new(cwd, path.as_ptr()).mode(0o777).build(),
+            Meta::MakeDir(path) => opcode::MkDirAt::new(cwd, path.as_ptr())
+                .mode(Meta::DIR_MODE)
+                .build(),
             Meta::Create(path, flags) => opcode::OpenAt::new(cwd, path.as_ptr())
-                .flags(flags | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC)
-                .mode(0o666)
+                .flags(flags | Meta::CREATE_FLAGS)
+                .mode(Meta::FILE_MODE)
                 .build(),
             Meta::Allocate(fd, len) => {
                 opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len).build()

@@ -58,6 +58,7 @@ use crate::kv::job::{JobKind, KeyOutcome, KeyTask};
 use std::mem::ManuallyDrop;
 
 use crate::memory::{HostRegion, Region};
+use crate::storage::durable::settle_allocation;
 use crate::transfer::IO_ALIGN;
 use crate::transfer::uring::{Meta, Ring};
 use crate::units::align_up;
@@ -493,26 +494,14 @@ impl<'a> FileRing<'a> {
                 Ok(Step::MakeDir(0))
             }
             Step::Create => Err(Error::writing("block file", &op.path, err())),
-            Step::Allocate if res >= 0 => Ok(Step::Transfer),
-            Step::Allocate if res == -libc::EOPNOTSUPP || res == -libc::ENOSYS => {
-                // No fallocate here (say, ramfs): size the file instead.
+            Step::Allocate => {
+                let allocated = match res {
+                    0.. => Ok(()),
+                    _ => Err(rustix::io::Errno::from_raw_os_error(-res)),
+                };
                 let file = op.file.as_ref().expect("created");
-                match file.set_len(file_len) {
-                    Ok(()) => Ok(Step::Transfer),
-                    Err(e) => Err(Error::writing("block file", &op.path, e)),
-                }
+                settle_allocation(file, &op.path, file_len, allocated).map(|()| Step::Transfer)
             }
-            Step::Allocate => Err(if res == -libc::ENOSPC || res == -libc::EDQUOT {
-                Error::NoSpace {
-                    path: op.path.clone(),
-                    needed: file_len,
-                }
-            } else {
-                Error::io(
-                    format!("allocating {file_len} bytes for {}", op.path.display()),
-                    err(),
-                )
-            }),
             Step::Flush if res >= 0 => Ok(Step::Publish),
             Step::Flush => Err(Error::writing("block file", &op.path, err())),
             Step::Publish if res >= 0 => {
@@ -525,19 +514,21 @@ impl<'a> FileRing<'a> {
             }
             Step::Transfer => unreachable!("transfers complete in `complete`"),
         };
-        let cancelled = op.cancel.load(Ordering::Relaxed);
+        self.advance(slot, next)
+    }
+
+    /// Moves a store on to its `next` step (true: submit it), or finishes
+    /// it with the error, or as cancelled when its job was cancelled (the
+    /// temporary file, if created, is removed by `finish`).
+    fn advance(&mut self, slot: usize, next: Result<Step>) -> bool {
+        let op = self.ops[slot].as_mut().expect("advancing a slot in use");
+        let next = next.and_then(|step| match op.cancel.load(Ordering::Relaxed) {
+            true => Err(Error::Cancelled),
+            false => Ok(step),
+        });
         match next {
-            // Cancelled: stop before the next step (the temporary file, if
-            // created, is removed by `finish`).
-            Ok(_) if cancelled => {
-                self.finish(slot, Err(Error::Cancelled));
-                false
-            }
             Ok(step) => {
                 op.step = step;
-                if step == Step::Transfer {
-                    op.done = 0;
-                }
                 true
             }
             Err(e) => {
@@ -618,12 +609,7 @@ impl<'a> FileRing<'a> {
             self.finish(slot, Ok(()));
             return false;
         }
-        if op.cancel.load(Ordering::Relaxed) {
-            self.finish(slot, Err(Error::Cancelled));
-            return false;
-        }
-        op.step = if fsync { Step::Flush } else { Step::Publish };
-        true
+        self.advance(slot, Ok(if fsync { Step::Flush } else { Step::Publish }))
     }
 
     /// Turns a finished transfer into the key's outcome and frees the slot.
@@ -744,8 +730,9 @@ impl KeyPipeline for FileRing<'_> {
             }),
             // SAFETY: forwarded from the caller.
             JobKind::Store => unsafe { self.prepare_image(slot, &task) }.map(|placement| {
-                let temp = self.files.temp_path(&task.key);
-                let store = StorePaths::new(&temp, &self.files.path(&task.key));
+                let block = self.files.path(&task.key);
+                let temp = self.files.temp_path(&block);
+                let store = StorePaths::new(&temp, &block);
                 Op {
                     tag,
                     kind,
@@ -894,29 +881,13 @@ mod tests {
     use crate::kv::config::KvConfig;
     use crate::kv::key::BlockKey;
     use crate::kv::namespace::Namespace;
-    use crate::kv::tensors::{KvLayout, KvTensor};
+    use crate::kv::tensors::KvLayout;
+    use crate::kv::tensors::testing::patterned_layout;
 
     const BLOCKS: u64 = 8;
 
     fn layout(seed: u8) -> (KvLayout, Vec<Arc<HostRegion>>) {
-        let mut regions = Vec::new();
-        let mut tensors = Vec::new();
-        for page in [8192u64, 4096] {
-            let mut r = HostRegion::new(BLOCKS * page).unwrap();
-            if seed != 0 {
-                for (i, b) in r.as_mut_slice().iter_mut().enumerate() {
-                    *b = (i as u64 * 31 / 7) as u8 ^ seed;
-                }
-            }
-            let r = Arc::new(r);
-            regions.push(r.clone());
-            tensors.push(KvTensor {
-                region: r,
-                num_blocks: BLOCKS,
-                page_bytes: page,
-            });
-        }
-        (KvLayout::new(tensors).unwrap(), regions)
+        patterned_layout(&[8192, 4096], BLOCKS, seed)
     }
 
     /// Starts every task and reaps until all are done.

@@ -174,10 +174,10 @@ impl BlockFiles {
         self.codec.header_matches(&header, key)
     }
 
-    /// A fresh temporary name next to `key`'s block file (the scan removes
-    /// leftovers of stores that died).
-    pub(super) fn temp_path(&self, key: &BlockKey) -> PathBuf {
-        let mut path = self.path(key).into_os_string();
+    /// A fresh temporary name next to the block file at `block` (the scan
+    /// removes leftovers of stores that died).
+    pub(super) fn temp_path(&self, block: &Path) -> PathBuf {
+        let mut path = block.as_os_str().to_owned();
         path.push(format!("{TEMP_MARK}{}", unique_id()));
         path.into()
     }

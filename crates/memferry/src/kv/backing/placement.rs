@@ -10,9 +10,8 @@
 
 use std::ops::Range;
 
-use crc_fast::{CrcAlgorithm, Digest};
-
 use crate::Result;
+use crate::integrity::crc32c_digest;
 use crate::kv::codec::BlockCodec;
 use crate::kv::format::HEADER_BYTES;
 use crate::kv::job::KeyTask;
@@ -114,7 +113,7 @@ impl Placement {
     /// # Safety
     /// Nobody (the kernel included) may write these ranges during the call.
     pub unsafe fn crc32c(&self, range: Range<u64>) -> u32 {
-        let mut digest = Digest::new(CrcAlgorithm::Crc32Iscsi);
+        let mut digest = crc32c_digest();
         let mut at = 0u64;
         for &(ptr, len) in &self.ranges {
             let (start, end) = (at.max(range.start), (at + len as u64).min(range.end));
@@ -143,26 +142,11 @@ mod tests {
     use super::*;
     use crate::integrity::crc32c;
     use crate::kv::key::BlockKey;
-    use crate::kv::tensors::{KvLayout, KvTensor};
+    use crate::kv::tensors::testing::patterned_layout;
     use crate::memory::HostRegion;
 
     fn codec(per_file: usize) -> (BlockCodec, Vec<Arc<HostRegion>>) {
-        let mut regions = Vec::new();
-        let mut tensors = Vec::new();
-        for (t, page) in [8192u64, 1000].into_iter().enumerate() {
-            let mut r = HostRegion::new(8 * page).unwrap();
-            for (i, b) in r.as_mut_slice().iter_mut().enumerate() {
-                *b = (i as u64 * 7 + t as u64) as u8;
-            }
-            let r = Arc::new(r);
-            regions.push(r.clone());
-            tensors.push(KvTensor {
-                region: r,
-                num_blocks: 8,
-                page_bytes: page,
-            });
-        }
-        let layout = KvLayout::new(tensors).unwrap();
+        let (layout, regions) = patterned_layout(&[8192, 1000], 8, 1);
         (BlockCodec::new(1, layout, per_file), regions)
     }
 
