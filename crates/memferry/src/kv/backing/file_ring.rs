@@ -1,8 +1,14 @@
 //! One worker's I/O engine for block files: an io_uring ring kept for the
-//! worker's life, with `depth` staging slots (one block file each)
-//! registered once, so the worker keeps `depth` keys in flight and
-//! verifies, scatters or publishes each block as soon as its own request
-//! completes, while the others are still moving. No barrier per batch.
+//! worker's life, with staging slots (one block file each) registered
+//! once, so the worker keeps `depth` transfers in flight and verifies,
+//! scatters or publishes each block as soon as its own request completes,
+//! while the others are still moving. No barrier per batch.
+//!
+//! It holds up to `depth` more keys ahead of the transfers: their stores
+//! create and allocate files (loads open them) while the data of others
+//! moves, so the device sees `depth` transfers whenever work is queued,
+//! not fewer while keys sit in file-system steps. A key ready to transfer
+//! waits for a free transfer place, oldest first.
 //!
 //! Where io_uring runs and the tensors are host memory the kernel can
 //! address (4096-aligned pages for O_DIRECT, any through the page cache), a
@@ -41,6 +47,7 @@
 //!   (damaged, foreign, cancelled) leaves its pages unspecified; it is
 //!   never reported loaded.
 
+use std::collections::VecDeque;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, FromRawFd};
@@ -155,18 +162,30 @@ struct Op {
     placement: Option<Placement>,
     /// The iovecs of the request in flight (kept until its completion).
     iov: Vec<libc::iovec>,
+    /// Holds one of the `depth` transfer places.
+    transferring: bool,
 }
+
+/// Keys held per transfer place: one transferring, one preparing.
+const KEYS_PER_TRANSFER: usize = 2;
 
 /// The engine: see the module docs.
 pub(crate) struct FileRing<'a> {
     files: &'a BlockFiles,
     submitter: Submitter,
-    /// `depth` slots of `slot_len` bytes; slot `i` belongs to `ops[i]`.
+    /// `KEYS_PER_TRANSFER * depth` slots of `slot_len` bytes; slot `i`
+    /// belongs to `ops[i]`.
     /// Freed on drop unless the ring failed with requests in flight.
     staging: ManuallyDrop<HostRegion>,
     slot_len: usize,
     ops: Vec<Option<Op>>,
     free: Vec<usize>,
+    /// Transfers in flight (at most `depth`).
+    transferring: usize,
+    depth: usize,
+    /// Slots ready to transfer, waiting for a place, oldest first. No
+    /// request of theirs is in flight.
+    waiting: VecDeque<usize>,
     finished: Vec<(u64, KeyOutcome)>,
     /// Largest request (test hook for short transfers).
     cap: u64,
@@ -179,20 +198,22 @@ pub(crate) struct FileRing<'a> {
 }
 
 impl<'a> FileRing<'a> {
-    /// An engine with room for `depth` keys in flight.
+    /// An engine with `depth` transfers in flight (and as many keys ahead).
     pub fn new(files: &'a BlockFiles, depth: usize) -> Result<Self> {
         Self::build(files, depth, Shape::Best)
     }
 
     /// An engine of the given shape (tests force the fallbacks).
     fn build(files: &'a BlockFiles, depth: usize, shape: Shape) -> Result<Self> {
-        let depth = depth.clamp(1, u16::MAX as usize);
+        let depth = depth.clamp(1, u16::MAX as usize / KEYS_PER_TRANSFER);
+        let slots = depth * KEYS_PER_TRANSFER;
         let slot_len = files.codec.file_len as usize;
-        let staging = HostRegion::new((slot_len * depth) as u64)?;
+        let staging = HostRegion::new((slot_len * slots) as u64)?;
         staging.populate(0, staging.len());
+        // One entry per slot: a slot has at most one request in flight.
         let ring = match shape {
             Shape::NoRing => Err(std::io::Error::from_raw_os_error(libc::ENOSYS)),
-            _ => Ring::new(depth as u32),
+            _ => Ring::new(slots as u32),
         };
         let submitter = match ring {
             Ok(ring) => {
@@ -200,7 +221,7 @@ impl<'a> FileRing<'a> {
                 // SAFETY: the staging region is owned by this engine with
                 // the ring, never moves, and the engine drains every request
                 // before either is dropped (see `Drop`).
-                let registered = match unsafe { ring.register(&[(base, slot_len * depth)]) } {
+                let registered = match unsafe { ring.register(&[(base, slot_len * slots)]) } {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::debug!(
@@ -238,8 +259,11 @@ impl<'a> FileRing<'a> {
             submitter,
             staging: ManuallyDrop::new(staging),
             slot_len,
-            ops: (0..depth).map(|_| None).collect(),
-            free: (0..depth).rev().collect(),
+            ops: (0..slots).map(|_| None).collect(),
+            free: (0..slots).rev().collect(),
+            transferring: 0,
+            depth,
+            waiting: VecDeque::new(),
             finished: Vec::new(),
             cap,
             broken: None,
@@ -251,7 +275,7 @@ impl<'a> FileRing<'a> {
     /// Start of `slot` in the staging.
     fn slot_ptr(&self, slot: usize) -> *mut u8 {
         let base = self.staging.host_ptr_mut().expect("host memory");
-        // SAFETY: `slot < depth`, so the offset lies inside the staging.
+        // SAFETY: `slot < slots`, so the offset lies inside the staging.
         unsafe { base.add(slot * self.slot_len) }
     }
 
@@ -358,9 +382,17 @@ impl<'a> FileRing<'a> {
     /// it synchronously and returns its result.
     fn push(&mut self, slot: usize) -> Option<i32> {
         let file_len = self.files.codec.file_len;
-        let op = self.ops[slot].as_ref().expect("slot in use");
+        let op = self.ops[slot].as_mut().expect("slot in use");
         if op.step != Step::Transfer {
             return self.push_meta(slot);
+        }
+        if !op.transferring {
+            if self.transferring == self.depth {
+                self.waiting.push_back(slot);
+                return None;
+            }
+            self.transferring += 1;
+            op.transferring = true;
         }
         let cap = if op.direct {
             align_up(self.cap, IO_ALIGN)
@@ -528,6 +560,10 @@ impl<'a> FileRing<'a> {
         });
         match next {
             Ok(step) => {
+                if op.transferring && step != Step::Transfer {
+                    op.transferring = false;
+                    self.transferring -= 1;
+                }
                 op.step = step;
                 true
             }
@@ -615,6 +651,9 @@ impl<'a> FileRing<'a> {
     /// Turns a finished transfer into the key's outcome and frees the slot.
     fn finish(&mut self, slot: usize, moved: Result<()>) {
         let op = self.ops[slot].take().expect("finishing a slot in use");
+        if op.transferring {
+            self.transferring -= 1;
+        }
         let cancelled = op.cancel.load(Ordering::Relaxed);
         let outcome = match (op.kind, moved) {
             (JobKind::Load, Err(e)) => outcome_of(e),
@@ -678,7 +717,17 @@ impl<'a> FileRing<'a> {
                 self.submit(slot as usize);
             }
         }
+        self.submit_waiting();
         Ok(())
+    }
+
+    /// Starts waiting transfers while places are free, oldest first.
+    fn submit_waiting(&mut self) {
+        while self.transferring < self.depth
+            && let Some(slot) = self.waiting.pop_front()
+        {
+            self.submit(slot);
+        }
     }
 }
 
@@ -726,6 +775,7 @@ impl KeyPipeline for FileRing<'_> {
                     direct,
                     placement,
                     iov: Vec::new(),
+                    transferring: false,
                 })
             }),
             // SAFETY: forwarded from the caller.
@@ -747,6 +797,7 @@ impl KeyPipeline for FileRing<'_> {
                     direct: false,
                     placement,
                     iov: Vec::new(),
+                    transferring: false,
                 }
             }),
         };
@@ -759,6 +810,7 @@ impl KeyPipeline for FileRing<'_> {
             }
         }
         self.submit(slot);
+        self.submit_waiting();
     }
 
     fn reap(&mut self) -> Vec<(u64, KeyOutcome)> {
@@ -790,6 +842,16 @@ impl FileRing<'_> {
     /// may still write. Later keys fail with the same reason.
     fn break_down(&mut self, why: String) {
         tracing::error!("KV io_uring engine failed: {why}");
+        // Waiting keys have no request in flight: they fail at once.
+        for slot in std::mem::take(&mut self.waiting) {
+            if let Some(op) = self.ops[slot].take() {
+                if op.kind == JobKind::Store {
+                    let _ = std::fs::remove_file(&op.path);
+                }
+                self.finished
+                    .push((op.tag, KeyOutcome::Failed(why.clone())));
+            }
+        }
         for op in self.ops.iter_mut() {
             let writes_pages = op
                 .as_ref()
@@ -935,22 +997,86 @@ mod tests {
         out
     }
 
+    fn test_namespace() -> Namespace {
+        Namespace {
+            model: "test/engine".into(),
+            tokens_per_block: 16,
+            blocks_per_file: 1,
+            tp_rank: 0,
+            tp_size: 1,
+            pp_rank: 0,
+            pp_size: 1,
+            dtype: "bfloat16".into(),
+            layout_version: 1,
+        }
+    }
+
+    fn task(i: u64, id: u64) -> KeyTask {
+        KeyTask {
+            key: BlockKey::new(format!("key-{i}").into_bytes()).unwrap(),
+            ids: vec![id],
+            file_blocks: 0..1,
+        }
+    }
+
+    #[test]
+    fn keys_ahead_wait_for_a_transfer_place_and_then_move() {
+        let root = tempfile::tempdir().unwrap();
+        let config = KvConfig::new(root.path(), test_namespace());
+        let (src, src_mem) = layout(0x33);
+        let files = BlockFiles::open(&config, root.path(), src).unwrap();
+        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
+        if !matches!(engine.submitter, Submitter::Ring { .. }) {
+            eprintln!("skipped: io_uring is not available here");
+            return;
+        }
+        // Depth 2 holds four keys: two transfer, two more go ahead.
+        assert_eq!(engine.room(), 4);
+        let stored = run(
+            &mut engine,
+            JobKind::Store,
+            (0..6).map(|i| task(i, i)).collect(),
+        );
+        assert!(
+            stored.iter().all(|o| *o == KeyOutcome::Stored),
+            "{stored:?}"
+        );
+        drop(engine);
+
+        let (dst, dst_mem) = layout(0);
+        let files = BlockFiles::open(&config, root.path(), dst).unwrap();
+        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
+        for i in 0..4 {
+            // SAFETY: nothing else touches the test's pages meanwhile.
+            unsafe { engine.start(i, JobKind::Load, task(i, 7 - i), Arc::default()) };
+        }
+        // Loads go straight to their transfer: two move, two wait.
+        assert_eq!((engine.transferring, engine.waiting.len()), (2, 2));
+        assert_eq!(engine.room(), 0);
+        let mut outcomes = Vec::new();
+        while outcomes.len() < 4 {
+            outcomes.extend(engine.reap());
+            assert!(engine.transferring <= 2);
+        }
+        assert!(
+            outcomes.iter().all(|(_, o)| *o == KeyOutcome::Loaded),
+            "{outcomes:?}"
+        );
+        assert!(engine.waiting.is_empty());
+        for i in 0..4usize {
+            for (t, page) in [8192usize, 4096].into_iter().enumerate() {
+                let want = &src_mem[t].as_slice()[i * page..(i + 1) * page];
+                let got = &dst_mem[t].as_slice()[(7 - i) * page..(8 - i) * page];
+                assert!(want == got, "key {i} tensor {t}");
+            }
+        }
+    }
+
     #[test]
     fn every_engine_shape_stores_and_loads_the_same_bytes() {
         for shape in [Shape::Best, Shape::DataOnRing, Shape::NoRing] {
             let root = tempfile::tempdir().unwrap();
-            let namespace = Namespace {
-                model: "test/engine".into(),
-                tokens_per_block: 16,
-                blocks_per_file: 1,
-                tp_rank: 0,
-                tp_size: 1,
-                pp_rank: 0,
-                pp_size: 1,
-                dtype: "bfloat16".into(),
-                layout_version: 1,
-            };
-            let config = KvConfig::new(root.path(), namespace);
+            let config = KvConfig::new(root.path(), test_namespace());
             let (src, src_mem) = layout(0x5a);
             let files = BlockFiles::open(&config, root.path(), src).unwrap();
             let mut engine = FileRing::build(&files, 2, shape).unwrap();
@@ -960,11 +1086,6 @@ mod tests {
             }
             // Zero copy wherever io_uring runs (a sandbox may forbid it).
             assert_eq!(engine.zero_copy, ring, "{shape:?}");
-            let task = |i: u64, id: u64| KeyTask {
-                key: BlockKey::new(format!("key-{i}").into_bytes()).unwrap(),
-                ids: vec![id],
-                file_blocks: 0..1,
-            };
             let stored = run(
                 &mut engine,
                 JobKind::Store,
