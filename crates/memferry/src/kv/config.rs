@@ -35,8 +35,11 @@ pub struct KvConfig {
     /// Workers stores may never occupy, so a load starts at once even while
     /// stores run (at the cost of store throughput). At most `workers - 1`.
     pub load_reserved_workers: usize,
-    /// Keys each worker keeps in flight (one request per block file, each
-    /// finished on its own: no barrier per batch). On an S3 root the store
+    /// Block transfers each worker keeps in flight (one request per block
+    /// file, each finished on its own: no barrier per batch). On
+    /// filesystems a worker holds as many keys more ahead of them (creating
+    /// and allocating files, or opened), so the device sees `workers x
+    /// batch` transfers while keys sit in file-system steps. On an S3 root the store
     /// runs `workers x batch` workers of one key each instead (the same
     /// requests in flight).
     pub batch: usize,
