@@ -828,3 +828,37 @@ fn background_eviction_brings_the_filesystem_down_to_the_low_watermark() {
         "protected"
     );
 }
+
+#[test]
+fn a_namespace_removed_under_an_open_store_is_recreated_by_the_next_store() {
+    let root = tempfile::tempdir().unwrap();
+    let (src, _) = tensors(4);
+    let store = KvStore::open(config(root.path(), 1, BackendKind::Direct), src).unwrap();
+    let keys: Vec<BlockKey> = (0..3).map(key).collect();
+    assert!(store_keys(&store, &keys[..1], &[0]).succeeded());
+    // An operator empties the cache while the store is open.
+    let dir = store.dir().unwrap().to_path_buf();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let r = store_keys(&store, &keys[1..], &[1, 2]);
+    assert!(r.succeeded(), "{r:?}");
+    assert_eq!(store.lookup(&keys[1..]), 2);
+    // The removed block fails its load (the warm index may still list it).
+    let gone = load_keys(&store, &keys[..1], &[0]);
+    assert!(
+        matches!(outcomes(&gone)[..], [KeyOutcome::Failed(_)]),
+        "{gone:?}"
+    );
+    // The directory is a namespace again: another process opens it with
+    // the same layout and loads what was stored after the removal.
+    let found = memferry::kv::namespace::Namespace::read(&dir).unwrap();
+    assert_eq!(found.as_ref(), Some(&namespace(1)));
+    let (dst, dst_mem) = tensors(0);
+    let other = KvStore::open(config(root.path(), 1, BackendKind::Direct), dst).unwrap();
+    assert!(load_keys(&other, &keys[1..], &[1, 2]).succeeded());
+    let (_, src_mem) = tensors(4);
+    assert_eq!(page(&dst_mem, 0, 2), page(&src_mem, 0, 2));
+    // The layout record came back too: other page sizes are refused.
+    let (wrong, _) = tensors_of(4, [PAGES[0] * 2, PAGES[1]]);
+    let refused = KvStore::open(config(root.path(), 1, BackendKind::Direct), wrong);
+    assert!(refused.is_err(), "a different layout was accepted");
+}

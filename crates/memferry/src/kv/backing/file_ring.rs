@@ -122,6 +122,8 @@ struct StorePaths {
     block: CString,
     /// The directories were created once already.
     made_dirs: bool,
+    /// The namespace directory was recreated once already.
+    made_namespace: bool,
 }
 
 impl StorePaths {
@@ -134,6 +136,7 @@ impl StorePaths {
             temp: c(temp),
             block: c(block),
             made_dirs: false,
+            made_namespace: false,
         }
     }
 }
@@ -508,6 +511,12 @@ impl<'a> FileRing<'a> {
             } else {
                 Step::Create
             }),
+            // The namespace directory itself is gone: recreate it (a rare,
+            // synchronous step) and try once more.
+            Step::MakeDir(0) if res == -libc::ENOENT && !paths.made_namespace => {
+                paths.made_namespace = true;
+                files.recreate_namespace().map(|()| Step::MakeDir(0))
+            }
             Step::MakeDir(i) => {
                 let dir = Path::new(std::ffi::OsStr::from_bytes(paths.dirs[i].as_bytes()));
                 Err(Error::writing("block directory", dir, err()))

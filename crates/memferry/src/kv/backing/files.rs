@@ -1,8 +1,8 @@
 //! Blocks as files in a namespace directory on a local or shared
 //! filesystem: `<root>/<namespace>/hh/hh/<hex>.kvb`.
 //!
-//! Bytes move through [`super::file_ring`]: each worker keeps its keys in
-//! flight on its own io_uring ring, the whole file (header, payload and
+//! Bytes move through [`super::file_ring`]: each worker keeps its
+//! transfers in flight on its own io_uring ring, the whole file (header, payload and
 //! padding) in one request per key where it fits, O_DIRECT unless the
 //! `buffered` backend was chosen or the filesystem refuses it; a store's
 //! create, allocate and rename are requests on the same ring. The request moves the pages
@@ -19,7 +19,9 @@
 //!   key and the expected payload length, and the payload's CRC32C matches;
 //!   otherwise that key fails with a reason naming the file, and a damaged
 //!   file is removed (only the very file that was read);
-//! - the access record is the file's mtime ([`crate::kv::access`]).
+//! - the access record is the file's mtime ([`crate::kv::access`]);
+//! - a namespace directory removed while the store is open (an operator
+//!   emptying the cache) is recreated, with its records, by the next store.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -36,7 +38,7 @@ use crate::kv::config::KvConfig;
 use crate::kv::format::HEADER_BYTES;
 use crate::kv::job::KeyOutcome;
 use crate::kv::key::BlockKey;
-use crate::kv::namespace::{BlockLayout, check_layout};
+use crate::kv::namespace::{BlockLayout, Namespace, check_layout};
 use crate::kv::scan::{ScannedBlock, TEMP_MARK, scan};
 use crate::kv::stats::{Counters, add_to_file};
 use crate::kv::tensors::KvLayout;
@@ -48,6 +50,9 @@ use crate::{Error, Result};
 /// One namespace's block files.
 pub(crate) struct BlockFiles {
     pub dir: PathBuf,
+    /// What `dir` holds, to recreate it when it was removed under us.
+    namespace: Namespace,
+    root: PathBuf,
     pub(super) codec: BlockCodec,
     /// O_DIRECT unless `buffered` was chosen.
     direct: bool,
@@ -97,6 +102,8 @@ impl BlockFiles {
         )?;
         Ok(Self {
             dir,
+            namespace: config.namespace.clone(),
+            root: root.to_path_buf(),
             codec: BlockCodec::new(
                 config.namespace.hash(),
                 layout,
@@ -111,6 +118,26 @@ impl BlockFiles {
             ran_staged: AtomicBool::new(false),
             fallback: Mutex::new(None),
         })
+    }
+
+    /// Recreates the namespace directory with its records after someone
+    /// removed it while this store was open (an operator emptying the
+    /// cache), so stores go on. Safe against other processes doing the
+    /// same, and against a namespace recreated differently meanwhile (an
+    /// error, as at open).
+    pub(super) fn recreate_namespace(&self) -> Result<()> {
+        let dir = self.namespace.open(&self.root)?;
+        check_layout(
+            &dir,
+            &BlockLayout {
+                page_bytes: self.codec.layout.page_bytes(),
+            },
+        )?;
+        tracing::warn!(
+            "KV namespace directory {} was removed while in use; recreated it",
+            dir.display()
+        );
+        Ok(())
     }
 
     /// True when block files should be opened with O_DIRECT.
