@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::error::IoContext;
 use crate::memory::AlignedBuf;
 use crate::storage::durable::preallocate;
-use crate::transfer::uring::Ring;
+use crate::transfer::uring::{Io, Ring};
 use crate::units::gib_per_s;
 use crate::{Error, Result};
 
@@ -127,6 +127,7 @@ impl RawRing {
         let base = self.buf.as_mut().expect("not leaked").as_mut_ptr();
         let fd = file.as_fd();
         let ring = &mut self.ring;
+        let io = if write { Io::Write } else { Io::Read };
         // (offset, len, done) per slot
         let mut slots: Vec<Option<(u64, u64, u64)>> = vec![None; qd];
         let mut in_flight = 0;
@@ -147,11 +148,7 @@ impl RawRing {
                 // (or are leaked when waiting fails).
                 unsafe {
                     let ptr = base.add(i * bs);
-                    if write {
-                        ring.push_write_plain(fd, ptr, len as u32, off, i as u64);
-                    } else {
-                        ring.push_read_plain(fd, ptr, len as u32, off, i as u64);
-                    }
+                    ring.push_io(io, fd, ptr, len as u32, off, None, i as u64);
                 }
                 in_flight += 1;
             }
@@ -188,11 +185,7 @@ impl RawRing {
                     unsafe {
                         let ptr = base.add(i * bs + done as usize);
                         let rest = (len - done) as u32;
-                        if write {
-                            ring.push_write_plain(fd, ptr, rest, off + done, i as u64);
-                        } else {
-                            ring.push_read_plain(fd, ptr, rest, off + done, i as u64);
-                        }
+                        ring.push_io(io, fd, ptr, rest, off + done, None, i as u64);
                     }
                     in_flight += 1;
                 } else {

@@ -27,6 +27,16 @@ pub enum JobKind {
     Store,
 }
 
+impl JobKind {
+    /// The file request that moves a block this way.
+    pub(crate) fn io(self) -> crate::transfer::uring::Io {
+        match self {
+            JobKind::Load => crate::transfer::uring::Io::Read,
+            JobKind::Store => crate::transfer::uring::Io::Write,
+        }
+    }
+}
+
 /// What happened to one key of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "outcome", content = "reason")]

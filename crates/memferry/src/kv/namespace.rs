@@ -206,22 +206,33 @@ pub fn check_layout(dir: &Path, layout: &BlockLayout) -> Result<()> {
     }
 }
 
+/// Namespaces for unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use super::Namespace;
 
-    pub(crate) fn ns() -> Namespace {
+    /// A bfloat16 namespace of `model`, tensor-parallel rank 0 of `tp_size`.
+    pub(crate) fn namespace(model: &str, blocks_per_file: u32, tp_size: u32) -> Namespace {
         Namespace {
-            model: "meta-llama/Llama-3.1-8B".into(),
+            model: model.into(),
             tokens_per_block: 16,
-            blocks_per_file: 2,
+            blocks_per_file,
             tp_rank: 0,
-            tp_size: 2,
+            tp_size,
             pp_rank: 0,
             pp_size: 1,
             dtype: "bfloat16".into(),
             layout_version: 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn ns() -> Namespace {
+        testing::namespace("meta-llama/Llama-3.1-8B", 2, 2)
     }
 
     #[test]

@@ -317,23 +317,10 @@ impl Engine {
         // staging, destinations and files outlive the ring's requests
         // because `run` returns only once nothing is in flight.
         unsafe {
-            match (job.plan.direction, s.staged) {
-                (Direction::Load, true) => {
-                    self.ring
-                        .push_read(fd, ptr, len, offset, slot as u16, slot as u64)
-                }
-                (Direction::Load, false) => {
-                    self.ring.push_read_plain(fd, ptr, len, offset, slot as u64)
-                }
-                (Direction::Store, true) => {
-                    self.ring
-                        .push_write(fd, ptr, len, offset, slot as u16, slot as u64)
-                }
-                (Direction::Store, false) => {
-                    self.ring
-                        .push_write_plain(fd, ptr, len, offset, slot as u64)
-                }
-            }
+            let fixed = s.staged.then_some(slot as u16);
+            let io = job.plan.direction.io();
+            self.ring
+                .push_io(io, fd, ptr, len, offset, fixed, slot as u64)
         }
     }
 

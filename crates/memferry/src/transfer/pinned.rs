@@ -355,23 +355,10 @@ impl Pipeline {
         // staging and files outlive the ring's requests because `run`
         // returns only once nothing is in flight.
         unsafe {
-            match (job.plan.direction, self.registered) {
-                (Direction::Load, true) => {
-                    self.ring
-                        .push_read(fd, ptr, len, offset, slot as u16, slot as u64)
-                }
-                (Direction::Load, false) => {
-                    self.ring.push_read_plain(fd, ptr, len, offset, slot as u64)
-                }
-                (Direction::Store, true) => {
-                    self.ring
-                        .push_write(fd, ptr, len, offset, slot as u16, slot as u64)
-                }
-                (Direction::Store, false) => {
-                    self.ring
-                        .push_write_plain(fd, ptr, len, offset, slot as u64)
-                }
-            }
+            let fixed = self.registered.then_some(slot as u16);
+            let io = job.plan.direction.io();
+            self.ring
+                .push_io(io, fd, ptr, len, offset, fixed, slot as u64)
         }
         self.slots[slot].stage = Stage::Io;
     }

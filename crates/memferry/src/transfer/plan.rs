@@ -15,6 +15,16 @@ pub enum Direction {
     Store,
 }
 
+impl Direction {
+    /// The file request that moves the bytes this way.
+    pub(crate) fn io(self) -> super::uring::Io {
+        match self {
+            Direction::Load => super::uring::Io::Read,
+            Direction::Store => super::uring::Io::Write,
+        }
+    }
+}
+
 /// A file the plan touches.
 #[derive(Debug, Clone)]
 pub struct FileTarget {

@@ -1,7 +1,7 @@
 //! The io_uring fence: every unsafe io_uring call lives here.
 //!
-//! Contract for callers: a buffer handed to a `push_*` call (read, write,
-//! readv, writev), and the iovec array, paths and fds a request names,
+//! Contract for callers: a buffer handed to a `push_*` call (`push_io`,
+//! `push_iov`, `push_meta`), and the iovec array, paths and fds a request names,
 //! belong to the kernel until its completion has been returned by
 //! [`Ring::completions`]; the caller must neither touch nor free them
 //! before then, and must not drop the ring while requests are in flight.
@@ -65,6 +65,15 @@ impl Meta<'_> {
     }
 }
 
+/// Which way a request moves bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Io {
+    /// From the file into memory.
+    Read,
+    /// From memory into the file.
+    Write,
+}
+
 /// A ring with registered staging buffers.
 pub(crate) struct Ring {
     ring: IoUring,
@@ -97,145 +106,82 @@ impl Ring {
         unsafe { self.ring.submitter().register_buffers(&iovecs) }
     }
 
-    /// Queues a read of `len` bytes at `offset` into registered buffer
-    /// `buf_index` at `ptr`.
+    /// Queues a read (`Io::Read`: file to memory) or a write of `len`
+    /// bytes at file `offset`, to or from `ptr`. With `fixed: Some(i)`,
+    /// `ptr..ptr+len` lies in registered buffer `i` (no pinning per
+    /// request); with `None` it is plain memory the kernel pins for the
+    /// request.
     ///
     /// # Safety
-    /// `ptr..ptr+len` must lie inside registered buffer `buf_index`, and the
-    /// caller gives up access to it until the completion for `user_data`.
-    pub unsafe fn push_read(
+    /// `ptr..ptr+len` must be valid (writable for a read), inside buffer `i`
+    /// when `fixed` is `Some(i)`, aligned as the file's O_DIRECT mode needs,
+    /// and untouched by the caller (unmodified, for a write) until the
+    /// completion for `user_data` arrives; `fd` stays open until then.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn push_io(
         &mut self,
+        io: Io,
         fd: BorrowedFd<'_>,
         ptr: *mut u8,
         len: u32,
         offset: u64,
-        buf_index: u16,
+        fixed: Option<u16>,
         user_data: u64,
     ) {
-        let entry = opcode::ReadFixed::new(types::Fd(fd.as_raw_fd()), ptr, len, buf_index)
-            .offset(offset)
-            .build()
-            .user_data(user_data);
-        // SAFETY: the caller keeps the buffer and the fd alive and untouched
-        // until the completion arrives; the queue has room because at most
-        // `entries` requests are ever outstanding.
-        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
+        let fd = types::Fd(fd.as_raw_fd());
+        let entry = match (io, fixed) {
+            (Io::Read, Some(i)) => opcode::ReadFixed::new(fd, ptr, len, i)
+                .offset(offset)
+                .build(),
+            (Io::Read, None) => opcode::Read::new(fd, ptr, len).offset(offset).build(),
+            (Io::Write, Some(i)) => opcode::WriteFixed::new(fd, ptr, len, i)
+                .offset(offset)
+                .build(),
+            (Io::Write, None) => opcode::Write::new(fd, ptr, len).offset(offset).build(),
+        };
+        // SAFETY: forwarded to the caller.
+        unsafe { self.push(entry.user_data(user_data)) }
     }
 
-    /// Queues a read of `len` bytes at `offset` into unregistered memory
-    /// at `ptr` (the kernel pins the pages for the duration of the request).
-    ///
-    /// # Safety
-    /// `ptr..ptr+len` must be valid, writable, suitably aligned for the
-    /// file's O_DIRECT mode, and untouched by the caller until the completion
-    /// for `user_data` arrives.
-    pub unsafe fn push_read_plain(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        ptr: *mut u8,
-        len: u32,
-        offset: u64,
-        user_data: u64,
-    ) {
-        let entry = opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, len)
-            .offset(offset)
-            .build()
-            .user_data(user_data);
-        // SAFETY: as in `push_read`.
-        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
-    }
-
-    /// Queues a write of `len` bytes at `offset` from unregistered memory.
-    ///
-    /// # Safety
-    /// `ptr..ptr+len` must be valid, readable, suitably aligned for O_DIRECT
-    /// and unmodified by the caller until the completion for `user_data`.
-    pub unsafe fn push_write_plain(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        ptr: *const u8,
-        len: u32,
-        offset: u64,
-        user_data: u64,
-    ) {
-        let entry = opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, len)
-            .offset(offset)
-            .build()
-            .user_data(user_data);
-        // SAFETY: as in `push_read`.
-        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
-    }
-
-    /// Queues a write of `len` bytes at `offset` from registered buffer
-    /// `buf_index` at `ptr`.
-    ///
-    /// # Safety
-    /// As for [`Ring::push_read`].
-    pub unsafe fn push_write(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        ptr: *const u8,
-        len: u32,
-        offset: u64,
-        buf_index: u16,
-        user_data: u64,
-    ) {
-        let entry = opcode::WriteFixed::new(types::Fd(fd.as_raw_fd()), ptr, len, buf_index)
-            .offset(offset)
-            .build()
-            .user_data(user_data);
-        // SAFETY: as in `push_read`.
-        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
-    }
-
-    /// Queues a vectored read at `offset` into the `iovecs` memory ranges,
-    /// filled in order (the kernel pins the pages for the request).
+    /// Queues a vectored read (into the `iovecs` ranges, filled in order)
+    /// or write (from them, taken in order) at file `offset`; the kernel
+    /// pins the pages for the request.
     ///
     /// # Safety
     /// The `iovecs` array and every range it names must stay valid, and the
-    /// ranges untouched by the caller, until the completion for `user_data`
-    /// arrives; for O_DIRECT files every base and length must be aligned to
-    /// the file's logical block size.
-    pub unsafe fn push_readv(
+    /// ranges untouched by the caller (unmodified, for a write), until the
+    /// completion for `user_data` arrives; for O_DIRECT files every base and
+    /// length must be aligned to the file's logical block size.
+    pub unsafe fn push_iov(
         &mut self,
+        io: Io,
         fd: BorrowedFd<'_>,
         iovecs: &[libc::iovec],
         offset: u64,
         user_data: u64,
     ) {
-        let entry = opcode::Readv::new(
+        let (fd, ptr, n) = (
             types::Fd(fd.as_raw_fd()),
             iovecs.as_ptr(),
             iovecs.len() as u32,
-        )
-        .offset(offset)
-        .build()
-        .user_data(user_data);
-        // SAFETY: as in `push_read`; the caller keeps the array alive too.
-        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
+        );
+        let entry = match io {
+            Io::Read => opcode::Readv::new(fd, ptr, n).offset(offset).build(),
+            Io::Write => opcode::Writev::new(fd, ptr, n).offset(offset).build(),
+        };
+        // SAFETY: forwarded to the caller.
+        unsafe { self.push(entry.user_data(user_data)) }
     }
 
-    /// Queues a vectored write at `offset` from the `iovecs` memory ranges,
-    /// taken in order.
+    /// Queues `entry`.
     ///
     /// # Safety
-    /// As for [`Ring::push_readv`], with the ranges left unmodified.
-    pub unsafe fn push_writev(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        iovecs: &[libc::iovec],
-        offset: u64,
-        user_data: u64,
-    ) {
-        let entry = opcode::Writev::new(
-            types::Fd(fd.as_raw_fd()),
-            iovecs.as_ptr(),
-            iovecs.len() as u32,
-        )
-        .offset(offset)
-        .build()
-        .user_data(user_data);
-        // SAFETY: as in `push_readv`.
+    /// Whatever `entry` names (memory, iovec array, paths, fds) stays valid
+    /// and untouched until its completion arrives.
+    unsafe fn push(&mut self, entry: io_uring::squeue::Entry) {
+        // SAFETY: forwarded to the caller; the queue has room because
+        // callers never have more requests outstanding than the ring has
+        // entries.
         unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
     }
 
@@ -272,8 +218,8 @@ impl Ring {
         }
         .user_data(user_data);
         // SAFETY: the caller keeps the paths and fds valid until the
-        // completion arrives; the queue has room as in `push_read`.
-        unsafe { self.ring.submission().push(&entry) }.expect("submission queue has room");
+        // completion arrives.
+        unsafe { self.push(entry) }
     }
 
     /// Submits queued requests and waits for at least `want` completions.

@@ -418,12 +418,7 @@ impl<'a> FileRing<'a> {
                 // the op) and the file stay untouched until the completion
                 // arrives (`Drop` drains). For O_DIRECT every range is
                 // aligned (`pages_addressable(IO_ALIGN)`, aligned cap).
-                unsafe {
-                    match op.kind {
-                        JobKind::Load => ring.push_readv(fd, &op.iov, offset, slot as u64),
-                        JobKind::Store => ring.push_writev(fd, &op.iov, offset, slot as u64),
-                    }
-                }
+                unsafe { ring.push_iov(op.kind.io(), fd, &op.iov, offset, slot as u64) }
                 None
             }
             Submitter::Ring { ring, registered } => {
@@ -434,20 +429,16 @@ impl<'a> FileRing<'a> {
                 // (`Drop` drains). The ring has `depth` entries, one per
                 // slot, so the queue has room.
                 unsafe {
-                    match (op.kind, *registered) {
-                        (JobKind::Load, true) => {
-                            ring.push_read(fd, ptr, len as u32, offset, 0, slot as u64)
-                        }
-                        (JobKind::Load, false) => {
-                            ring.push_read_plain(fd, ptr, len as u32, offset, slot as u64)
-                        }
-                        (JobKind::Store, true) => {
-                            ring.push_write(fd, ptr, len as u32, offset, 0, slot as u64)
-                        }
-                        (JobKind::Store, false) => {
-                            ring.push_write_plain(fd, ptr, len as u32, offset, slot as u64)
-                        }
-                    }
+                    let fixed = registered.then_some(0);
+                    ring.push_io(
+                        op.kind.io(),
+                        fd,
+                        ptr,
+                        len as u32,
+                        offset,
+                        fixed,
+                        slot as u64,
+                    )
                 }
                 None
             }
@@ -1007,17 +998,7 @@ mod tests {
     }
 
     fn test_namespace() -> Namespace {
-        Namespace {
-            model: "test/engine".into(),
-            tokens_per_block: 16,
-            blocks_per_file: 1,
-            tp_rank: 0,
-            tp_size: 1,
-            pp_rank: 0,
-            pp_size: 1,
-            dtype: "bfloat16".into(),
-            layout_version: 1,
-        }
+        crate::kv::namespace::testing::namespace("test/engine", 1, 1)
     }
 
     fn task(i: u64, id: u64) -> KeyTask {
