@@ -55,6 +55,16 @@ pub struct RootEntry {
     pub recorded_path: String,
 }
 
+impl RootEntry {
+    /// The one root of a snapshot that holds its own shards (`.`).
+    pub fn here() -> Self {
+        Self {
+            index: 0,
+            recorded_path: ".".into(),
+        }
+    }
+}
+
 /// A shard file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardEntry {

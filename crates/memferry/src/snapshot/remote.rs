@@ -34,15 +34,12 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::gc::GcReport;
-use super::manifest::{
-    AllocationEntry, ChecksumSpec, Extent, FORMAT_VERSION, KIND, MANIFEST_NAME, Manifest,
-    RootEntry, SaveIdentity, ShardEntry,
-};
+use super::manifest::{MANIFEST_NAME, Manifest, RootEntry, SaveIdentity, ShardEntry};
 use super::ownership::shard_file_name;
 use super::placement::place;
 use super::report::{Phases, Report};
 use super::restore::{LoadOptions, RestoredSnapshot, allocate_destinations};
-use super::save::SaveOptions;
+use super::save::{Recorded, SaveOptions, add_extents, new_manifest};
 use super::source::SnapshotSource;
 use crate::memory::{DiscardRegion, OwnedRegion, Region};
 use crate::storage::durable::unique_id;
@@ -172,18 +169,7 @@ pub fn save(
             size,
         });
     }
-    let mut extent_sums = Vec::new();
-    for (region, list) in placement.extents.iter().enumerate() {
-        for e in list {
-            extent_sums.push(builder.add_extent(
-                e.shard,
-                e.offset,
-                e.length,
-                region,
-                e.alloc_offset,
-            ));
-        }
-    }
+    let extent_sums = add_extents(&mut builder, &placement);
     let plan = builder.build();
     phases.plan = t.elapsed().as_secs_f64();
 
@@ -234,57 +220,13 @@ pub fn save(
     phases.transfer = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    let mut next = 0;
-    let allocations = source
-        .layout
-        .allocations
-        .iter()
-        .zip(&placement.extents)
-        .map(|(a, list)| AllocationEntry {
-            allocation: a.clone(),
-            extents: list
-                .iter()
-                .map(|e| {
-                    let first = extent_sums[next];
-                    next += 1;
-                    let n = crate::integrity::chunk_count(e.length, opts.checksum_chunk);
-                    Extent {
-                        shard: e.shard,
-                        offset: e.offset,
-                        length: e.length,
-                        alloc_offset: e.alloc_offset,
-                        crc32c: sums[first..first + n]
-                            .iter()
-                            .map(|s| s.load(Ordering::Relaxed))
-                            .collect(),
-                    }
-                })
-                .collect(),
-        })
-        .collect();
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        kind: KIND.into(),
-        identity: identity.clone(),
-        created_unix_ms: now_ms(),
-        source: source.description.clone(),
-        alignment: IO_ALIGN,
-        checksum: ChecksumSpec {
-            algorithm: "crc32c".into(),
-            chunk_bytes: opts.checksum_chunk,
-        },
-        total_bytes: source.layout.total_bytes(),
-        roots: vec![RootEntry {
-            index: 0,
-            recorded_path: ".".into(),
-        }],
-        shards,
-        allocations,
-        metadata: source.layout.metadata.clone(),
+    let recorded = Recorded {
+        extent_sums: &extent_sums,
+        sums: &sums,
+        chunk: opts.checksum_chunk,
     };
-    manifest.validate().map_err(|e| {
-        Error::InvalidInput(format!("internal error: built an invalid manifest: {e}"))
-    })?;
+    let roots = vec![RootEntry::here()];
+    let manifest = new_manifest(source, &identity, &placement, recorded, roots, shards)?;
     crate::storage::s3::fault::pause("s3-before-commit");
     let condition = match &previous {
         None => PutCondition::Create,

@@ -22,7 +22,7 @@ use super::manifest::{
     RootEntry, SaveIdentity, ShardEntry,
 };
 use super::ownership::{LOCAL_SHARDS, OWNER_NAME, Owner, SnapshotPaths, shard_file_name};
-use super::placement::place;
+use super::placement::{Placement, place};
 use super::report::{Phases, Report};
 use super::source::SnapshotSource;
 use crate::error::IoContext;
@@ -188,18 +188,7 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
         });
         files.push((file, path));
     }
-    let mut extent_sums = Vec::new();
-    for (region, list) in placement.extents.iter().enumerate() {
-        for e in list {
-            extent_sums.push(builder.add_extent(
-                e.shard,
-                e.offset,
-                e.length,
-                region,
-                e.alloc_offset,
-            ));
-        }
-    }
+    let extent_sums = add_extents(&mut builder, &placement);
     let plan = builder.build();
     phases.allocate = t.elapsed().as_secs_f64();
 
@@ -228,69 +217,30 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
             fsync_dir(r)?;
         }
     }
-    let mut next = 0;
-    let allocations = source
-        .layout
-        .allocations
-        .iter()
-        .zip(&placement.extents)
-        .map(|(a, list)| AllocationEntry {
-            allocation: a.clone(),
-            extents: list
-                .iter()
-                .map(|e| {
-                    let first = extent_sums[next];
-                    next += 1;
-                    let n = crate::integrity::chunk_count(e.length, opts.checksum_chunk);
-                    Extent {
-                        shard: e.shard,
-                        offset: e.offset,
-                        length: e.length,
-                        alloc_offset: e.alloc_offset,
-                        crc32c: sums[first..first + n]
-                            .iter()
-                            .map(|s| s.load(Ordering::Relaxed))
-                            .collect(),
-                    }
-                })
-                .collect(),
-        })
-        .collect();
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        kind: KIND.into(),
-        identity: identity.clone(),
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-        source: source.description.clone(),
-        alignment: IO_ALIGN,
-        checksum: ChecksumSpec {
-            algorithm: "crc32c".into(),
-            chunk_bytes: opts.checksum_chunk,
-        },
-        total_bytes: source.layout.total_bytes(),
-        roots: match &roots {
-            None => vec![RootEntry {
-                index: 0,
-                recorded_path: ".".into(),
-            }],
-            Some(list) => list
-                .iter()
-                .enumerate()
-                .map(|(index, r)| RootEntry {
-                    index,
-                    recorded_path: r.to_string_lossy().into_owned(),
-                })
-                .collect(),
-        },
-        shards,
-        allocations,
-        metadata: source.layout.metadata.clone(),
+    let root_entries = match &roots {
+        None => vec![RootEntry::here()],
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(index, r)| RootEntry {
+                index,
+                recorded_path: r.to_string_lossy().into_owned(),
+            })
+            .collect(),
     };
-    manifest.validate().map_err(|e| {
-        Error::InvalidInput(format!("internal error: built an invalid manifest: {e}"))
-    })?;
+    let recorded = Recorded {
+        extent_sums: &extent_sums,
+        sums: &sums,
+        chunk: opts.checksum_chunk,
+    };
+    let manifest = new_manifest(
+        source,
+        &identity,
+        &placement,
+        recorded,
+        root_entries,
+        shards,
+    )?;
     write_new_file(&stage.join(MANIFEST_NAME), &manifest.to_json())?;
     fsync_dir(&stage)?;
     fault_point("before-publish");
@@ -463,4 +413,94 @@ fn fault_point(name: &str) {
     {
         std::thread::sleep(std::time::Duration::from_secs(30));
     }
+}
+
+/// Adds every extent of `placement` to `builder`, allocations in order;
+/// returns the index of each extent's first checksum.
+pub(super) fn add_extents(builder: &mut PlanBuilder, placement: &Placement) -> Vec<usize> {
+    let mut extent_sums = Vec::new();
+    for (region, list) in placement.extents.iter().enumerate() {
+        for e in list {
+            extent_sums.push(builder.add_extent(
+                e.shard,
+                e.offset,
+                e.length,
+                region,
+                e.alloc_offset,
+            ));
+        }
+    }
+    extent_sums
+}
+
+/// The checksums a save's transfer recorded.
+pub(super) struct Recorded<'a> {
+    /// Index of each extent's first checksum ([`add_extents`]).
+    pub extent_sums: &'a [usize],
+    /// One per `chunk` bytes of every extent.
+    pub sums: &'a [AtomicU32],
+    pub chunk: u64,
+}
+
+/// The manifest of a save (local or S3) of `source` placed by `placement`,
+/// checked before it is returned.
+pub(super) fn new_manifest(
+    source: &SnapshotSource,
+    identity: &SaveIdentity,
+    placement: &Placement,
+    recorded: Recorded<'_>,
+    roots: Vec<RootEntry>,
+    shards: Vec<ShardEntry>,
+) -> Result<Manifest> {
+    let mut next = 0;
+    let allocations = source
+        .layout
+        .allocations
+        .iter()
+        .zip(&placement.extents)
+        .map(|(a, list)| AllocationEntry {
+            allocation: a.clone(),
+            extents: list
+                .iter()
+                .map(|e| {
+                    let first = recorded.extent_sums[next];
+                    next += 1;
+                    let n = crate::integrity::chunk_count(e.length, recorded.chunk);
+                    Extent {
+                        shard: e.shard,
+                        offset: e.offset,
+                        length: e.length,
+                        alloc_offset: e.alloc_offset,
+                        crc32c: recorded.sums[first..first + n]
+                            .iter()
+                            .map(|s| s.load(Ordering::Relaxed))
+                            .collect(),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        kind: KIND.into(),
+        identity: identity.clone(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        source: source.description.clone(),
+        alignment: IO_ALIGN,
+        checksum: ChecksumSpec {
+            algorithm: "crc32c".into(),
+            chunk_bytes: recorded.chunk,
+        },
+        total_bytes: source.layout.total_bytes(),
+        roots,
+        shards,
+        allocations,
+        metadata: source.layout.metadata.clone(),
+    };
+    manifest.validate().map_err(|e| {
+        Error::InvalidInput(format!("internal error: built an invalid manifest: {e}"))
+    })?;
+    Ok(manifest)
 }
