@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use clap::ArgMatches;
 use clap::parser::ValueSource;
 use memferry::bench::{Profile, device_key, profile_path};
-use memferry::snapshot::export::export_safetensors;
-use memferry::snapshot::source::open_source;
+use memferry::snapshot::export::{ExportSummary, export_safetensors};
+use memferry::snapshot::source::{SnapshotSource, open_source};
 use memferry::snapshot::{self, LoadOptions, Manifest, Report, SaveOptions};
 use memferry::transfer::BackendKind;
 use memferry::units::format_bytes;
@@ -217,23 +217,34 @@ fn snapshot_bytes(dir: &Path) -> u64 {
     Manifest::load(dir).map_or(0, |m| m.total_bytes)
 }
 
-fn save(a: SaveArgs, json: bool, profile: Option<String>) -> Result<()> {
-    let mut source = open_source(&a.source)?;
-    if a.device != memferry::memory::Device::Cpu {
-        source = source
-            .to_device(a.device)
-            .with_context(|| format!("loading {} onto {}", a.source, a.device))?;
+/// The source of a save, on `--device` when one is named.
+pub fn save_source(a: &SaveArgs) -> Result<SnapshotSource> {
+    let source = open_source(&a.source)?;
+    if a.device == memferry::memory::Device::Cpu {
+        return Ok(source);
     }
-    let progress = Progress::start("save", source.layout.total_bytes(), json);
-    let opts = SaveOptions {
+    source
+        .to_device(a.device)
+        .with_context(|| format!("loading {} onto {}", a.source, a.device))
+}
+
+/// What the save flags ask for, progress counted on `progress`.
+pub fn save_options(a: &SaveArgs, progress: &Progress) -> SaveOptions {
+    SaveOptions {
         roots: a.transfer.roots.clone(),
         shard_size: a.shard_size,
         backend: a.transfer.backend,
         tuning: a.transfer.tuning(),
-        complete_file: a.complete_file,
+        complete_file: a.complete_file.clone(),
         progress: Some(progress.counter()),
         ..SaveOptions::default()
-    };
+    }
+}
+
+fn save(a: SaveArgs, json: bool, profile: Option<String>) -> Result<()> {
+    let source = save_source(&a)?;
+    let progress = Progress::start("save", source.layout.total_bytes(), json);
+    let opts = save_options(&a, &progress);
     let mut report = snapshot::save(&source, &a.to, &opts)
         .with_context(|| format!("saving {} to {}", a.source, a.to.display()))?;
     report.profile = profile;
@@ -308,16 +319,27 @@ fn export(a: ExportArgs, json: bool, profile: Option<String>) -> Result<()> {
         .collect();
     let summary = export_safetensors(&layout, &refs, &a.to)
         .with_context(|| format!("exporting to {}", a.to.display()))?;
-    report.op = "export".into();
     report.profile = profile;
     report.phases.commit += t.elapsed().as_secs_f64();
+    print_export(report, &summary, &a.to, json)
+}
+
+/// Prints the report of an export (a restore whose commit phase wrote the
+/// safetensors file), its totals counting that phase.
+pub fn print_export(
+    mut report: Report,
+    summary: &ExportSummary,
+    to: &Path,
+    json: bool,
+) -> Result<()> {
+    report.op = "export".into();
     let p = &report.phases;
     report.seconds = p.plan + p.allocate + p.transfer + p.verify + p.commit;
     report.gib_per_s = memferry::units::gib_per_s(report.bytes, report.seconds);
     if json {
         let mut v = serde_json::to_value(&report)?;
-        v["export"] = serde_json::to_value(&summary)?;
-        v["to"] = a.to.display().to_string().into();
+        v["export"] = serde_json::to_value(summary)?;
+        v["to"] = to.display().to_string().into();
         println!("{v}");
     } else {
         print_report(&report, false);
@@ -325,7 +347,7 @@ fn export(a: ExportArgs, json: bool, profile: Option<String>) -> Result<()> {
             "wrote {} tensors ({}) to {}",
             summary.tensors,
             format_bytes(summary.file_bytes),
-            a.to.display()
+            to.display()
         );
     }
     Ok(())

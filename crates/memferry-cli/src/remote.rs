@@ -3,11 +3,10 @@
 //! there sends S3 locations here.
 
 use anyhow::{Context, Result};
+use memferry::snapshot::LoadOptions;
 use memferry::snapshot::copy::{CopyOptions, copy as copy_snapshot};
 use memferry::snapshot::export::export_safetensors;
 use memferry::snapshot::remote;
-use memferry::snapshot::source::open_source;
-use memferry::snapshot::{LoadOptions, SaveOptions};
 use memferry::storage::location::{Location, S3Url};
 use memferry::storage::s3::ObjectClient;
 use memferry::transfer::Tuning;
@@ -16,7 +15,7 @@ use memferry::units::format_bytes;
 use crate::args::{
     CopyArgs, ExportArgs, GcArgs, InspectArgs, ReadArgs, RestoreArgs, S3Args, SaveArgs,
 };
-use crate::commands::{print_inspect, print_report};
+use crate::commands::{print_export, print_inspect, print_report, save_options, save_source};
 use crate::progress::Progress;
 
 fn client(s3: &S3Args, url: &S3Url) -> Result<ObjectClient> {
@@ -45,17 +44,9 @@ fn total_bytes(c: &ObjectClient, url: &S3Url, op: &str) -> Result<u64> {
 
 pub fn save(a: SaveArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {
     let c = client(s3, &url)?;
-    let source = open_source(&a.source)?;
+    let source = save_source(&a)?;
     let progress = Progress::start("save", source.layout.total_bytes(), json);
-    let opts = SaveOptions {
-        roots: a.transfer.roots.clone(),
-        shard_size: a.shard_size,
-        backend: a.transfer.backend,
-        tuning: a.transfer.tuning(),
-        complete_file: a.complete_file,
-        progress: Some(progress.counter()),
-        ..SaveOptions::default()
-    };
+    let opts = save_options(&a, &progress);
     let report = remote::save(&source, &c, &url, &opts)
         .with_context(|| format!("saving {} to {url}", a.source))?;
     drop(progress);
@@ -101,23 +92,8 @@ pub fn export(a: ExportArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> 
     let layout = restored.manifest.layout();
     let summary = export_safetensors(&layout, &restored.region_refs(), &a.to)
         .with_context(|| format!("exporting to {}", a.to.display()))?;
-    report.op = "export".into();
     report.phases.commit += t.elapsed().as_secs_f64();
-    if json {
-        let mut v = serde_json::to_value(&report)?;
-        v["export"] = serde_json::to_value(&summary)?;
-        v["to"] = a.to.display().to_string().into();
-        println!("{v}");
-    } else {
-        print_report(&report, false);
-        println!(
-            "wrote {} tensors ({}) to {}",
-            summary.tensors,
-            format_bytes(summary.file_bytes),
-            a.to.display()
-        );
-    }
-    Ok(())
+    print_export(report, &summary, &a.to, json)
 }
 
 pub fn inspect(a: InspectArgs, url: S3Url, s3: &S3Args, json: bool) -> Result<()> {

@@ -52,6 +52,27 @@ fn cuda_device_without_a_driver_is_bad_input() {
         "a failed save commits nothing"
     );
     assert!(!tmp.path().join("x.safetensors").exists());
+    // A save to S3 honours --device too: it fails on the device before it
+    // reaches the (here unreachable) server.
+    let mut cmd = command();
+    cmd.env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_ALLOW_HTTP", "true");
+    run_cmd(
+        cmd,
+        [
+            "save",
+            "--source",
+            "synthetic:4MiB",
+            "--to",
+            "s3://bucket/snap",
+            "--device",
+            "cuda:0",
+        ],
+    )
+    .code(2)
+    .stderr_has(&["cuda", "use --device cpu"]);
 }
 
 #[test]
