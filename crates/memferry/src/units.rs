@@ -1,4 +1,5 @@
-//! Byte sizes as people write them (`4096`, `64KiB`, `1GiB`, `2G`) and back.
+//! Byte sizes as people write them (`4096`, `64KiB`, `1GiB`, `2G`) and back;
+//! rates and wall-clock stamps for reports and records.
 
 use crate::{Error, Result};
 
@@ -70,6 +71,13 @@ pub fn gib_per_s(bytes: u64, seconds: f64) -> f64 {
     } else {
         0.0
     }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is set before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

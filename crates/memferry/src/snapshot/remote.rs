@@ -44,11 +44,12 @@ use super::source::SnapshotSource;
 use crate::memory::{DiscardRegion, OwnedRegion, Region};
 use crate::storage::durable::unique_id;
 use crate::storage::location::S3Url;
-use crate::storage::s3::{ObjectClient, ObjectInfo, PutCondition, now_ms};
+use crate::storage::s3::{ObjectClient, ObjectInfo, PutCondition};
 use crate::transfer::{
     Backend, Checksums, Direction, FileTarget, IO_ALIGN, ObjectBackend, PlanBuilder, TransferJob,
     TransferPlan, TransferStats,
 };
+use crate::units::now_ms;
 use crate::{Error, Result};
 
 /// Folder of shard objects under the snapshot prefix.

@@ -377,9 +377,7 @@ pub fn write_complete_file(path: &Path, op: &str, snapshot: &Path) -> Result<()>
     let body = serde_json::json!({
         "op": op,
         "snapshot": snapshot.display().to_string(),
-        "completed_unix_ms": std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        "completed_unix_ms": crate::units::now_ms(),
     });
     write_atomic(path, body.to_string().as_bytes())
 }
@@ -484,9 +482,7 @@ pub(super) fn new_manifest(
         format_version: FORMAT_VERSION,
         kind: KIND.into(),
         identity: identity.clone(),
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        created_unix_ms: crate::units::now_ms(),
         source: source.description.clone(),
         alignment: IO_ALIGN,
         checksum: ChecksumSpec {

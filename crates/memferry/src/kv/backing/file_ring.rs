@@ -842,20 +842,12 @@ impl FileRing<'_> {
     /// may still write. Later keys fail with the same reason.
     fn break_down(&mut self, why: String) {
         tracing::error!("KV io_uring engine failed: {why}");
-        // Waiting keys have no request in flight: they fail at once.
-        for slot in std::mem::take(&mut self.waiting) {
-            if let Some(op) = self.ops[slot].take() {
-                if op.kind == JobKind::Store {
-                    let _ = std::fs::remove_file(&op.path);
-                }
-                self.finished
-                    .push((op.tag, KeyOutcome::Failed(why.clone())));
-            }
-        }
-        for op in self.ops.iter_mut() {
-            let writes_pages = op
-                .as_ref()
-                .is_some_and(|o| o.kind == JobKind::Load && o.placement.is_some());
+        // Waiting keys have no request in flight, so none holds pages back.
+        let waiting = std::mem::take(&mut self.waiting);
+        for (slot, op) in self.ops.iter_mut().enumerate() {
+            let writes_pages = op.as_ref().is_some_and(|o| {
+                o.kind == JobKind::Load && o.placement.is_some() && !waiting.contains(&slot)
+            });
             if writes_pages {
                 continue;
             }
@@ -1001,6 +993,23 @@ mod tests {
         crate::kv::namespace::testing::namespace("test/engine", 1, 1)
     }
 
+    /// Keys `0..keys`, stored from blocks `i`, were loaded into blocks
+    /// `7 - i`: every page of both tensors matches.
+    fn assert_loaded_reversed(
+        src: &[Arc<HostRegion>],
+        dst: &[Arc<HostRegion>],
+        keys: usize,
+        what: &str,
+    ) {
+        for i in 0..keys {
+            for (t, page) in [8192usize, 4096].into_iter().enumerate() {
+                let want = &src[t].as_slice()[i * page..(i + 1) * page];
+                let got = &dst[t].as_slice()[(7 - i) * page..(8 - i) * page];
+                assert!(want == got, "{what}: key {i} tensor {t}");
+            }
+        }
+    }
+
     fn task(i: u64, id: u64) -> KeyTask {
         KeyTask {
             key: BlockKey::new(format!("key-{i}").into_bytes()).unwrap(),
@@ -1053,13 +1062,7 @@ mod tests {
             "{outcomes:?}"
         );
         assert!(engine.waiting.is_empty());
-        for i in 0..4usize {
-            for (t, page) in [8192usize, 4096].into_iter().enumerate() {
-                let want = &src_mem[t].as_slice()[i * page..(i + 1) * page];
-                let got = &dst_mem[t].as_slice()[(7 - i) * page..(8 - i) * page];
-                assert!(want == got, "key {i} tensor {t}");
-            }
-        }
+        assert_loaded_reversed(&src_mem, &dst_mem, 4, "keys ahead");
     }
 
     #[test]
@@ -1112,13 +1115,7 @@ mod tests {
                 loaded.iter().all(|o| *o == KeyOutcome::Loaded),
                 "{shape:?}: {loaded:?}"
             );
-            for i in 0..5usize {
-                for (t, page) in [8192usize, 4096].into_iter().enumerate() {
-                    let want = &src_mem[t].as_slice()[i * page..(i + 1) * page];
-                    let got = &dst_mem[t].as_slice()[(7 - i) * page..(8 - i) * page];
-                    assert!(want == got, "{shape:?}: key {i} tensor {t}");
-                }
-            }
+            assert_loaded_reversed(&src_mem, &dst_mem, 5, &format!("{shape:?}"));
         }
     }
 }

@@ -462,7 +462,7 @@ impl Backing for BlockObjects {
         }
         // Markers whose block is gone (a touch raced an eviction) are
         // removed once they are old.
-        let now = crate::storage::s3::now_ms();
+        let now = crate::units::now_ms();
         let live: std::collections::HashSet<String> = blocks.iter().map(|b| b.0.hex()).collect();
         let orphans: Vec<String> = markers
             .iter()

@@ -249,7 +249,7 @@ impl ObjectClient {
                     key: key.to_string(),
                     size,
                     e_tag: r.e_tag,
-                    modified_unix_ms: now_ms(),
+                    modified_unix_ms: crate::units::now_ms(),
                 }),
                 Err(
                     object_store::Error::AlreadyExists { .. }
@@ -368,12 +368,6 @@ fn info(m: &object_store::ObjectMeta) -> ObjectInfo {
         e_tag: m.e_tag.clone(),
         modified_unix_ms: m.last_modified.timestamp_millis().max(0) as u64,
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// True when `message` holds the HTTP status `code` as a number of its own

@@ -8,7 +8,6 @@
 mod client;
 mod config;
 
-pub(crate) use client::now_ms;
 pub use client::{ObjectClient, ObjectInfo, PutCondition};
 pub use config::{RetryPolicy, S3Config, S3Overrides, Secret, parse_bool, parse_duration};
 
