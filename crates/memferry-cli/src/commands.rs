@@ -203,7 +203,8 @@ pub fn print_report(r: &Report, json: bool) {
     }
 }
 
-fn load_options(a: &ReadArgs) -> LoadOptions {
+/// Restore options from the command line (local and S3 reads share them).
+pub fn load_options(a: &ReadArgs) -> LoadOptions {
     LoadOptions {
         roots: a.transfer.roots.clone(),
         backend: a.transfer.backend,

@@ -15,22 +15,15 @@ use memferry::units::format_bytes;
 use crate::args::{
     CopyArgs, ExportArgs, GcArgs, InspectArgs, ReadArgs, RestoreArgs, S3Args, SaveArgs,
 };
-use crate::commands::{print_export, print_inspect, print_report, save_options, save_source};
+use crate::commands::{
+    load_options, print_export, print_inspect, print_report, save_options, save_source,
+};
 use crate::progress::Progress;
 
 fn client(s3: &S3Args, url: &S3Url) -> Result<ObjectClient> {
     let cfg = s3.config()?;
     tracing::info!("S3 {}", cfg.describe());
     Ok(ObjectClient::new(&cfg, &url.bucket)?)
-}
-
-fn load_options(a: &ReadArgs) -> LoadOptions {
-    LoadOptions {
-        roots: a.transfer.roots.clone(),
-        backend: a.transfer.backend,
-        tuning: a.transfer.tuning(),
-        ..LoadOptions::default()
-    }
 }
 
 /// Size of the snapshot for the progress line (0 when there is none: the

@@ -241,12 +241,6 @@ impl Region for CudaRegion {
     fn device(&self) -> Device {
         Device::Cuda(self.ctx.ordinal)
     }
-    fn host_ptr(&self) -> Option<*const u8> {
-        None
-    }
-    fn host_ptr_mut(&self) -> Option<*mut u8> {
-        None
-    }
     fn cuda(&self) -> Option<(&Context, u64)> {
         Some((&self.ctx, self.ptr))
     }

@@ -24,12 +24,6 @@ impl Region for DiscardRegion {
     fn device(&self) -> Device {
         Device::Cpu
     }
-    fn host_ptr(&self) -> Option<*const u8> {
-        None
-    }
-    fn host_ptr_mut(&self) -> Option<*mut u8> {
-        None
-    }
     unsafe fn copy_in(&self, offset: u64, src: &[u8]) -> Result<()> {
         check_range(self.len, offset, src.len())
     }

@@ -41,10 +41,16 @@ pub trait Region: Send + Sync {
     fn device(&self) -> Device;
 
     /// Host address of byte 0 when the bytes can be read directly by the CPU.
-    fn host_ptr(&self) -> Option<*const u8>;
+    /// `None` (the default): the bytes are reached only through `copy_out`.
+    fn host_ptr(&self) -> Option<*const u8> {
+        None
+    }
 
     /// Host address of byte 0 when the bytes can be written directly by the CPU.
-    fn host_ptr_mut(&self) -> Option<*mut u8>;
+    /// `None` (the default): the bytes are reached only through `copy_in`.
+    fn host_ptr_mut(&self) -> Option<*mut u8> {
+        None
+    }
 
     /// Bytes addressable at `host_ptr`/`host_ptr_mut` (at least `len`): the
     /// slack lets direct I/O move whole aligned blocks at the region's tail.

@@ -479,12 +479,6 @@ impl Region for StreamedRegion {
     fn device(&self) -> Device {
         Device::Cpu
     }
-    fn host_ptr(&self) -> Option<*const u8> {
-        None
-    }
-    fn host_ptr_mut(&self) -> Option<*mut u8> {
-        None
-    }
     unsafe fn copy_in(&self, _offset: u64, _src: &[u8]) -> Result<()> {
         Err(Error::Unsupported(
             "a streamed copy source cannot be written".into(),

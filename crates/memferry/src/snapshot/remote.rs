@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -39,7 +39,7 @@ use super::ownership::shard_file_name;
 use super::placement::place;
 use super::report::{Phases, Report};
 use super::restore::{LoadOptions, RestoredSnapshot, allocate_destinations};
-use super::save::{Recorded, SaveOptions, add_extents, new_manifest};
+use super::save::{Recorded, SaveOptions, add_extents, new_manifest, write_recording};
 use super::source::SnapshotSource;
 use crate::memory::{DiscardRegion, OwnedRegion, Region};
 use crate::storage::durable::unique_id;
@@ -210,14 +210,8 @@ pub fn save(
     phases.allocate = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    let sums: Vec<AtomicU32> = (0..plan.checksum_count)
-        .map(|_| AtomicU32::new(0))
-        .collect();
-    let regions: Vec<&dyn Region> = source.regions.iter().map(|r| r.as_ref()).collect();
-    let mut job = TransferJob::new(&plan, &regions, Checksums::Record(&sums));
-    job.progress = opts.progress.as_deref();
-    job.cancel = opts.cancel.as_deref();
-    let stats = ObjectBackend::for_store(client, keys, uploads, request).run(&job)?;
+    let backend = ObjectBackend::for_store(client, keys, uploads, request);
+    let (sums, stats) = write_recording(&plan, source, opts, &backend)?;
     phases.transfer = t.elapsed().as_secs_f64();
 
     let t = Instant::now();

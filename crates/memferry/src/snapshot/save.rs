@@ -33,8 +33,8 @@ use crate::storage::durable::{
 };
 use crate::storage::roots::{absolute, check_writable_root};
 use crate::transfer::{
-    BackendKind, Checksums, Direction, FileTarget, IO_ALIGN, PlanBuilder, TransferJob, Tuning,
-    backend,
+    Backend, BackendKind, Checksums, Direction, FileTarget, IO_ALIGN, PlanBuilder, TransferJob,
+    TransferPlan, TransferStats, Tuning, backend,
 };
 use crate::{Error, Result};
 
@@ -193,14 +193,8 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
     phases.allocate = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    let sums: Vec<AtomicU32> = (0..plan.checksum_count)
-        .map(|_| AtomicU32::new(0))
-        .collect();
-    let regions: Vec<&dyn Region> = source.regions.iter().map(|r| r.as_ref()).collect();
-    let mut job = TransferJob::new(&plan, &regions, Checksums::Record(&sums));
-    job.progress = opts.progress.as_deref();
-    job.cancel = opts.cancel.as_deref();
-    let stats = backend(opts.backend, opts.tuning.clone()).run(&job)?;
+    let backend = backend(opts.backend, opts.tuning.clone());
+    let (sums, stats) = write_recording(&plan, source, opts, backend.as_ref())?;
     phases.transfer = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
@@ -429,6 +423,26 @@ pub(super) fn add_extents(builder: &mut PlanBuilder, placement: &Placement) -> V
         }
     }
     extent_sums
+}
+
+/// Runs a save's transfer: `backend` writes `source` as `plan` places it,
+/// recording one CRC32C per checksum chunk (returned, in plan order), with
+/// the progress counter and cancel flag of `opts`.
+pub(super) fn write_recording(
+    plan: &TransferPlan,
+    source: &SnapshotSource,
+    opts: &SaveOptions,
+    backend: &dyn Backend,
+) -> Result<(Vec<AtomicU32>, TransferStats)> {
+    let sums: Vec<AtomicU32> = (0..plan.checksum_count)
+        .map(|_| AtomicU32::new(0))
+        .collect();
+    let regions: Vec<&dyn Region> = source.regions.iter().map(|r| r.as_ref()).collect();
+    let mut job = TransferJob::new(plan, &regions, Checksums::Record(&sums));
+    job.progress = opts.progress.as_deref();
+    job.cancel = opts.cancel.as_deref();
+    let stats = backend.run(&job)?;
+    Ok((sums, stats))
 }
 
 /// The checksums a save's transfer recorded.
