@@ -15,11 +15,15 @@
 //! are equal-sized (at least 8 MiB, at most 10,000 parts per object, the last
 //! part shorter), assembled from the regions with zero padding exactly as
 //! the local shard files hold them, checksummed while assembled, and
-//! uploaded `concurrency` at a time. On error nothing is completed; the
-//! caller aborts the uploads.
+//! uploaded `concurrency` at a time, objects in order. Each object is
+//! completed as soon as its last part is in, while later objects' parts
+//! still move (a server's work on completion overlaps the upload instead of
+//! following it). A completed object is not yet part of any snapshot: only
+//! the manifest, written after this backend returns, makes it one. On error
+//! the caller aborts the uploads and deletes the objects, completed or not.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -249,12 +253,18 @@ impl<'c> ObjectBackend<'c> {
                 Mutex::new(vec![None; count as usize])
             })
             .collect();
+        // Parts still to upload per object; the part that takes it to zero
+        // completes the object.
+        let remaining: Vec<AtomicUsize> = part_ids
+            .iter()
+            .map(|ids| AtomicUsize::new(ids.lock().expect("part ids").len()))
+            .collect();
         let in_flight = AtomicU64::new(0);
         let peak = AtomicU64::new(0);
         let paused = std::sync::atomic::AtomicBool::new(false);
         let one = |(n, f, idx, start, end): (usize, usize, usize, u64, u64)| {
             let by_file = &by_file;
-            let part_ids = &part_ids;
+            let (part_ids, remaining) = (&part_ids, &remaining);
             let (in_flight, peak, paused) = (&in_flight, &peak, &paused);
             async move {
                 if job.cancelled() {
@@ -286,6 +296,17 @@ impl<'c> ObjectBackend<'c> {
                 };
                 in_flight.fetch_sub(len, Ordering::Relaxed);
                 part_ids[f].lock().expect("part ids")[idx] = Some(r?);
+                if remaining[f].fetch_sub(1, Ordering::AcqRel) == 1 {
+                    let ids: Vec<_> = part_ids[f]
+                        .lock()
+                        .expect("part ids")
+                        .iter()
+                        .map(|p| p.clone().expect("every part uploaded"))
+                        .collect();
+                    self.client
+                        .complete_multipart_async(&self.keys[f], &self.uploads[f], ids)
+                        .await?;
+                }
                 if !paused.swap(true, Ordering::Relaxed) {
                     crate::storage::s3::fault::pause("s3-save-mid");
                 }
@@ -293,25 +314,11 @@ impl<'c> ObjectBackend<'c> {
             }
         };
         let client = self.client;
-        client.run(async {
+        client.run(
             futures::stream::iter(parts.into_iter().map(one))
                 .buffer_unordered(n)
-                .try_collect::<Vec<()>>()
-                .await?;
-            let completes = part_ids.iter().enumerate().map(|(f, ids)| {
-                let ids: Vec<_> = ids
-                    .lock()
-                    .expect("part ids")
-                    .iter()
-                    .map(|p| p.clone().expect("every part uploaded"))
-                    .collect();
-                client.complete_multipart_async(&self.keys[f], &self.uploads[f], ids)
-            });
-            futures::stream::iter(completes)
-                .buffer_unordered(n)
-                .try_collect::<Vec<()>>()
-                .await
-        })?;
+                .try_collect::<Vec<()>>(),
+        )?;
         Ok(TransferStats {
             mode: format!("s3-multipart x{n}"),
             bytes: plan.bytes(),
