@@ -230,6 +230,12 @@ impl Ring {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {
                     continue;
                 }
+                // The kernel could not allocate for the requests and took
+                // none of them: a passing shortage, so try again shortly
+                // (io_uring_enter(2)).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOMEM)) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -833,9 +833,11 @@ impl FileRing<'_> {
     }
 
     /// After the ring itself failed, requests may still be in flight. Keys
-    /// whose requests touch only engine memory fail at once; their files,
-    /// paths and the staging are leaked, never freed under the kernel (a
-    /// store's temporary file may be left for the scan to remove). A
+    /// waiting for a transfer place have none: they fail at once and their
+    /// files close. Keys whose requests touch only engine memory fail at
+    /// once too; their files, paths, iovecs and the staging are leaked,
+    /// never freed under the kernel (a store's temporary file is unlinked;
+    /// its space returns when the process exits). A
     /// zero-copy load's request writes the caller's pages, so its key is
     /// held back until its completion shows up ([`Self::reap_broken`]):
     /// reporting it earlier would let the caller reuse pages the kernel
@@ -855,9 +857,15 @@ impl FileRing<'_> {
                 if op.kind == JobKind::Store {
                     let _ = std::fs::remove_file(&op.path);
                 }
-                // The kernel may still use the fd and the paths.
-                std::mem::forget(op.file);
-                std::mem::forget(op.store);
+                if !waiting.contains(&slot) {
+                    // A request may be in flight: the kernel may still use
+                    // the fd, the paths and the iovecs.
+                    std::mem::forget(op.file);
+                    std::mem::forget(op.store);
+                    std::mem::forget(op.iov);
+                }
+                // A waiting key's file closes here (a store's removed
+                // temporary file frees its space).
                 self.finished
                     .push((op.tag, KeyOutcome::Failed(why.clone())));
             }
@@ -866,12 +874,15 @@ impl FileRing<'_> {
         self.broken = Some(why);
     }
 
-    /// Broken: polls the completion queue (the kernel still posts to it;
-    /// the pause lets it run) and fails the held-back loads that finished.
+    /// Broken: hands the kernel what is still queued (a request that never
+    /// reached it would never complete), polls the completion queue (the
+    /// pause lets the kernel run) and fails the held-back loads that
+    /// finished. What `break_down` leaked keeps late requests sound.
     fn reap_broken(&mut self) {
         let Submitter::Ring { ring, .. } = &mut self.submitter else {
             return;
         };
+        let _ = ring.submit_and_wait(0);
         std::thread::sleep(std::time::Duration::from_millis(1));
         let why = self.broken.clone().unwrap_or_default();
         for (slot, _) in ring.completions() {
@@ -937,6 +948,8 @@ mod tests {
     use crate::kv::namespace::Namespace;
     use crate::kv::tensors::KvLayout;
     use crate::kv::tensors::testing::patterned_layout;
+
+    use std::os::fd::AsRawFd;
 
     const BLOCKS: u64 = 8;
 
@@ -1063,6 +1076,76 @@ mod tests {
         );
         assert!(engine.waiting.is_empty());
         assert_loaded_reversed(&src_mem, &dst_mem, 4, "keys ahead");
+    }
+
+    /// Where the fd `fd` of this process points, if it is open.
+    fn fd_target(fd: i32) -> Option<PathBuf> {
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
+    }
+
+    #[test]
+    fn a_broken_ring_fails_waiting_keys_at_once_and_closes_their_files() {
+        let root = tempfile::tempdir().unwrap();
+        let config = KvConfig::new(root.path(), test_namespace());
+        let (src, _src_mem) = layout(0x44);
+        let files = BlockFiles::open(&config, root.path(), src).unwrap();
+        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
+        if !matches!(engine.submitter, Submitter::Ring { .. }) {
+            eprintln!("skipped: io_uring is not available here");
+            return;
+        }
+        let stored = run(
+            &mut engine,
+            JobKind::Store,
+            (0..4).map(|i| task(i, i)).collect(),
+        );
+        assert!(stored.iter().all(|o| *o == KeyOutcome::Stored));
+        drop(engine);
+
+        let (dst, _dst_mem) = layout(0);
+        let files = BlockFiles::open(&config, root.path(), dst).unwrap();
+        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
+        for i in 0..4 {
+            // SAFETY: nothing else touches the test's pages meanwhile.
+            unsafe { engine.start(i, JobKind::Load, task(i, 7 - i), Arc::default()) };
+        }
+        assert_eq!(engine.waiting.len(), 2);
+        let waiting: Vec<(u64, i32, PathBuf)> = engine
+            .waiting
+            .iter()
+            .map(|&slot| {
+                let op = engine.ops[slot].as_ref().unwrap();
+                let fd = op.file.as_ref().unwrap().as_raw_fd();
+                assert_eq!(fd_target(fd).as_deref(), Some(op.path.as_path()));
+                (op.tag, fd, op.path.clone())
+            })
+            .collect();
+
+        engine.break_down("test: the ring failed".into());
+        // The waiting keys failed at once, and their files are closed (the
+        // fd numbers may be reused, but not for these block files).
+        let failed_now: Vec<u64> = engine.finished.iter().map(|(tag, _)| *tag).collect();
+        for (tag, fd, path) in &waiting {
+            assert!(failed_now.contains(tag), "{failed_now:?}");
+            assert_ne!(
+                fd_target(*fd).as_deref(),
+                Some(path.as_path()),
+                "fd {fd} leaked"
+            );
+        }
+        // The zero-copy loads that were moving are held back until the
+        // kernel completes them, then fail too; nothing hangs.
+        let mut outcomes = Vec::new();
+        while outcomes.len() < 4 {
+            outcomes.extend(engine.reap());
+        }
+        assert!(
+            outcomes
+                .iter()
+                .all(|(_, o)| matches!(o, KeyOutcome::Failed(why) if why.contains("test: the ring failed"))),
+            "{outcomes:?}"
+        );
+        drop(engine);
     }
 
     #[test]
