@@ -339,20 +339,76 @@ fn probe_writable(dir: &Path) -> Result<()> {
 /// Removes a block file that failed verification, so lookups stop
 /// reporting it and the next store of the key writes it again (a store
 /// skips keys whose header is valid). Only the file that was read is
-/// removed: when the inode at `path` changed meanwhile (a concurrent store
-/// republished the key), it is left alone.
+/// removed: the file at `path` is first moved aside (a temporary name the
+/// scan cleans up), and when it is not the inode that was read (a
+/// concurrent store republished the key) it is put back, never over a
+/// newer copy. A good block is therefore never lost to a quarantine.
 pub(super) fn quarantine(path: &Path, inode: u64, reason: String) -> String {
-    let same = std::fs::metadata(path).is_ok_and(|m| m.ino() == inode);
-    if same && std::fs::remove_file(path).is_ok() {
-        format!("{reason}; the file was removed")
-    } else {
-        reason
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!("{TEMP_MARK}{}", unique_id()));
+    let aside = PathBuf::from(aside);
+    if std::fs::rename(path, &aside).is_err() {
+        return reason;
     }
+    let same = std::fs::metadata(&aside).is_ok_and(|m| m.ino() == inode);
+    if same {
+        let _ = std::fs::remove_file(&aside);
+        return format!("{reason}; the file was removed");
+    }
+    let cwd = rustix::fs::CWD;
+    if rustix::fs::renameat_with(cwd, &aside, cwd, path, rustix::fs::RenameFlags::NOREPLACE)
+        .is_err()
+    {
+        // Another copy was published meanwhile, or the move back failed:
+        // the copy moved aside is not needed (the scan removes it if this
+        // removal fails).
+        let _ = std::fs::remove_file(&aside);
+    }
+    reason
 }
 
 pub(crate) fn outcome_of(e: Error) -> KeyOutcome {
     match e {
         Error::Cancelled => KeyOutcome::Cancelled,
         e => KeyOutcome::Failed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn quarantine_removes_only_the_file_that_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("00.kvb");
+        std::fs::write(&path, b"torn").unwrap();
+        let torn = std::fs::metadata(&path).unwrap().ino();
+        // A concurrent store republishes the key before the quarantine.
+        let fresh = dir.path().join("00.kvb.tmp-x");
+        std::fs::write(&fresh, b"good").unwrap();
+        std::fs::rename(&fresh, &path).unwrap();
+
+        let why = quarantine(&path, torn, "bad checksum".into());
+        assert_eq!(why, "bad checksum", "nothing was removed");
+        assert_eq!(std::fs::read(&path).unwrap(), b"good");
+        assert_eq!(names(dir.path()), ["00.kvb"], "no file moved aside is left");
+
+        // The file that was read goes.
+        let good = std::fs::metadata(&path).unwrap().ino();
+        let why = quarantine(&path, good, "bad checksum".into());
+        assert_eq!(why, "bad checksum; the file was removed");
+        assert!(names(dir.path()).is_empty());
+        // Nothing there: nothing to do.
+        assert_eq!(quarantine(&path, good, "gone".into()), "gone");
     }
 }
