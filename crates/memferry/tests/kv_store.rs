@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,7 @@ use memferry::kv::{
 };
 use memferry::memory::{HostRegion, Region};
 use memferry::transfer::{BackendKind, Tuning};
+use memferry_test_support::Mount;
 
 const BLOCKS: u64 = 32;
 /// Two tensors per block, one of them with a page size that is not a
@@ -263,9 +263,9 @@ fn round_trips_with_1_2_and_4_blocks_per_file_and_a_partial_first_group() {
 #[test]
 fn a_root_that_refuses_o_direct_falls_back_to_the_page_cache() {
     let tmp = tempfile::tempdir().unwrap();
-    let ram = Mount::of("ramfs", "mode=755", &tmp.path().join("ram"));
+    let ram = Mount::new("ramfs", Some("mode=755"), &tmp.path().join("ram"));
     let (src, src_mem) = tensors(5);
-    let c = config(&ram.0, 2, BackendKind::Direct);
+    let c = config(&ram.dir, 2, BackendKind::Direct);
     let store = KvStore::open(c.clone(), src).unwrap();
     let keys: Vec<BlockKey> = (0..4).map(key).collect();
     let ids: Vec<u64> = (0..8).collect();
@@ -656,41 +656,6 @@ fn a_restart_keeps_the_access_record_and_the_index_consistent_with_the_files() {
     assert_eq!(recorded.counters.hits, 6 + 3);
 }
 
-struct Mount(PathBuf);
-
-impl Mount {
-    /// A tmpfs with `options` at `dir`.
-    fn new(options: &str, dir: &Path) -> Self {
-        Self::of("tmpfs", options, dir)
-    }
-
-    fn of(fstype: &str, options: &str, dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", fstype, "-o", options, fstype])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount {fstype} failed (these tests need root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 #[test]
 fn bad_input_is_refused_with_clear_errors() {
     let root = tempfile::tempdir().unwrap();
@@ -748,17 +713,17 @@ fn bad_input_is_refused_with_clear_errors() {
     assert!(e.contains("need 1 block ids"), "{e}");
     drop(store);
     // A read-only root.
-    let ro = Mount::new("ro,size=1m", &root.path().join("ro"));
-    let e = err(config(&ro.0, 1, BackendKind::Auto));
+    let ro = Mount::new("tmpfs", Some("ro,size=1m"), &root.path().join("ro"));
+    let e = err(config(&ro.dir, 1, BackendKind::Auto));
     assert!(e.contains("writable"), "{e}");
 }
 
 #[test]
 fn a_full_disk_fails_the_store_cleanly_and_keeps_existing_blocks() {
     let tmp = tempfile::tempdir().unwrap();
-    let disk = Mount::new("size=160k", &tmp.path().join("small"));
+    let disk = Mount::new("tmpfs", Some("size=160k"), &tmp.path().join("small"));
     let (src, src_mem) = tensors(8);
-    let c = config(&disk.0, 1, BackendKind::Auto);
+    let c = config(&disk.dir, 1, BackendKind::Auto);
     let store = KvStore::open(c.clone(), src).unwrap();
     // Each block file is 4 KiB + 12 KiB: a few fit, then the disk is full.
     let mut stored = Vec::new();
@@ -795,20 +760,20 @@ fn a_full_disk_fails_the_store_cleanly_and_keeps_existing_blocks() {
 #[test]
 fn background_eviction_brings_the_filesystem_down_to_the_low_watermark() {
     let tmp = tempfile::tempdir().unwrap();
-    let disk = Mount::new("size=1m", &tmp.path().join("wm"));
+    let disk = Mount::new("tmpfs", Some("size=1m"), &tmp.path().join("wm"));
     let used = |p: &Path| {
         let s = rustix::fs::statvfs(p).unwrap();
         (s.f_blocks - s.f_bfree) as f64 / s.f_blocks as f64
     };
     // Fill the disk to about half with 16 KiB block files, no watermarks.
-    let c = config(&disk.0, 1, BackendKind::Buffered);
+    let c = config(&disk.dir, 1, BackendKind::Buffered);
     let store = KvStore::open(c.clone(), tensors(3).0).unwrap();
     let keys: Vec<BlockKey> = (0..BLOCKS).map(key).collect();
     let ids: Vec<u64> = (0..BLOCKS).collect();
     assert!(store_keys(&store, &keys, &ids).succeeded());
     drop(store);
     assert!(
-        used(&disk.0) > 0.4,
+        used(&disk.dir) > 0.4,
         "the test must start above the high watermark"
     );
     // Reopen with watermarks: the housekeeper frees space in the background.
@@ -818,10 +783,10 @@ fn background_eviction_brings_the_filesystem_down_to_the_low_watermark() {
     let store = KvStore::open(c, tensors(3).0).unwrap();
     store.protect(&[key(0)]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while used(&disk.0) > 0.15 && Instant::now() < deadline {
+    while used(&disk.dir) > 0.15 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(used(&disk.0) <= 0.15, "still {:.2} used", used(&disk.0));
+    assert!(used(&disk.dir) <= 0.15, "still {:.2} used", used(&disk.dir));
     assert!(store.stats().counters.evictions > 0);
     assert!(
         store.dir().unwrap().join(key(0).rel_path()).exists(),
