@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{Run, run_cmd};
 use s3_support::proxy::{FaultProxy, Faults};
-use s3_support::{BUCKET, Kind, SECRET_KEY, Server, shared};
+use s3_support::{BUCKET, Kind, SECRET_KEY, Server, each_server, shared};
 
 const MIB: u64 = 1 << 20;
 
@@ -27,13 +27,6 @@ fn save(server: &Server, url: &str, mib: u64, extra: &[&str]) -> serde_json::Val
     let mut args = vec!["save", "--json", "--source", &size, "--to", url];
     args.extend_from_slice(extra);
     mf(server, &args).ok().json()
-}
-
-fn each_server(f: impl Fn(&Server)) {
-    for kind in Kind::ALL {
-        eprintln!("== {}", kind.name());
-        f(shared(kind));
-    }
 }
 
 /// The key of the prefix of `url` plus `rel`.
