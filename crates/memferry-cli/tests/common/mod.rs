@@ -179,10 +179,15 @@ pub fn arg(p: &Path) -> String {
 
 /// Arguments of a save of `synthetic:SIZE` to `to`.
 pub fn save_args(size_mib: u64, to: &Path, extra: &[&str]) -> Vec<String> {
+    save_source_args(&format!("synthetic:{size_mib}MiB"), to, extra)
+}
+
+/// Arguments `save --source SOURCE --to TO EXTRA...`.
+pub fn save_source_args(source: &str, to: &Path, extra: &[&str]) -> Vec<String> {
     let mut v = vec![
         "save".to_string(),
         "--source".into(),
-        format!("synthetic:{size_mib}MiB"),
+        source.into(),
         "--to".into(),
         arg(to),
     ];
