@@ -299,28 +299,17 @@ fn one_byte_per_call_storage() {
         ("direct", BackendKind::Direct),
         ("pinned", BackendKind::Pinned),
     ] {
+        let cfg = Config {
+            label,
+            backend,
+            tuning: one_byte.clone(),
+        };
         let dir = tempfile::tempdir().unwrap();
         let snap = dir.path().join("s");
         let src = source(&sizes, 9);
-        save(
-            &src,
-            &snap,
-            &SaveOptions {
-                backend,
-                tuning: one_byte.clone(),
-                ..SaveOptions::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{label}: {e}"));
-        let (restored, _) = restore(
-            &snap,
-            &LoadOptions {
-                backend,
-                tuning: one_byte.clone(),
-                ..LoadOptions::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        save(&src, &snap, &cfg.save_options()).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let (restored, _) =
+            restore(&snap, &cfg.load_options()).unwrap_or_else(|e| panic!("{label}: {e}"));
         assert_same_bytes(&src, &restored, label);
     }
 }
