@@ -8,6 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use memferry_test_support::Mount;
 use tempfile::TempDir;
 
 /// A temp dir holding a committed 8 MiB snapshot at `snap` (1 MiB shards).

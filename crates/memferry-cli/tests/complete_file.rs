@@ -24,6 +24,18 @@ fn assert_complete(f: &Path, op: &str, snap: &Path) {
     assert!(temps.is_empty(), "temporary files left: {temps:?}");
 }
 
+/// Runs `restore SNAP --backend BACKEND --complete-file F` and waits for it.
+fn restore_completing(snap: &Path, backend: &str, f: &Path) -> Run {
+    run([
+        "restore",
+        &arg(snap),
+        "--backend",
+        backend,
+        "--complete-file",
+        &arg(f),
+    ])
+}
+
 #[test]
 fn written_after_success() {
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
@@ -37,15 +49,7 @@ fn written_after_success() {
 
     for backend in ["buffered", "direct"] {
         let restored = tmp.path().join(format!("restored-{backend}.json"));
-        run([
-            "restore",
-            &arg(&snap),
-            "--backend",
-            backend,
-            "--complete-file",
-            &arg(&restored),
-        ])
-        .ok();
+        restore_completing(&snap, backend, &restored).ok();
         assert_complete(&restored, "restore", &snap);
     }
 
@@ -78,15 +82,7 @@ fn absent_after_a_failing_restore() {
     let (at, _, _) = payload_offset(&snap, 5);
     flip_bit(&shard, at);
     for backend in ["buffered", "direct"] {
-        run([
-            "restore",
-            &arg(&snap),
-            "--backend",
-            backend,
-            "--complete-file",
-            &arg(&f),
-        ])
-        .code(3);
+        restore_completing(&snap, backend, &f).code(3);
         assert!(
             !f.exists(),
             "complete-file written by a failed restore ({backend})"
@@ -130,13 +126,7 @@ fn absent_after_a_failing_save() {
     std::fs::write(other.join("x"), b"x").unwrap();
     let snap = tmp.path().join("snap");
     let cases: Vec<Vec<String>> = vec![
-        vec![
-            "save".into(),
-            "--source".into(),
-            "foo:1".into(),
-            "--to".into(),
-            arg(&snap),
-        ],
+        save_source_args("foo:1", &snap, &[]),
         save_args(8, &snap, &["--backend", "turbo"]),
         save_args(8, &snap, &["--roots", "/nonexistent-memferry-root"]),
         save_args(8, &other, &[]),

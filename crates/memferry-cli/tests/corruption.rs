@@ -62,27 +62,26 @@ fn detected_everywhere(snap: &Path, shard: &Path, needles: &[&str]) -> Vec<Strin
 
 /// Parses "at offset N, length M" from a checksum mismatch message.
 fn mismatch_range(stderr: &str) -> (u64, u64) {
-    let rest = stderr
-        .split("at offset ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no offset in: {stderr}"));
-    let offset: u64 = rest
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|_| panic!("bad offset in: {stderr}"));
-    let rest = rest
-        .split("length ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no length in: {stderr}"));
-    let length: u64 = rest
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (offset, rest) = number_after(stderr, "at offset ", stderr);
+    let (length, _) = number_after(rest, "length ", stderr);
     (offset, length)
+}
+
+/// The number right after the first `label` in `text`, and the text from
+/// there up to the next `label`; panics naming `label` and `message` if
+/// there is none.
+fn number_after<'a>(text: &'a str, label: &str, message: &str) -> (u64, &'a str) {
+    let rest = text
+        .split(label)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {label:?} in: {message}"));
+    let n = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {label:?} in: {message}"));
+    (n, rest)
 }
 
 fn bit_flip(backend: &str, two_roots: bool) {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
+use memferry_test_support::Mount;
 use serde_json::Value;
 
 fn fallbacks(j: &Value) -> String {

@@ -119,17 +119,7 @@ fn one_object_per_failure() {
     let missing = tmp.path().join("missing");
     let out = tmp.path().join("x.safetensors");
     let cases: Vec<(&str, Vec<String>, i32)> = vec![
-        (
-            "save",
-            vec![
-                "save".into(),
-                "--source".into(),
-                "foo:1".into(),
-                "--to".into(),
-                arg(&snap),
-            ],
-            2,
-        ),
+        ("save", save_source_args("foo:1", &snap, &[]), 2),
         ("restore", vec!["restore".into(), arg(&missing)], 2),
         ("verify", vec!["verify".into(), arg(&missing)], 2),
         ("inspect", vec!["inspect".into(), arg(&missing)], 2),

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use common::{Run, arg, command, run};
+use memferry_test_support::files::kv_block_files;
 use serde_json::Value;
 
 fn bench(root: &Path, extra: &[&str]) -> Value {
@@ -30,23 +31,6 @@ fn kv(args: &[&str], dir: &Path) -> Run {
     a.extend(args.iter().map(|s| s.to_string()));
     a.push(arg(dir));
     run(a)
-}
-
-fn block_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "kvb") {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]
@@ -133,7 +117,7 @@ fn four_processes_store_overlapping_keys_and_every_block_verifies() {
 fn verify_names_corrupt_blocks_and_repair_removes_them() {
     let root = tempfile::tempdir().unwrap();
     bench(root.path(), &["--seed", "5", "--keep"]);
-    let files = block_files(root.path());
+    let files = kv_block_files(root.path());
     assert_eq!(files.len(), 32);
     let victim = &files[7];
     let mut bytes = std::fs::read(victim).unwrap();
@@ -181,7 +165,7 @@ fn verify_names_corrupt_blocks_and_repair_removes_them() {
 fn evict_keeps_the_most_recently_used_blocks_under_the_limit() {
     let root = tempfile::tempdir().unwrap();
     bench(root.path(), &["--seed", "8", "--keep"]);
-    let files = block_files(root.path());
+    let files = kv_block_files(root.path());
     let file_len = std::fs::metadata(&files[0]).unwrap().len();
     // Give every file a distinct access time; the first five are the newest.
     for (i, f) in files.iter().enumerate() {
@@ -207,7 +191,7 @@ fn evict_keeps_the_most_recently_used_blocks_under_the_limit() {
     .json();
     assert_eq!(v["evicted"], 27, "{v}");
     assert!(v["remaining_bytes"].as_u64().unwrap() <= limit);
-    assert_eq!(block_files(root.path()), files[..5].to_vec());
+    assert_eq!(kv_block_files(root.path()), files[..5].to_vec());
     let s = kv(&["stats", "--json"], root.path()).ok().json();
     assert_eq!(s["evictions"], 27, "{s}");
     assert_eq!(s["blocks"], 5);

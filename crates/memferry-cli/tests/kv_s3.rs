@@ -12,53 +12,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::run_cmd;
-use memferry::kv::{
-    BlockKey, JobId, JobResult, KeyOutcome, KvConfig, KvLayout, KvStore, KvTensor, Namespace,
-};
+use memferry::kv::{BlockKey, KeyOutcome, KvConfig, KvLayout, KvStore};
 use memferry::memory::HostRegion;
 use memferry::storage::location::{Location, S3Url};
-use memferry::storage::s3::{PutCondition, RetryPolicy, S3Config, Secret};
-use s3_support::{ACCESS_KEY, Kind, SECRET_KEY, Server, shared};
+use memferry::storage::s3::{PutCondition, S3Config, Secret};
+use memferry_test_support::kv::{self, namespace, outcomes, wait_one};
+use s3_support::{Kind, Server, each_server, shared};
 
 const BLOCKS: u64 = 16;
 /// Two tensors, one with a page size that is not a multiple of 4096.
 const PAGES: [u64; 2] = [8192, 3000];
 
-fn each_server(f: impl Fn(&Server)) {
-    for kind in Kind::ALL {
-        eprintln!("== {}", kind.name());
-        f(shared(kind));
-    }
-}
-
+/// The server's client configuration with `secret` as the secret key.
 fn s3_config(server: &Server, secret: &str) -> S3Config {
-    S3Config {
-        endpoint: Some(server.endpoint()),
-        access_key_id: Some(ACCESS_KEY.into()),
-        secret_access_key: Some(Secret::new(secret)),
-        path_style: true,
-        allow_http: true,
-        retry: RetryPolicy {
-            max_retries: 2,
-            total: Duration::from_secs(5),
-            ..Default::default()
-        },
-        ..S3Config::default()
-    }
-}
-
-fn namespace(model: &str, per_file: u32) -> Namespace {
-    Namespace {
-        model: model.into(),
-        tokens_per_block: 16,
-        blocks_per_file: per_file,
-        tp_rank: 0,
-        tp_size: 1,
-        pp_rank: 0,
-        pp_size: 1,
-        dtype: "bfloat16".into(),
-        layout_version: 1,
-    }
+    let mut c = server.s3_config();
+    c.secret_access_key = Some(Secret::new(secret));
+    c
 }
 
 fn config(server: &Server, url: &str, per_file: u32) -> KvConfig {
@@ -66,50 +35,22 @@ fn config(server: &Server, url: &str, per_file: u32) -> KvConfig {
         Location::S3(S3Url::parse(url).unwrap()),
         namespace("test/s3-model", per_file),
     );
-    c.s3 = Some(s3_config(server, SECRET_KEY));
+    c.s3 = Some(server.s3_config());
     c
 }
 
-/// Tensors whose pages hold a pattern of (seed, tensor, block); seed 0
-/// gives zeroed memory.
+/// `BLOCKS` blocks of tensors with `pages`, each page holding a pattern of
+/// (seed, tensor, block); seed 0 gives zeroed memory.
 fn tensors(seed: u64, pages: &[u64]) -> (KvLayout, Vec<Arc<HostRegion>>) {
-    let mut regions = Vec::new();
-    let mut list = Vec::new();
-    for (t, &page) in pages.iter().enumerate() {
-        let mut r = HostRegion::new(BLOCKS * page).unwrap();
-        if seed != 0 {
-            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) + t as u64 + 1;
-            for byte in r.as_mut_slice() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *byte = x as u8;
-            }
-        }
-        let r = Arc::new(r);
-        regions.push(r.clone());
-        list.push(KvTensor {
-            region: r,
-            num_blocks: BLOCKS,
-            page_bytes: page,
-        });
-    }
-    (KvLayout::new(list).unwrap(), regions)
+    kv::tensors(seed, pages, BLOCKS)
 }
 
 fn page(regions: &[Arc<HostRegion>], t: usize, block: u64) -> &[u8] {
-    let p = PAGES[t] as usize;
-    &regions[t].as_slice()[block as usize * p..(block as usize + 1) * p]
+    kv::page(regions, BLOCKS, t, block)
 }
 
 fn key(i: u64) -> BlockKey {
     BlockKey::new(format!("s3-key-{i:04}").into_bytes()).unwrap()
-}
-
-fn wait_one(store: &KvStore, job: JobId) -> JobResult {
-    let mut r = store.wait(&[job], Duration::from_secs(60));
-    assert_eq!(r.len(), 1, "job {job} did not finish within 60 s");
-    r.remove(0)
 }
 
 fn store_keys(store: &KvStore, keys: &[BlockKey], ids: &[u64]) -> Vec<KeyOutcome> {
@@ -122,10 +63,6 @@ fn load_keys(store: &KvStore, keys: &[BlockKey], ids: &[u64]) -> Vec<KeyOutcome>
     // SAFETY: the test does not touch the destination pages while the job runs.
     let job = unsafe { store.submit_load(keys, ids) }.unwrap();
     outcomes(&wait_one(store, job))
-}
-
-fn outcomes(r: &JobResult) -> Vec<KeyOutcome> {
-    r.keys.iter().map(|k| k.outcome.clone()).collect()
 }
 
 fn failed_with(o: &KeyOutcome, what: &str) -> bool {

@@ -9,12 +9,12 @@ mod common;
 mod s3_support;
 
 use std::io::{BufRead, BufReader};
-use std::process::Stdio;
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Run, run_cmd};
 use s3_support::proxy::{FaultProxy, Faults};
-use s3_support::{BUCKET, Kind, SECRET_KEY, Server, shared};
+use s3_support::{BUCKET, Kind, SECRET_KEY, Server, each_server, shared};
 
 const MIB: u64 = 1 << 20;
 
@@ -29,11 +29,12 @@ fn save(server: &Server, url: &str, mib: u64, extra: &[&str]) -> serde_json::Val
     mf(server, &args).ok().json()
 }
 
-fn each_server(f: impl Fn(&Server)) {
-    for kind in Kind::ALL {
-        eprintln!("== {}", kind.name());
-        f(shared(kind));
-    }
+/// Panics unless `restore URL` exits with code 2 saying there is no
+/// committed snapshot there.
+fn assert_no_snapshot(s: &Server, url: &str) {
+    mf(s, &["restore", url])
+        .code(2)
+        .stderr_has(&["no committed snapshot"]);
 }
 
 /// The key of the prefix of `url` plus `rel`.
@@ -153,23 +154,21 @@ fn paused_save(
     url: &str,
     mib: u64,
     secs: u64,
-) -> (std::process::Child, std::thread::JoinHandle<String>) {
+) -> (Child, std::thread::JoinHandle<String>) {
     paused_save_at(s, url, mib, secs, "s3-before-commit")
 }
 
-/// Starts a save that pauses at `point`; returns the child once it is there
-/// and a thread collecting the rest of its stderr.
-fn paused_save_at(
-    s: &Server,
-    url: &str,
-    mib: u64,
-    secs: u64,
+/// Spawns `c` (a `what` command, e.g. "save") with stdout and stderr piped,
+/// told to pause `secs` seconds at `point`; returns the child once its
+/// stderr says it is there (panics if it ends first), and the rest of its
+/// stderr, unread.
+fn spawn_paused(
+    mut c: Command,
+    what: &str,
     point: &str,
-) -> (std::process::Child, std::thread::JoinHandle<String>) {
-    let size = format!("synthetic:{mib}MiB");
-    let mut c = s.command();
-    c.args(["save", "--source", &size, "--to", url])
-        .env("MEMFERRY_TEST_PAUSE_AT", point)
+    secs: u64,
+) -> (Child, BufReader<ChildStderr>) {
+    c.env("MEMFERRY_TEST_PAUSE_AT", point)
         .env("MEMFERRY_TEST_PAUSE_SECS", secs.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -180,12 +179,28 @@ fn paused_save_at(
         line.clear();
         assert!(
             err.read_line(&mut line).unwrap() > 0,
-            "save ended before its pause"
+            "{what} ended before its pause"
         );
         if line.contains(&format!("test pause at {point}")) {
             break;
         }
     }
+    (child, err)
+}
+
+/// Starts a save that pauses at `point`; returns the child once it is there
+/// and a thread collecting the rest of its stderr.
+fn paused_save_at(
+    s: &Server,
+    url: &str,
+    mib: u64,
+    secs: u64,
+    point: &str,
+) -> (Child, std::thread::JoinHandle<String>) {
+    let size = format!("synthetic:{mib}MiB");
+    let mut c = s.command();
+    c.args(["save", "--source", &size, "--to", url]);
+    let (child, mut err) = spawn_paused(c, "save", point, secs);
     // Keep draining stderr so the child never blocks on it.
     let rest = std::thread::spawn(move || {
         let mut rest = String::new();
@@ -254,24 +269,8 @@ fn a_server_killed_mid_restore_fails_cleanly_within_the_retry_bound() {
             "--s3-retry-timeout",
             "3s",
             &url,
-        ])
-        .env("MEMFERRY_TEST_PAUSE_AT", "s3-restore-mid")
-        .env("MEMFERRY_TEST_PAUSE_SECS", "2")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(
-                err.read_line(&mut line).unwrap() > 0,
-                "restore ended before its pause"
-            );
-            if line.contains("test pause at s3-restore-mid") {
-                break;
-            }
-        }
+        ]);
+        let (mut child, mut err) = spawn_paused(c, "restore", "s3-restore-mid", 2);
         s.kill();
         let t = Instant::now();
         let status = child.wait().unwrap();
@@ -389,9 +388,7 @@ fn a_server_that_always_throttles_fails_within_the_retry_bound() {
             !left.iter().any(|k| k.ends_with("manifest.json")),
             "a failed save left a manifest: {left:?}"
         );
-        mf(s, &["restore", &url2])
-            .code(2)
-            .stderr_has(&["no committed snapshot"]);
+        assert_no_snapshot(s, &url2);
         // What it could not clean up through the throttling proxy, gc
         // removes.
         mf(s, &["gc", "--grace", "0s", &url2]).ok();
@@ -436,28 +433,28 @@ fn a_corrupted_object_is_caught_by_the_checksum() {
     });
 }
 
+/// Runs a save of 40 MiB to `url` whose upload of part `part` fails (an
+/// injected failure).
+fn save_failing_part(s: &Server, url: &str, part: u32) -> Run {
+    let mut c = s.command();
+    c.args(["save", "--source", "synthetic:40MiB", "--to", url])
+        .env("MEMFERRY_TEST_S3_FAIL_PART", part.to_string());
+    run_cmd(c, Vec::<String>::new())
+}
+
 #[test]
 fn a_failed_save_leaves_no_manifest_and_no_objects() {
     each_server(|s| {
         let url = s.url("failed");
-        let mut c = s.command();
-        c.args(["save", "--source", "synthetic:40MiB", "--to", &url])
-            .env("MEMFERRY_TEST_S3_FAIL_PART", "2");
-        let r = run_cmd(c, Vec::<String>::new());
-        let r = r.fails_with(&["injected failure"]);
+        let r = save_failing_part(s, &url, 2).fails_with(&["injected failure"]);
         assert_eq!(r.code, 1);
         assert!(s.keys(&url).is_empty(), "left: {:?}", s.keys(&url));
-        mf(s, &["restore", &url])
-            .code(2)
-            .stderr_has(&["no committed snapshot"]);
+        assert_no_snapshot(s, &url);
 
         // A save failing over an existing snapshot leaves that one intact.
         save(s, &url, 8, &[]);
         let before = s.keys(&url);
-        let mut c = s.command();
-        c.args(["save", "--source", "synthetic:40MiB", "--to", &url])
-            .env("MEMFERRY_TEST_S3_FAIL_PART", "0");
-        run_cmd(c, Vec::<String>::new()).code(1);
+        save_failing_part(s, &url, 0).code(1);
         assert_eq!(s.keys(&url), before);
         mf(s, &["verify", &url]).ok();
         s.clean(&url);
@@ -589,9 +586,7 @@ fn bad_s3_input_is_rejected_before_any_request() {
         mf(s, &args).code(2).stderr_has(&[needle]);
     }
     let url = s.url("empty");
-    mf(s, &["restore", &url])
-        .code(2)
-        .stderr_has(&["no committed snapshot"]);
+    assert_no_snapshot(s, &url);
     mf(s, &["inspect", &url]).code(2);
     // Refuses a prefix holding foreign objects, and changes nothing.
     let k = key(&url, "notes.txt");

@@ -9,7 +9,7 @@ use memferry::Error;
 use memferry::memory::{Device, HostRegion, Region};
 use memferry::snapshot::layout::{Allocation, Layout, MetadataEntry};
 use memferry::snapshot::source::{SnapshotSource, fill_bytes};
-use memferry::snapshot::{LoadOptions, SaveOptions, restore, save, verify};
+use memferry::snapshot::{LoadOptions, RestoredSnapshot, SaveOptions, restore, save, verify};
 use memferry::transfer::{BackendKind, Tuning};
 
 /// A backend configuration under test.
@@ -19,58 +19,56 @@ struct Config {
     tuning: Tuning,
 }
 
+impl Config {
+    /// Default save options but for this backend and tuning.
+    fn save_options(&self) -> SaveOptions {
+        SaveOptions {
+            backend: self.backend,
+            tuning: self.tuning.clone(),
+            ..SaveOptions::default()
+        }
+    }
+
+    /// Default load options but for this backend and tuning.
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            backend: self.backend,
+            tuning: self.tuning.clone(),
+            ..LoadOptions::default()
+        }
+    }
+}
+
 fn configs() -> Vec<Config> {
-    let t = |workers, queue_depth, chunk_size, max: Option<u64>| Tuning {
-        workers,
-        queue_depth,
-        chunk_size,
-        max_bytes_per_call: max,
-        ..Tuning::default()
-    };
-    vec![
-        Config {
-            label: "buffered",
-            backend: BackendKind::Buffered,
-            tuning: t(4, 16, 1 << 20, None),
-        },
-        Config {
-            label: "buffered-1worker-big-chunks",
-            backend: BackendKind::Buffered,
-            tuning: t(1, 1, 8 << 20, None),
-        },
-        Config {
-            label: "direct",
-            backend: BackendKind::Direct,
-            tuning: t(4, 16, 1 << 20, None),
-        },
-        Config {
-            label: "direct-qd1",
-            backend: BackendKind::Direct,
-            tuning: t(1, 1, 2 << 20, None),
-        },
-        Config {
-            label: "direct-short-4k",
-            backend: BackendKind::Direct,
-            tuning: t(4, 8, 1 << 20, Some(4096)),
-        },
-        Config {
-            label: "auto",
-            backend: BackendKind::Auto,
-            tuning: t(2, 4, 1 << 20, None),
-        },
+    use BackendKind::{Auto, Buffered, Direct, Pinned};
+    // (label, backend, workers, queue depth, chunk size, max bytes per call)
+    [
+        ("buffered", Buffered, 4, 16, 1 << 20, None),
+        ("buffered-1worker-big-chunks", Buffered, 1, 1, 8 << 20, None),
+        ("direct", Direct, 4, 16, 1 << 20, None),
+        ("direct-qd1", Direct, 1, 1, 2 << 20, None),
+        ("direct-short-4k", Direct, 4, 8, 1 << 20, Some(4096)),
+        ("auto", Auto, 2, 4, 1 << 20, None),
         // Host memory: aligned (non-pinned) staging and synchronous copies,
         // so the pipeline runs without a GPU.
-        Config {
-            label: "pinned",
-            backend: BackendKind::Pinned,
-            tuning: t(4, 4, 1 << 20, None),
-        },
-        Config {
-            label: "pinned-2slots-short-4k",
-            backend: BackendKind::Pinned,
-            tuning: t(1, 2, 1 << 20, Some(4096)),
-        },
+        ("pinned", Pinned, 4, 4, 1 << 20, None),
+        ("pinned-2slots-short-4k", Pinned, 1, 2, 1 << 20, Some(4096)),
     ]
+    .into_iter()
+    .map(
+        |(label, backend, workers, queue_depth, chunk_size, max_bytes_per_call)| Config {
+            label,
+            backend,
+            tuning: Tuning {
+                workers,
+                queue_depth,
+                chunk_size,
+                max_bytes_per_call,
+                ..Tuning::default()
+            },
+        },
+    )
+    .collect()
 }
 
 /// A source with allocations of exactly `sizes`, bytes from `seed`.
@@ -102,6 +100,35 @@ fn source(sizes: &[u64], seed: u64) -> SnapshotSource {
     }
 }
 
+/// Panics unless every allocation of `restored` holds the bytes of the
+/// same allocation of `src` (pairs up to the shorter list; callers compare
+/// layouts where counts matter). `label` names the case in the message.
+fn assert_same_bytes(src: &SnapshotSource, restored: &RestoredSnapshot, label: &str) {
+    for (i, (a, b)) in src.regions.iter().zip(&restored.regions).enumerate() {
+        // SAFETY: nothing writes the source regions during the test.
+        let want = unsafe { memferry::memory::host_bytes(a.as_ref()) }.unwrap();
+        assert!(
+            want == b.to_vec().unwrap(),
+            "{label}: allocation {i} differs"
+        );
+    }
+}
+
+/// Saves `src` to `snap` striped over `roots` in 1 MiB shards (must
+/// succeed).
+fn save_striped(src: &SnapshotSource, snap: &Path, roots: &[PathBuf]) {
+    save(
+        src,
+        snap,
+        &SaveOptions {
+            roots: Some(roots.to_vec()),
+            shard_size: 1 << 20,
+            ..SaveOptions::default()
+        },
+    )
+    .unwrap();
+}
+
 fn roots(dir: &Path, n: usize) -> Option<Vec<PathBuf>> {
     (n > 1).then(|| {
         (0..n)
@@ -125,9 +152,7 @@ fn round_trip(case: &str, sizes: &[u64], shard_size: u64, nroots: usize) {
         let opts = SaveOptions {
             roots: roots.clone(),
             shard_size,
-            backend: save_cfg.backend,
-            tuning: save_cfg.tuning.clone(),
-            ..SaveOptions::default()
+            ..save_cfg.save_options()
         };
         let rep = save(&src, &snap, &opts)
             .unwrap_or_else(|e| panic!("{case}: save with {}: {e}", save_cfg.label));
@@ -143,22 +168,11 @@ fn round_trip(case: &str, sizes: &[u64], shard_size: u64, nroots: usize) {
                 "{case}: saved with {}, loaded with {}",
                 save_cfg.label, load_cfg.label
             );
-            let lo = LoadOptions {
-                backend: load_cfg.backend,
-                tuning: load_cfg.tuning.clone(),
-                ..LoadOptions::default()
-            };
+            let lo = load_cfg.load_options();
             let (restored, report) = restore(&snap, &lo).unwrap_or_else(|e| panic!("{label}: {e}"));
             assert!(report.verified, "{label}");
             assert_eq!(restored.manifest.layout(), src.layout, "{label}: layout");
-            for (i, (a, b)) in src.regions.iter().zip(&restored.regions).enumerate() {
-                // SAFETY: nothing writes the source regions during the test.
-                let want = unsafe { memferry::memory::host_bytes(a.as_ref()) }.unwrap();
-                assert!(
-                    want == b.to_vec().unwrap(),
-                    "{label}: allocation {i} differs"
-                );
-            }
+            assert_same_bytes(&src, &restored, &label);
             verify(&snap, &lo).unwrap_or_else(|e| panic!("{label}: verify: {e}"));
         }
     }
@@ -214,16 +228,7 @@ fn several_roots_stripe_evenly() {
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("s");
     let r = roots(dir.path(), 3).unwrap();
-    save(
-        &source(&sizes, 1),
-        &snap,
-        &SaveOptions {
-            roots: Some(r.clone()),
-            shard_size: 1 << 20,
-            ..SaveOptions::default()
-        },
-    )
-    .unwrap();
+    save_striped(&source(&sizes, 1), &snap, &r);
     let m = memferry::snapshot::Manifest::load(&snap).unwrap();
     let per_root: Vec<u64> = (0..3)
         .map(|i| {
@@ -252,16 +257,7 @@ fn restore_with_moved_roots_is_portable() {
     let snap = dir.path().join("s");
     let r = roots(dir.path(), 2).unwrap();
     let src = source(&[3 << 20, 777], 5);
-    save(
-        &src,
-        &snap,
-        &SaveOptions {
-            roots: Some(r.clone()),
-            shard_size: 1 << 20,
-            ..SaveOptions::default()
-        },
-    )
-    .unwrap();
+    save_striped(&src, &snap, &r);
     let moved: Vec<PathBuf> = r
         .iter()
         .enumerate()
@@ -303,34 +299,18 @@ fn one_byte_per_call_storage() {
         ("direct", BackendKind::Direct),
         ("pinned", BackendKind::Pinned),
     ] {
+        let cfg = Config {
+            label,
+            backend,
+            tuning: one_byte.clone(),
+        };
         let dir = tempfile::tempdir().unwrap();
         let snap = dir.path().join("s");
         let src = source(&sizes, 9);
-        save(
-            &src,
-            &snap,
-            &SaveOptions {
-                backend,
-                tuning: one_byte.clone(),
-                ..SaveOptions::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{label}: {e}"));
-        let (restored, _) = restore(
-            &snap,
-            &LoadOptions {
-                backend,
-                tuning: one_byte.clone(),
-                ..LoadOptions::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{label}: {e}"));
-        for (a, b) in src.regions.iter().zip(&restored.regions) {
-            // SAFETY: no writers.
-            assert!(
-                unsafe { memferry::memory::host_bytes(a.as_ref()) }.unwrap() == b.to_vec().unwrap()
-            );
-        }
+        save(&src, &snap, &cfg.save_options()).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let (restored, _) =
+            restore(&snap, &cfg.load_options()).unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_same_bytes(&src, &restored, label);
     }
 }
 
@@ -344,10 +324,8 @@ fn cancellation_commits_nothing() {
             &source(&[2 << 20, 3], 1),
             &snap,
             &SaveOptions {
-                backend: cfg.backend,
-                tuning: cfg.tuning.clone(),
                 cancel: Some(cancel.clone()),
-                ..SaveOptions::default()
+                ..cfg.save_options()
             },
         )
         .unwrap_err();
@@ -375,11 +353,7 @@ fn every_backend_detects_a_flipped_bit_and_names_it() {
     bytes[at as usize] ^= 0x10;
     std::fs::write(&shard, bytes).unwrap();
     for cfg in configs() {
-        let lo = LoadOptions {
-            backend: cfg.backend,
-            tuning: cfg.tuning.clone(),
-            ..LoadOptions::default()
-        };
+        let lo = cfg.load_options();
         for (op, err) in [
             ("restore", restore(&snap, &lo).err()),
             ("verify", verify(&snap, &lo).err()),
@@ -442,12 +416,7 @@ fn gds_falls_back_to_pinned_and_says_so() {
     .unwrap();
     assert!(rep.verified, "the pinned fallback verifies in-line");
     assert!(rep.fallbacks.iter().any(|f| f.contains("ran pinned")));
-    for (a, b) in src.regions.iter().zip(&restored.regions) {
-        // SAFETY: no writers.
-        assert!(
-            unsafe { memferry::memory::host_bytes(a.as_ref()) }.unwrap() == b.to_vec().unwrap()
-        );
-    }
+    assert_same_bytes(&src, &restored, "gds");
 }
 
 /// Restoring onto a CUDA device without a driver fails before touching

@@ -237,23 +237,13 @@ fn every_visible_device_gets_its_own_allocations() {
 /// between device memory and the store's host staging.
 #[test]
 fn kv_blocks_round_trip_through_device_tensors() {
-    use memferry::kv::{BlockKey, KvConfig, KvLayout, KvStore, KvTensor, Namespace};
+    use memferry::kv::{BlockKey, KvConfig, KvLayout, KvStore, KvTensor};
     use std::sync::Arc;
     use std::time::Duration;
     if !gpu() {
         return;
     }
-    let ns = Namespace {
-        model: "gpu/kv".into(),
-        tokens_per_block: 16,
-        blocks_per_file: 2,
-        tp_rank: 0,
-        tp_size: 1,
-        pp_rank: 0,
-        pp_size: 1,
-        dtype: "bfloat16".into(),
-        layout_version: 1,
-    };
+    let ns = memferry_test_support::kv::namespace("gpu/kv", 2);
     let (blocks, page) = (16u64, 64u64 << 10);
     let tensor = |fill: Option<u64>| {
         let r = CudaRegion::new(0, blocks * page).unwrap();

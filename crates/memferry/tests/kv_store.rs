@@ -4,15 +4,15 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use memferry::kv::{
-    BlockKey, JobId, JobResult, KeyOutcome, KvConfig, KvLayout, KvStore, KvTensor, Namespace,
-};
+use memferry::kv::{BlockKey, JobId, JobResult, KeyOutcome, KvConfig, KvLayout, KvStore, KvTensor};
 use memferry::memory::{HostRegion, Region};
 use memferry::transfer::{BackendKind, Tuning};
+use memferry_test_support::Mount;
+use memferry_test_support::files::{files_where, kv_block_files};
+use memferry_test_support::kv::{self, namespace, outcomes, wait_one};
 
 const BLOCKS: u64 = 32;
 /// Two tensors per block, one of them with a page size that is not a
@@ -22,19 +22,8 @@ const PAGES: [u64; 2] = [8192, 3000];
 /// Pages O_DIRECT can move in place (zero copy).
 const ALIGNED_PAGES: [u64; 2] = [8192, 4096];
 
-fn namespace(per_file: u32) -> Namespace {
-    Namespace {
-        model: "test/model".into(),
-        tokens_per_block: 16,
-        blocks_per_file: per_file,
-        tp_rank: 0,
-        tp_size: 1,
-        pp_rank: 0,
-        pp_size: 1,
-        dtype: "bfloat16".into(),
-        layout_version: 1,
-    }
-}
+/// The model of every namespace here.
+const MODEL: &str = "test/model";
 
 /// Tensors whose every page holds a pattern derived from (seed, tensor,
 /// block); seed 0 gives zeroed memory.
@@ -44,41 +33,7 @@ fn tensors(seed: u64) -> (KvLayout, Vec<Arc<HostRegion>>) {
 
 /// Like [`tensors`], with the given page sizes.
 fn tensors_of(seed: u64, pages: [u64; 2]) -> (KvLayout, Vec<Arc<HostRegion>>) {
-    let mut regions = Vec::new();
-    let mut list = Vec::new();
-    for (t, &page) in pages.iter().enumerate() {
-        let mut r = HostRegion::new(BLOCKS * page).unwrap();
-        if seed != 0 {
-            for b in 0..BLOCKS {
-                fill(
-                    &mut r.as_mut_slice()[(b * page) as usize..((b + 1) * page) as usize],
-                    seed,
-                    t as u64,
-                    b,
-                );
-            }
-        }
-        let r = Arc::new(r);
-        regions.push(r.clone());
-        list.push(KvTensor {
-            region: r,
-            num_blocks: BLOCKS,
-            page_bytes: page,
-        });
-    }
-    (KvLayout::new(list).unwrap(), regions)
-}
-
-fn fill(buf: &mut [u8], seed: u64, t: u64, b: u64) {
-    let mut x = seed
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        .wrapping_add(t * 1000 + b + 1);
-    for byte in buf {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *byte = x as u8;
-    }
+    kv::tensors(seed, &pages, BLOCKS)
 }
 
 /// One tensor of `BLOCKS` pages of 1 MiB: with 512 bytes per system call a
@@ -107,8 +62,7 @@ fn slow(root: &Path) -> KvConfig {
 }
 
 fn page(regions: &[Arc<HostRegion>], t: usize, block: u64) -> &[u8] {
-    let p = (regions[t].len() / BLOCKS) as usize;
-    &regions[t].as_slice()[block as usize * p..(block as usize + 1) * p]
+    kv::page(regions, BLOCKS, t, block)
 }
 
 fn key(i: u64) -> BlockKey {
@@ -116,15 +70,9 @@ fn key(i: u64) -> BlockKey {
 }
 
 fn config(root: &Path, per_file: u32, backend: BackendKind) -> KvConfig {
-    let mut c = KvConfig::new(root, namespace(per_file));
+    let mut c = KvConfig::new(root, namespace(MODEL, per_file));
     c.backend = backend;
     c
-}
-
-fn wait_one(store: &KvStore, job: JobId) -> JobResult {
-    let mut r = store.wait(&[job], Duration::from_secs(60));
-    assert_eq!(r.len(), 1, "job {job} did not finish within 60 s");
-    r.remove(0)
 }
 
 fn store_keys(store: &KvStore, keys: &[BlockKey], ids: &[u64]) -> JobResult {
@@ -139,33 +87,7 @@ fn load_keys(store: &KvStore, keys: &[BlockKey], ids: &[u64]) -> JobResult {
     wait_one(store, job)
 }
 
-fn outcomes(r: &JobResult) -> Vec<KeyOutcome> {
-    r.keys.iter().map(|k| k.outcome.clone()).collect()
-}
-
-/// Every file under `dir` whose path satisfies `keep`.
-fn files_where(dir: &Path, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if keep(&p) {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-fn block_files(dir: &Path) -> BTreeSet<PathBuf> {
-    files_where(dir, |p| p.extension().is_some_and(|x| x == "kvb"))
-        .into_iter()
-        .collect()
-}
-
+/// Temporary files (`.tmp-` in the name) below `dir`.
 fn temp_files(dir: &Path) -> Vec<PathBuf> {
     files_where(dir, |p| p.to_string_lossy().contains(".tmp-"))
 }
@@ -263,9 +185,9 @@ fn round_trips_with_1_2_and_4_blocks_per_file_and_a_partial_first_group() {
 #[test]
 fn a_root_that_refuses_o_direct_falls_back_to_the_page_cache() {
     let tmp = tempfile::tempdir().unwrap();
-    let ram = Mount::of("ramfs", "mode=755", &tmp.path().join("ram"));
+    let ram = Mount::new("ramfs", Some("mode=755"), &tmp.path().join("ram"));
     let (src, src_mem) = tensors(5);
-    let c = config(&ram.0, 2, BackendKind::Direct);
+    let c = config(&ram.dir, 2, BackendKind::Direct);
     let store = KvStore::open(c.clone(), src).unwrap();
     let keys: Vec<BlockKey> = (0..4).map(key).collect();
     let ids: Vec<u64> = (0..8).collect();
@@ -322,7 +244,7 @@ fn corrupt_truncated_missing_and_foreign_with(pages: [u64; 2], mode: &str) {
     std::fs::remove_file(path(3)).unwrap();
     // 4: a block of another namespace under this key's name.
     let (other_mem, _) = tensors_of(3, pages);
-    let mut ns = namespace(1);
+    let mut ns = namespace(MODEL, 1);
     ns.tp_size = 2;
     let other_root = tempfile::tempdir().unwrap();
     let mut c = KvConfig::new(other_root.path(), ns);
@@ -427,7 +349,7 @@ fn eviction_holds_usage_under_capacity_and_spares_protected_and_recent_blocks() 
         }
         // Keep key 1 hot: it is touched after every store.
         store.touch(&[key(1)]);
-        let on_disk = block_files(store.dir().unwrap()).len() as u64 * file;
+        let on_disk = kv_block_files(store.dir().unwrap()).len() as u64 * file;
         assert!(on_disk <= 5 * file, "usage {on_disk} over capacity");
         assert!(store.stats().bytes <= 5 * file);
         assert!(
@@ -465,7 +387,7 @@ fn eviction_holds_usage_under_capacity_and_spares_protected_and_recent_blocks() 
     let m = refused.expect("a store beyond a fully protected capacity fails");
     assert!(m.contains("capacity"), "{m}");
     assert_eq!(
-        block_files(store.dir().unwrap()).len(),
+        kv_block_files(store.dir().unwrap()).len(),
         5,
         "full, nothing evicted"
     );
@@ -642,7 +564,7 @@ fn a_restart_keeps_the_access_record_and_the_index_consistent_with_the_files() {
     assert_eq!(store.lookup(&[key(0), key(1), key(2), key(3), key(4)]), 3);
     // LRU after restart: 1 and 2 are oldest; 0 was touched before the restart.
     store.evict_to(3 * file);
-    let left: BTreeSet<PathBuf> = block_files(store.dir().unwrap());
+    let left: BTreeSet<PathBuf> = kv_block_files(store.dir().unwrap()).into_iter().collect();
     let want: BTreeSet<PathBuf> = [0, 4, 5]
         .iter()
         .map(|&i| store.dir().unwrap().join(key(i).rel_path()))
@@ -656,41 +578,6 @@ fn a_restart_keeps_the_access_record_and_the_index_consistent_with_the_files() {
     assert_eq!(recorded.counters.hits, 6 + 3);
 }
 
-struct Mount(PathBuf);
-
-impl Mount {
-    /// A tmpfs with `options` at `dir`.
-    fn new(options: &str, dir: &Path) -> Self {
-        Self::of("tmpfs", options, dir)
-    }
-
-    fn of(fstype: &str, options: &str, dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", fstype, "-o", options, fstype])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount {fstype} failed (these tests need root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 #[test]
 fn bad_input_is_refused_with_clear_errors() {
     let root = tempfile::tempdir().unwrap();
@@ -702,7 +589,7 @@ fn bad_input_is_refused_with_clear_errors() {
     let c = config(root.path(), 1, BackendKind::Auto);
     let dir = root.path().join(c.namespace.dir_name());
     std::fs::create_dir_all(&dir).unwrap();
-    let mut other = namespace(1);
+    let mut other = namespace(MODEL, 1);
     other.dtype = "float16".into();
     std::fs::write(
         dir.join("namespace.json"),
@@ -748,17 +635,17 @@ fn bad_input_is_refused_with_clear_errors() {
     assert!(e.contains("need 1 block ids"), "{e}");
     drop(store);
     // A read-only root.
-    let ro = Mount::new("ro,size=1m", &root.path().join("ro"));
-    let e = err(config(&ro.0, 1, BackendKind::Auto));
+    let ro = Mount::new("tmpfs", Some("ro,size=1m"), &root.path().join("ro"));
+    let e = err(config(&ro.dir, 1, BackendKind::Auto));
     assert!(e.contains("writable"), "{e}");
 }
 
 #[test]
 fn a_full_disk_fails_the_store_cleanly_and_keeps_existing_blocks() {
     let tmp = tempfile::tempdir().unwrap();
-    let disk = Mount::new("size=160k", &tmp.path().join("small"));
+    let disk = Mount::new("tmpfs", Some("size=160k"), &tmp.path().join("small"));
     let (src, src_mem) = tensors(8);
-    let c = config(&disk.0, 1, BackendKind::Auto);
+    let c = config(&disk.dir, 1, BackendKind::Auto);
     let store = KvStore::open(c.clone(), src).unwrap();
     // Each block file is 4 KiB + 12 KiB: a few fit, then the disk is full.
     let mut stored = Vec::new();
@@ -795,20 +682,20 @@ fn a_full_disk_fails_the_store_cleanly_and_keeps_existing_blocks() {
 #[test]
 fn background_eviction_brings_the_filesystem_down_to_the_low_watermark() {
     let tmp = tempfile::tempdir().unwrap();
-    let disk = Mount::new("size=1m", &tmp.path().join("wm"));
+    let disk = Mount::new("tmpfs", Some("size=1m"), &tmp.path().join("wm"));
     let used = |p: &Path| {
         let s = rustix::fs::statvfs(p).unwrap();
         (s.f_blocks - s.f_bfree) as f64 / s.f_blocks as f64
     };
     // Fill the disk to about half with 16 KiB block files, no watermarks.
-    let c = config(&disk.0, 1, BackendKind::Buffered);
+    let c = config(&disk.dir, 1, BackendKind::Buffered);
     let store = KvStore::open(c.clone(), tensors(3).0).unwrap();
     let keys: Vec<BlockKey> = (0..BLOCKS).map(key).collect();
     let ids: Vec<u64> = (0..BLOCKS).collect();
     assert!(store_keys(&store, &keys, &ids).succeeded());
     drop(store);
     assert!(
-        used(&disk.0) > 0.4,
+        used(&disk.dir) > 0.4,
         "the test must start above the high watermark"
     );
     // Reopen with watermarks: the housekeeper frees space in the background.
@@ -818,10 +705,10 @@ fn background_eviction_brings_the_filesystem_down_to_the_low_watermark() {
     let store = KvStore::open(c, tensors(3).0).unwrap();
     store.protect(&[key(0)]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while used(&disk.0) > 0.15 && Instant::now() < deadline {
+    while used(&disk.dir) > 0.15 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(used(&disk.0) <= 0.15, "still {:.2} used", used(&disk.0));
+    assert!(used(&disk.dir) <= 0.15, "still {:.2} used", used(&disk.dir));
     assert!(store.stats().counters.evictions > 0);
     assert!(
         store.dir().unwrap().join(key(0).rel_path()).exists(),
@@ -851,7 +738,7 @@ fn a_namespace_removed_under_an_open_store_is_recreated_by_the_next_store() {
     // The directory is a namespace again: another process opens it with
     // the same layout and loads what was stored after the removal.
     let found = memferry::kv::namespace::Namespace::read(&dir).unwrap();
-    assert_eq!(found.as_ref(), Some(&namespace(1)));
+    assert_eq!(found.as_ref(), Some(&namespace(MODEL, 1)));
     let (dst, dst_mem) = tensors(0);
     let other = KvStore::open(config(root.path(), 1, BackendKind::Direct), dst).unwrap();
     assert!(load_keys(&other, &keys[1..], &[1, 2]).succeeded());

@@ -1,6 +1,6 @@
 //! Helpers shared by the CLI integration tests: running the binary, reading
-//! its JSON output, listing directories, editing snapshots and mounting
-//! small filesystems.
+//! its JSON output, listing directories and editing snapshots. Helpers the
+//! library's tests share too (e.g. `Mount`) are in `memferry-test-support`.
 
 #![allow(dead_code)]
 
@@ -179,10 +179,15 @@ pub fn arg(p: &Path) -> String {
 
 /// Arguments of a save of `synthetic:SIZE` to `to`.
 pub fn save_args(size_mib: u64, to: &Path, extra: &[&str]) -> Vec<String> {
+    save_source_args(&format!("synthetic:{size_mib}MiB"), to, extra)
+}
+
+/// Arguments `save --source SOURCE --to TO EXTRA...`.
+pub fn save_source_args(source: &str, to: &Path, extra: &[&str]) -> Vec<String> {
     let mut v = vec![
         "save".to_string(),
         "--source".into(),
-        format!("synthetic:{size_mib}MiB"),
+        source.into(),
         "--to".into(),
         arg(to),
     ];
@@ -395,47 +400,6 @@ pub fn is_root() -> bool {
         .find(|l| l.starts_with("Uid:"))
         .and_then(|l| l.split_whitespace().nth(1))
         == Some("0")
-}
-
-/// A filesystem mounted for the duration of a test; unmounted (lazily) on
-/// drop, also when the test panics.
-pub struct Mount {
-    pub dir: PathBuf,
-}
-
-impl Mount {
-    /// `mount -t FSTYPE -o OPTIONS FSTYPE DIR` (creates `dir`). Panics if
-    /// mounting fails: these tests need root and never skip.
-    pub fn new(fstype: &str, options: Option<&str>, dir: &Path) -> Self {
-        fs::create_dir_all(dir).expect("creating mount point");
-        let mut c = Command::new("mount");
-        c.arg("-t").arg(fstype);
-        if let Some(o) = options {
-            c.arg("-o").arg(o);
-        }
-        c.arg(fstype).arg(dir);
-        let out = c.output().expect("running mount");
-        assert!(
-            out.status.success(),
-            "mount -t {fstype} {options:?} {} failed (these tests need root): {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self {
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 /// A small deterministic PRNG (xorshift64*), seeded per test run.

@@ -341,9 +341,11 @@ impl Server {
         c
     }
 
-    /// A library client on this server (for listing, corrupting, cleaning).
-    pub fn client(&self) -> ObjectClient {
-        let cfg = S3Config {
+    /// The library's configuration for this server: its endpoint and this
+    /// server's credentials, path-style plain HTTP, at most 2 retries
+    /// within 5 s.
+    pub fn s3_config(&self) -> S3Config {
+        S3Config {
             endpoint: Some(self.endpoint()),
             access_key_id: Some(self.access_key()),
             secret_access_key: Some(memferry::storage::s3::Secret::new(self.secret_key())),
@@ -355,9 +357,13 @@ impl Server {
                 ..Default::default()
             },
             ..S3Config::default()
-        };
+        }
+    }
+
+    /// A library client on this server (for listing, corrupting, cleaning).
+    pub fn client(&self) -> ObjectClient {
         let _ = S3Overrides::default();
-        ObjectClient::new(&cfg, BUCKET).expect("client")
+        ObjectClient::new(&self.s3_config(), BUCKET).expect("client")
     }
 
     /// A fresh prefix for one test.
@@ -435,5 +441,14 @@ pub fn shared(kind: Kind) -> &'static Server {
     match kind {
         Kind::Moto => MOTO.get_or_init(|| Server::start(Kind::Moto)),
         Kind::S3sFs => S3S.get_or_init(|| Server::start(Kind::S3sFs)),
+    }
+}
+
+/// Runs `f` on the shared server of every kind in turn (each announced on
+/// stderr as `== NAME`).
+pub fn each_server(f: impl Fn(&Server)) {
+    for kind in Kind::ALL {
+        eprintln!("== {}", kind.name());
+        f(shared(kind));
     }
 }
