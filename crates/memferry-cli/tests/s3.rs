@@ -435,29 +435,64 @@ fn a_corrupted_object_is_caught_by_the_checksum() {
 
 /// Runs a save of 40 MiB to `url` whose upload of part `part` fails (an
 /// injected failure).
-fn save_failing_part(s: &Server, url: &str, part: u32) -> Run {
+fn save_failing_part(s: &Server, url: &str, part: u32, extra: &[&str]) -> Run {
     let mut c = s.command();
     c.args(["save", "--source", "synthetic:40MiB", "--to", url])
+        .args(extra)
         .env("MEMFERRY_TEST_S3_FAIL_PART", part.to_string());
     run_cmd(c, Vec::<String>::new())
 }
+
+/// Five shard objects of one 8 MiB part each, uploaded one request at a
+/// time: part `n` belongs to object `n`.
+const ONE_PART_SHARDS: [&str; 4] = ["--shard-size", "8MiB", "--s3-concurrency", "1"];
 
 #[test]
 fn a_failed_save_leaves_no_manifest_and_no_objects() {
     each_server(|s| {
         let url = s.url("failed");
-        let r = save_failing_part(s, &url, 2).fails_with(&["injected failure"]);
+        let r = save_failing_part(s, &url, 2, &[]).fails_with(&["injected failure"]);
         assert_eq!(r.code, 1);
+        assert!(s.keys(&url).is_empty(), "left: {:?}", s.keys(&url));
+        assert_no_snapshot(s, &url);
+        // Objects already completed (0 to 2) go too.
+        save_failing_part(s, &url, 3, &ONE_PART_SHARDS).fails_with(&["injected failure"]);
         assert!(s.keys(&url).is_empty(), "left: {:?}", s.keys(&url));
         assert_no_snapshot(s, &url);
 
         // A save failing over an existing snapshot leaves that one intact.
         save(s, &url, 8, &[]);
         let before = s.keys(&url);
-        save_failing_part(s, &url, 0).code(1);
+        save_failing_part(s, &url, 0, &[]).code(1);
         assert_eq!(s.keys(&url), before);
         mf(s, &["verify", &url]).ok();
         s.clean(&url);
+    });
+}
+
+#[test]
+fn shard_objects_are_completed_while_later_shards_upload() {
+    each_server(|s| {
+        let url = s.url("early-complete");
+        let mut c = s.command();
+        c.args(["save", "--source", "synthetic:40MiB", "--to", &url])
+            .args(ONE_PART_SHARDS);
+        // Paused once the first part is in: its object is complete (listed),
+        // the later ones are not, and nothing is committed.
+        let (mut child, _err) = spawn_paused(c, "save", "s3-save-mid", 60);
+        let keys = s.keys(&url);
+        let shards = keys.iter().filter(|k| k.contains("/shards/")).count();
+        assert_eq!(shards, 1, "{keys:?}");
+        assert!(
+            !keys.iter().any(|k| k.ends_with("/manifest.json")),
+            "{keys:?}"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_no_snapshot(s, &url);
+        // gc removes the completed object of the killed save as well.
+        mf(s, &["gc", "--grace", "0s", &url]).ok();
+        assert!(s.keys(&url).is_empty(), "left: {:?}", s.keys(&url));
     });
 }
 
