@@ -18,11 +18,11 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::Instant;
 
-use super::buffered::{open_error, run_ops};
+use super::buffered::open_error;
 use super::job::TransferJob;
 use super::plan::Direction;
+use super::threads::{RootRun, SingleRoot, run_roots};
 use super::uring::Ring;
 use super::{Backend, IO_ALIGN, TransferStats, Tuning};
 use crate::memory::AlignedBuf;
@@ -41,12 +41,6 @@ impl DirectBackend {
     }
 }
 
-/// What one root did.
-struct RootRun {
-    fallback: Option<String>,
-    staging: u64,
-}
-
 impl Backend for DirectBackend {
     fn name(&self) -> &'static str {
         "direct"
@@ -54,75 +48,30 @@ impl Backend for DirectBackend {
 
     fn run(&self, job: &TransferJob<'_>) -> Result<TransferStats> {
         job.validate()?;
-        let start = Instant::now();
-        let mut per_root: Vec<Vec<usize>> = vec![Vec::new(); job.plan.root_count()];
-        for (i, op) in job.plan.ops.iter().enumerate() {
-            per_root[job.plan.files[op.file].root].push(i);
-        }
-        per_root.retain(|ops| !ops.is_empty());
         // One root (the common case for small KV jobs) runs on the calling
         // thread: no thread to spawn per call.
-        let results: Vec<Result<RootRun>> = if per_root.len() == 1 {
-            vec![run_root(job, &per_root[0], &self.tuning)]
-        } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = per_root
-                    .iter()
-                    .map(|ops| s.spawn(|| run_root(job, ops, &self.tuning)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("root worker panicked"))
-                    .collect()
-            })
-        };
-        let mut stats = TransferStats {
-            bytes: job.plan.bytes(),
-            ..Default::default()
-        };
-        let (mut direct_roots, mut fallback_roots) = (0, 0);
-        for r in results {
-            let r = r?;
-            stats.peak_staging_bytes += r.staging;
-            match r.fallback {
-                Some(reason) => {
-                    fallback_roots += 1;
-                    if !stats.fallbacks.contains(&reason) {
-                        stats.fallbacks.push(reason);
-                    }
-                }
-                None => direct_roots += 1,
-            }
-        }
-        stats.mode = match (direct_roots, fallback_roots) {
-            (_, 0) => "odirect-uring".into(),
-            (0, _) => "buffered-fallback".into(),
-            (d, f) => format!("odirect-uring({d} roots)+buffered-fallback({f} roots)"),
-        };
-        stats.seconds = start.elapsed().as_secs_f64();
-        stats.checksum_cpu_seconds = job.checksum_seconds();
-        Ok(stats)
+        run_roots(
+            job,
+            SingleRoot::Inline,
+            |ops| run_root(job, ops, &self.tuning),
+            |_, _| "odirect-uring".into(),
+        )
     }
 }
 
-fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<RootRun> {
+fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<RootRun<()>> {
     match Engine::setup(job, ops, tuning)? {
         Ok(mut engine) => {
             let staging = engine.staging.as_ref().map_or(0, |b| b.len() as u64);
             engine.run(job, ops)?;
             Ok(RootRun {
                 fallback: None,
+                notes: Vec::new(),
                 staging,
+                extra: (),
             })
         }
-        Err(reason) => {
-            tracing::warn!("direct I/O unavailable, using buffered: {reason}");
-            let staging = run_ops(job, ops, tuning)?;
-            Ok(RootRun {
-                fallback: Some(reason),
-                staging,
-            })
-        }
+        Err(reason) => RootRun::buffered(job, ops, tuning, "direct I/O", reason),
     }
 }
 

@@ -17,6 +17,7 @@ mod job;
 mod pinned;
 mod plan;
 mod s3;
+mod threads;
 pub(crate) mod uring;
 
 pub use buffered::BufferedBackend;

@@ -25,12 +25,11 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::Instant;
 
-use super::buffered::run_ops;
 use super::direct::{open_direct, register_hint};
 use super::job::TransferJob;
 use super::plan::Direction;
+use super::threads::{RootRun, SingleRoot, run_roots};
 use super::uring::Ring;
 use super::{Backend, IO_ALIGN, TransferStats, Tuning};
 use crate::memory::cuda::{Context, Event, Stream};
@@ -53,13 +52,9 @@ impl PinnedBackend {
     }
 }
 
-/// What one root did.
-struct RootRun {
-    /// `None`: the pipeline ran; `Some`: why the root ran buffered.
-    fallback: Option<String>,
-    /// Notes on a slower path inside the pipeline (e.g. unregistered slots).
-    notes: Vec<String>,
-    staging: u64,
+/// What a root that ran the pipeline reports beside staging and notes.
+#[derive(Default)]
+struct Copies {
     pinned: bool,
     device_copies: bool,
 }
@@ -71,81 +66,33 @@ impl Backend for PinnedBackend {
 
     fn run(&self, job: &TransferJob<'_>) -> Result<TransferStats> {
         job.validate()?;
-        let start = Instant::now();
-        let mut per_root: Vec<Vec<usize>> = vec![Vec::new(); job.plan.root_count()];
-        for (i, op) in job.plan.ops.iter().enumerate() {
-            per_root[job.plan.files[op.file].root].push(i);
-        }
-        per_root.retain(|ops| !ops.is_empty());
-        let results: Vec<Result<RootRun>> = std::thread::scope(|s| {
-            let handles: Vec<_> = per_root
-                .iter()
-                .map(|ops| s.spawn(|| run_root(job, ops, &self.tuning)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("root worker panicked"))
-                .collect()
-        });
-        let mut stats = TransferStats {
-            bytes: job.plan.bytes(),
-            ..Default::default()
-        };
-        let (mut piped, mut fallback_roots) = (0, 0);
-        let (mut pinned, mut device) = (false, false);
-        let mut first_error = None;
-        for r in results {
-            let r = match r {
-                Ok(r) => r,
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                    continue;
+        // A single root runs on a thread of its own too: the pipeline makes
+        // CUDA contexts current on its thread, which must not leak to the
+        // caller.
+        run_roots(
+            job,
+            SingleRoot::Spawn,
+            |ops| run_root(job, ops, &self.tuning),
+            |piped, fallbacks| {
+                let pinned = piped.iter().any(|r| r.pinned);
+                let device = piped.iter().any(|r| r.device_copies);
+                if !piped.is_empty() && !device {
+                    fallbacks.push(
+                        "pinned: no CUDA device memory in this job, so staging is page-aligned host memory and copies are synchronous".into(),
+                    );
                 }
-            };
-            stats.peak_staging_bytes += r.staging;
-            pinned |= r.pinned;
-            device |= r.device_copies;
-            let mut push = |line: String| {
-                if !stats.fallbacks.contains(&line) {
-                    stats.fallbacks.push(line);
+                match (pinned, device) {
+                    (true, true) => "odirect-uring-pinned-async-copy",
+                    (true, false) => "odirect-uring-pinned",
+                    (false, _) => "odirect-uring-staged-host",
                 }
-            };
-            for n in r.notes {
-                push(n);
-            }
-            match r.fallback {
-                Some(reason) => {
-                    fallback_roots += 1;
-                    push(reason);
-                }
-                None => piped += 1,
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        if piped > 0 && !device {
-            stats.fallbacks.push(
-                "pinned: no CUDA device memory in this job, so staging is page-aligned host memory and copies are synchronous".into(),
-            );
-        }
-        let pipeline = match (pinned, device) {
-            (true, true) => "odirect-uring-pinned-async-copy",
-            (true, false) => "odirect-uring-pinned",
-            (false, _) => "odirect-uring-staged-host",
-        };
-        stats.mode = match (piped, fallback_roots) {
-            (_, 0) => pipeline.into(),
-            (0, _) => "buffered-fallback".into(),
-            (p, f) => format!("{pipeline}({p} roots)+buffered-fallback({f} roots)"),
-        };
-        stats.seconds = start.elapsed().as_secs_f64();
-        stats.checksum_cpu_seconds = job.checksum_seconds();
-        Ok(stats)
+                .into()
+            },
+        )
     }
 }
 
-fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<RootRun> {
+fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<RootRun<Copies>> {
     match Pipeline::setup(job, ops, tuning)? {
         Ok(mut p) => {
             let outcome = p.run(job, ops);
@@ -153,22 +100,14 @@ fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<Roo
                 fallback: None,
                 notes: std::mem::take(&mut p.notes),
                 staging: p.staging.len() as u64,
-                pinned: p.staging.is_pinned(),
-                device_copies: !p.devices.is_empty(),
+                extra: Copies {
+                    pinned: p.staging.is_pinned(),
+                    device_copies: !p.devices.is_empty(),
+                },
             };
             outcome.map(|()| run)
         }
-        Err(reason) => {
-            tracing::warn!("pinned pipeline unavailable, using buffered: {reason}");
-            let staging = run_ops(job, ops, tuning)?;
-            Ok(RootRun {
-                fallback: Some(reason),
-                notes: Vec::new(),
-                staging,
-                pinned: false,
-                device_copies: false,
-            })
-        }
+        Err(reason) => RootRun::buffered(job, ops, tuning, "pinned pipeline", reason),
     }
 }
 
