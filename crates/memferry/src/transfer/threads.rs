@@ -1,12 +1,15 @@
 //! How backends spread a plan over threads: one worker per root
-//! ([`run_roots`], the io_uring backends).
+//! ([`run_roots`], the io_uring backends) or a pool of workers taking ops
+//! from one cursor ([`run_pool`], `buffered` and `gds`).
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use super::buffered::run_ops;
 use super::job::TransferJob;
 use super::{TransferStats, Tuning};
-use crate::Result;
+use crate::{Error, Result};
 
 /// What one root's worker did.
 pub(super) struct RootRun<X> {
@@ -129,4 +132,60 @@ pub(super) fn run_roots<X: Send>(
     stats.seconds = start.elapsed().as_secs_f64();
     stats.checksum_cpu_seconds = job.checksum_seconds();
     Ok(stats)
+}
+
+/// Runs `run(scratch, i)` for every `i` in `0..count` on up to `workers`
+/// scoped threads (at least one) that take the next `i` from one shared
+/// cursor, so `i`s start in order; each thread passes its own `scratch`,
+/// which starts as `S::default()`.
+///
+/// Guarantees: before each `i` a worker checks for cancellation, which
+/// ends the run with [`Error::Cancelled`]; after the first error (in the
+/// order workers hit them) no worker starts another `i`, and that error is
+/// returned; this returns only once every worker has stopped.
+pub(super) fn run_pool<S: Default>(
+    job: &TransferJob<'_>,
+    workers: usize,
+    count: usize,
+    run: impl Fn(&mut S, usize) -> Result<()> + Sync,
+) -> Result<()> {
+    let cursor = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |e: Error| {
+        stop.store(true, Ordering::Relaxed);
+        let mut g = first_error
+            .lock()
+            .expect("no panics while holding the lock");
+        g.get_or_insert(e);
+    };
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(count).max(1) {
+            s.spawn(|| {
+                let mut scratch = S::default();
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if job.cancelled() {
+                        return fail(Error::Cancelled);
+                    }
+                    let i = cursor.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return;
+                    }
+                    if let Err(e) = run(&mut scratch, i) {
+                        return fail(e);
+                    }
+                }
+            });
+        }
+    });
+    match first_error
+        .into_inner()
+        .expect("no panics while holding the lock")
+    {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
