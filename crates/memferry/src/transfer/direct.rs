@@ -16,12 +16,12 @@
 //! report says why.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::buffered::open_error;
 use super::job::TransferJob;
 use super::plan::Direction;
+use super::request::{Outcome, Request, per_call_cap};
 use super::threads::{RootRun, SingleRoot, run_roots};
 use super::uring::Ring;
 use super::{Backend, IO_ALIGN, TransferStats, Tuning};
@@ -78,9 +78,7 @@ fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<Roo
 /// Per-slot bookkeeping of an in-flight request.
 #[derive(Clone, Copy)]
 struct Slot {
-    op: usize,
-    done: u64,
-    want: u64,
+    req: Request,
     /// Where the request's bytes live: the destination itself or a slot.
     buf: *mut u8,
     /// True when `buf` is the registered staging slot of the same index.
@@ -90,9 +88,7 @@ struct Slot {
 impl Default for Slot {
     fn default() -> Self {
         Self {
-            op: 0,
-            done: 0,
-            want: 0,
+            req: Request::default(),
             buf: std::ptr::null_mut(),
             staged: false,
         }
@@ -222,9 +218,7 @@ impl Engine {
         } else {
             None
         };
-        let cap = tuning
-            .max_bytes_per_call
-            .map_or(u64::MAX, |c| align_up(c.max(1), IO_ALIGN));
+        let cap = per_call_cap(tuning);
         Ok(Ok(Self {
             ring,
             staging,
@@ -251,25 +245,17 @@ impl Engine {
     /// Queues the not yet transferred part of `slot`'s request.
     fn submit_rest(&mut self, job: &TransferJob<'_>, slot: usize) {
         let s = self.slots[slot];
-        let op = &job.plan.ops[s.op];
-        let fd = self.files[op.file]
-            .as_ref()
-            .expect("opened in setup")
-            .as_fd();
-        let len = (s.want - s.done) as u32;
-        // SAFETY: `done < want`, and `buf` has room for `want` bytes (a
-        // staging slot of `slot_size >= want`, or the checked destination).
-        let ptr = unsafe { s.buf.add(s.done as usize) };
-        let offset = op.file_offset + s.done;
-        // SAFETY: the buffer is not in flight (we only resubmit after its
-        // completion) and is not touched again until its next completion;
-        // staging, destinations and files outlive the ring's requests
-        // because `run` returns only once nothing is in flight.
+        let fixed = s.staged.then_some(slot as u16);
+        // SAFETY: `buf` is 4096-aligned with room for `want` bytes: the
+        // staging slot registered as buffer `slot` (`slot_size >= want`) when
+        // `staged`, else the checked destination. It is not in flight (we
+        // only resubmit after its completion) and is not touched again until
+        // its next completion; staging, destinations and files outlive the
+        // ring's requests because `run` returns only once nothing is in
+        // flight.
         unsafe {
-            let fixed = s.staged.then_some(slot as u16);
-            let io = job.plan.direction.io();
-            self.ring
-                .push_io(io, fd, ptr, len, offset, fixed, slot as u64)
+            s.req
+                .submit_rest(job, &mut self.ring, &self.files, s.buf, fixed, slot as u64)
         }
     }
 
@@ -306,9 +292,11 @@ impl Engine {
                     bytes[len..].fill(0);
                 }
                 self.slots[slot] = Slot {
-                    op: op_index,
-                    done: 0,
-                    want,
+                    req: Request {
+                        op: op_index,
+                        done: 0,
+                        want,
+                    },
                     buf,
                     staged,
                 };
@@ -328,69 +316,23 @@ impl Engine {
                 in_flight -= 1;
                 let slot = user_data as usize;
                 let s = self.slots[slot];
-                let op = &plan.ops[s.op];
-                let path = &plan.files[op.file].path;
+                let op = &plan.ops[s.req.op];
                 if error.is_some() {
                     free.push(slot);
                     continue;
                 }
-                if res < 0 {
-                    let e = std::io::Error::from_raw_os_error(-res);
-                    error = Some(if crate::error::is_no_space(&e) {
-                        Error::NoSpace {
-                            path: path.clone(),
-                            needed: s.want - s.done,
-                        }
-                    } else {
-                        Error::io(
-                            format!(
-                                "{} {} at offset {}, length {}",
-                                if plan.direction == Direction::Load {
-                                    "reading"
-                                } else {
-                                    "writing"
-                                },
-                                path.display(),
-                                op.file_offset + s.done,
-                                s.want - s.done
-                            ),
-                            e,
-                        )
-                    });
-                    free.push(slot);
-                    continue;
-                }
-                let n = (res as u64).min(self.cap);
-                let done = s.done + n;
-                self.slots[slot].done = done;
-                if done < s.want {
-                    let at_eof = n == 0 || !done.is_multiple_of(512);
-                    if !at_eof {
+                match self.slots[slot]
+                    .req
+                    .complete(job, &self.files, self.cap, res)
+                {
+                    Ok(Outcome::Complete) => {}
+                    Ok(Outcome::Short) => {
                         self.submit_rest(job, slot);
                         in_flight += 1;
                         continue;
                     }
-                    if plan.direction == Direction::Store || done < op.len {
-                        let file_size = self.files[op.file]
-                            .as_ref()
-                            .and_then(|f| f.metadata().ok())
-                            .map_or(0, |m| m.len());
-                        error = Some(match plan.direction {
-                            Direction::Load => Error::Truncated {
-                                path: path.clone(),
-                                offset: op.file_offset,
-                                length: op.len,
-                                file_size,
-                            },
-                            Direction::Store => Error::io(
-                                format!(
-                                    "writing {} at offset {}",
-                                    path.display(),
-                                    op.file_offset + done
-                                ),
-                                std::io::ErrorKind::WriteZero.into(),
-                            ),
-                        });
+                    Err(e) => {
+                        error = Some(e);
                         free.push(slot);
                         continue;
                     }

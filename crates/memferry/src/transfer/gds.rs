@@ -34,6 +34,7 @@ use std::time::Instant;
 use super::job::TransferJob;
 use super::pinned::PinnedBackend;
 use super::plan::Direction;
+use super::request::{ended_early, io_error};
 use super::threads::run_pool;
 use super::{Backend, TransferStats, Tuning};
 use crate::memory::PinnedBuf;
@@ -323,42 +324,11 @@ fn run_ops(
                 match n {
                     Ok(0) => {
                         let file_size = std::fs::metadata(path).map_or(0, |m| m.len());
-                        return Err(match plan.direction {
-                            Direction::Load => Error::Truncated {
-                                path: path.clone(),
-                                offset: op.file_offset,
-                                length: op.len,
-                                file_size,
-                            },
-                            Direction::Store => Error::io(
-                                format!("writing {} with cuFile", path.display()),
-                                std::io::ErrorKind::WriteZero.into(),
-                            ),
-                        });
+                        let write = format!("writing {} with cuFile", path.display());
+                        return Err(ended_early(plan, op, file_size, write));
                     }
                     Ok(n) => done += n as u64,
-                    Err(e) => {
-                        if crate::error::is_no_space(&e) {
-                            return Err(Error::NoSpace {
-                                path: path.clone(),
-                                needed: op.len - done,
-                            });
-                        }
-                        return Err(Error::io(
-                            format!(
-                                "cuFile {} {} at offset {}, length {}",
-                                if plan.direction == Direction::Load {
-                                    "reading"
-                                } else {
-                                    "writing"
-                                },
-                                path.display(),
-                                op.file_offset + done,
-                                op.len - done
-                            ),
-                            e,
-                        ));
-                    }
+                    Err(e) => return Err(io_error(plan, op, "cuFile ", done, op.len - done, e)),
                 }
             }
             job.op_done(op);

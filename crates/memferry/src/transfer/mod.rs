@@ -16,6 +16,7 @@ pub mod gds;
 mod job;
 mod pinned;
 mod plan;
+mod request;
 mod s3;
 mod threads;
 pub(crate) mod uring;

@@ -23,12 +23,12 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use super::direct::{open_direct, register_hint};
 use super::job::TransferJob;
 use super::plan::Direction;
+use super::request::{Outcome, Request, per_call_cap};
 use super::threads::{RootRun, SingleRoot, run_roots};
 use super::uring::Ring;
 use super::{Backend, IO_ALIGN, TransferStats, Tuning};
@@ -147,9 +147,7 @@ enum Stage {
 
 #[derive(Clone, Copy)]
 struct Slot {
-    op: usize,
-    done: u64,
-    want: u64,
+    req: Request,
     stage: Stage,
     /// Index into `Pipeline::devices` of the device the op's region is on.
     dev: Option<usize>,
@@ -227,9 +225,7 @@ impl Pipeline {
                 false
             }
         };
-        let cap = tuning
-            .max_bytes_per_call
-            .map_or(u64::MAX, |c| align_up(c.max(1), IO_ALIGN));
+        let cap = per_call_cap(tuning);
         Ok(Ok(Self {
             ring,
             devices: Vec::new(),
@@ -239,9 +235,7 @@ impl Pipeline {
             slot_size,
             slots: vec![
                 Slot {
-                    op: 0,
-                    done: 0,
-                    want: 0,
+                    req: Request::default(),
                     stage: Stage::Free,
                     dev: None,
                     seq: 0,
@@ -278,26 +272,22 @@ impl Pipeline {
 
     /// Queues the not yet transferred part of `slot`'s request.
     fn submit_rest(&mut self, job: &TransferJob<'_>, slot: usize) {
-        let s = self.slots[slot];
-        let op = &job.plan.ops[s.op];
         let ptr = self.slot_ptr(slot);
-        let fd = self.files[op.file]
-            .as_ref()
-            .expect("opened in setup")
-            .as_fd();
-        let len = (s.want - s.done) as u32;
-        // SAFETY: `done < want <= slot_size`.
-        let ptr = unsafe { ptr.add(s.done as usize) };
-        let offset = op.file_offset + s.done;
-        // SAFETY: the slot is not in flight (we only (re)submit after its
-        // completion or copy) and is untouched until the next completion;
-        // staging and files outlive the ring's requests because `run`
-        // returns only once nothing is in flight.
+        let fixed = self.registered.then_some(slot as u16);
+        // SAFETY: the slot is page-aligned, `want <= slot_size`, and it is
+        // registered buffer `slot` when `registered`. It is not in flight (we
+        // only (re)submit after its completion or copy) and is untouched
+        // until the next completion; staging and files outlive the ring's
+        // requests because `run` returns only once nothing is in flight.
         unsafe {
-            let fixed = self.registered.then_some(slot as u16);
-            let io = job.plan.direction.io();
-            self.ring
-                .push_io(io, fd, ptr, len, offset, fixed, slot as u64)
+            self.slots[slot].req.submit_rest(
+                job,
+                &mut self.ring,
+                &self.files,
+                ptr,
+                fixed,
+                slot as u64,
+            )
         }
         self.slots[slot].stage = Stage::Io;
     }
@@ -309,9 +299,11 @@ impl Pipeline {
         let op = &job.plan.ops[op_index];
         let want = align_up(op.len, IO_ALIGN);
         self.slots[slot] = Slot {
-            op: op_index,
-            done: 0,
-            want,
+            req: Request {
+                op: op_index,
+                done: 0,
+                want,
+            },
             stage: Stage::Free,
             dev: None,
             seq: 0,
@@ -350,7 +342,7 @@ impl Pipeline {
     /// A queued copy of `slot` has completed: finish the load, or checksum
     /// and write the store.
     fn copied(&mut self, job: &TransferJob<'_>, slot: usize) {
-        let s = self.slots[slot];
+        let s = self.slots[slot].req;
         let op = &job.plan.ops[s.op];
         match job.plan.direction {
             Direction::Load => {
@@ -372,8 +364,7 @@ impl Pipeline {
     /// A read into `slot` completed in full: verify in the slot, then hand
     /// the bytes on (async device copy, or a synchronous host copy).
     fn loaded(&mut self, job: &TransferJob<'_>, slot: usize) -> Result<()> {
-        let s = self.slots[slot];
-        let op = &job.plan.ops[s.op];
+        let op = &job.plan.ops[self.slots[slot].req.op];
         let buf = self.slot_ptr(slot);
         // SAFETY: the read completed, so the kernel no longer writes the
         // slot; `op.len <= want <= slot_size`.
@@ -515,67 +506,15 @@ impl Pipeline {
 
     /// Handles the completion of `slot`'s request with result `res`.
     fn completed(&mut self, job: &TransferJob<'_>, slot: usize, res: i32) -> Result<()> {
-        let plan = job.plan;
-        let s = self.slots[slot];
-        let op = &plan.ops[s.op];
-        let path = &plan.files[op.file].path;
-        if res < 0 {
-            let e = std::io::Error::from_raw_os_error(-res);
-            return Err(if crate::error::is_no_space(&e) {
-                Error::NoSpace {
-                    path: path.clone(),
-                    needed: s.want - s.done,
-                }
-            } else {
-                Error::io(
-                    format!(
-                        "{} {} at offset {}, length {}",
-                        if plan.direction == Direction::Load {
-                            "reading"
-                        } else {
-                            "writing"
-                        },
-                        path.display(),
-                        op.file_offset + s.done,
-                        s.want - s.done
-                    ),
-                    e,
-                )
-            });
+        let op = &job.plan.ops[self.slots[slot].req.op];
+        let outcome = self.slots[slot]
+            .req
+            .complete(job, &self.files, self.cap, res)?;
+        if let Outcome::Short = outcome {
+            self.submit_rest(job, slot);
+            return Ok(());
         }
-        let n = (res as u64).min(self.cap);
-        let done = s.done + n;
-        self.slots[slot].done = done;
-        if done < s.want {
-            let at_eof = n == 0 || !done.is_multiple_of(512);
-            if !at_eof {
-                self.submit_rest(job, slot);
-                return Ok(());
-            }
-            if plan.direction == Direction::Store || done < op.len {
-                let file_size = self.files[op.file]
-                    .as_ref()
-                    .and_then(|f| f.metadata().ok())
-                    .map_or(0, |m| m.len());
-                return Err(match plan.direction {
-                    Direction::Load => Error::Truncated {
-                        path: path.clone(),
-                        offset: op.file_offset,
-                        length: op.len,
-                        file_size,
-                    },
-                    Direction::Store => Error::io(
-                        format!(
-                            "writing {} at offset {}",
-                            path.display(),
-                            op.file_offset + done
-                        ),
-                        std::io::ErrorKind::WriteZero.into(),
-                    ),
-                });
-            }
-        }
-        match plan.direction {
+        match job.plan.direction {
             Direction::Load => self.loaded(job, slot),
             Direction::Store => {
                 job.op_done(op);
