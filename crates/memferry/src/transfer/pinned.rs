@@ -318,24 +318,32 @@ impl Pipeline {
             let d = self.device(ctx)?;
             let q = &self.devices[d];
             // SAFETY: the slot is free, so nobody uses `buf..buf+len` until
-            // the event recorded below fires; the source range is inside the
-            // region (validated) and not written during a store.
+            // the event `copy_queued` records fires; the source range is
+            // inside the region (validated) and not written during a store.
             unsafe {
                 q.stream
                     .copy_dtoh(buf, base + op.mem_offset, op.len as usize)?
             };
-            q.events[slot].record(&q.stream)?;
-            self.seq += 1;
-            self.slots[slot].stage = Stage::Copy;
-            self.slots[slot].dev = Some(d);
-            self.slots[slot].seq = self.seq;
-            return Ok(());
+            return self.copy_queued(slot, d);
         }
         // SAFETY: the slot is free and `want <= slot_size`.
         let bytes = unsafe { std::slice::from_raw_parts_mut(buf, want as usize) };
         job.fetch_for_store(op, &mut bytes[..op.len as usize])?;
         bytes[op.len as usize..].fill(0);
         self.submit_rest(job, slot);
+        Ok(())
+    }
+
+    /// A copy for `slot` was just queued on device `d`'s stream: records
+    /// the slot's event after it and marks the slot as copying (copies are
+    /// waited for oldest first).
+    fn copy_queued(&mut self, slot: usize, d: usize) -> Result<()> {
+        let q = &self.devices[d];
+        q.events[slot].record(&q.stream)?;
+        self.seq += 1;
+        self.slots[slot].stage = Stage::Copy;
+        self.slots[slot].dev = Some(d);
+        self.slots[slot].seq = self.seq;
         Ok(())
     }
 
@@ -374,19 +382,15 @@ impl Pipeline {
         if let Some((ctx, base)) = region.cuda() {
             let d = self.device(ctx)?;
             let q = &self.devices[d];
-            // SAFETY: the slot stays untouched until the event recorded
-            // below fires; the destination range is inside the region
-            // (validated) and exclusive to this op (plans never overlap).
+            // SAFETY: the slot stays untouched until the event
+            // `copy_queued` records fires; the destination range is inside
+            // the region (validated) and exclusive to this op (plans never
+            // overlap).
             unsafe {
                 q.stream
                     .copy_htod(base + op.mem_offset, buf, op.len as usize)?
             };
-            q.events[slot].record(&q.stream)?;
-            self.seq += 1;
-            self.slots[slot].stage = Stage::Copy;
-            self.slots[slot].dev = Some(d);
-            self.slots[slot].seq = self.seq;
-            return Ok(());
+            return self.copy_queued(slot, d);
         }
         // SAFETY: plans never overlap in a region, so this op has exclusive
         // use of its destination range.
