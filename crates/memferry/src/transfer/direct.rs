@@ -161,6 +161,35 @@ pub(super) fn open_direct(
     Ok(Ok(files))
 }
 
+/// A root's files, indexed like the plan's (`None`: not touched by the root).
+pub(super) type RootFiles = Vec<Option<File>>;
+
+/// The start of every io_uring root: the files `ops` touch, opened with
+/// O_DIRECT, and a ring for `depth` requests. `Ok(Err(reason))` means "fall
+/// back to buffered"; `Err` is fatal.
+pub(super) fn open_ring(
+    job: &TransferJob<'_>,
+    ops: &[usize],
+    depth: usize,
+) -> Result<std::result::Result<(RootFiles, Ring), String>> {
+    let files = match open_direct(job, ops)? {
+        Ok(files) => files,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let ring = match Ring::new(depth as u32) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(format!("io_uring setup failed: {e}"))),
+    };
+    Ok(Ok((files, ring)))
+}
+
+/// Bytes of one staging slot for `ops`: the largest op, rounded up to 4096
+/// (at least 4096).
+pub(super) fn slot_size(job: &TransferJob<'_>, ops: &[usize]) -> usize {
+    let largest = ops.iter().map(|&i| job.plan.ops[i].len).max().unwrap_or(0);
+    align_up(largest.max(1), IO_ALIGN) as usize
+}
+
 /// What to tell the user when registering `bytes` of buffers with io_uring
 /// failed with `e`.
 pub(super) fn register_hint(e: &std::io::Error, bytes: u64) -> String {
@@ -182,33 +211,23 @@ impl Engine {
         ops: &[usize],
         tuning: &Tuning,
     ) -> Result<std::result::Result<Self, String>> {
-        let plan = job.plan;
-        let files = match open_direct(job, ops)? {
-            Ok(files) => files,
-            Err(reason) => return Ok(Err(reason)),
-        };
-        let largest = ops.iter().map(|&i| plan.ops[i].len).max().unwrap_or(0);
-        let slot_size = align_up(largest.max(1), IO_ALIGN) as usize;
         let depth = tuning
             .queue_depth
             .min(ops.len())
             .clamp(1, u16::MAX as usize);
-        let ring = match Ring::new(depth as u32) {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(format!("io_uring setup failed: {e}"))),
+        let (files, ring) = match open_ring(job, ops, depth)? {
+            Ok(opened) => opened,
+            Err(reason) => return Ok(Err(reason)),
         };
+        let slot_size = slot_size(job, ops);
         let needs_staging = ops.iter().any(|&i| in_place_target(job, i).is_none());
         let staging = if needs_staging {
             let mut staging = AlignedBuf::new(slot_size * depth)?;
-            let base = staging.as_mut_ptr();
-            let bufs: Vec<(*mut u8, usize)> = (0..depth)
-                // SAFETY: slot `i` lies inside the staging allocation.
-                .map(|i| (unsafe { base.add(i * slot_size) }, slot_size))
-                .collect();
-            // SAFETY: the staging buffer is owned by the engine with the ring
-            // and `run` returns only when no request is in flight, so the
-            // buffers outlive every use the kernel makes of them.
-            if let Err(e) = unsafe { ring.register(&bufs) } {
+            // SAFETY: the staging buffer holds `depth` slots of `slot_size`
+            // bytes and is owned by the engine with the ring, and `run`
+            // returns only when no request is in flight, so the buffers
+            // outlive every use the kernel makes of them.
+            if let Err(e) = unsafe { ring.register_slots(staging.as_mut_ptr(), slot_size, depth) } {
                 let hint = register_hint(&e, (slot_size * depth) as u64);
                 return Ok(Err(format!(
                     "io_uring buffer registration failed: {e}{hint}"

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::sync::Arc;
 
-use super::direct::{open_direct, register_hint};
+use super::direct::{open_ring, register_hint, slot_size};
 use super::job::TransferJob;
 use super::plan::Direction;
 use super::request::{Outcome, Request, per_call_cap};
@@ -187,17 +187,12 @@ impl Pipeline {
         tuning: &Tuning,
     ) -> Result<std::result::Result<Self, String>> {
         let plan = job.plan;
-        let files = match open_direct(job, ops)? {
-            Ok(f) => f,
+        let depth = tuning.queue_depth.clamp(2, MAX_SLOTS).min(ops.len()).max(1);
+        let (files, ring) = match open_ring(job, ops, depth)? {
+            Ok(opened) => opened,
             Err(reason) => return Ok(Err(reason)),
         };
-        let largest = ops.iter().map(|&i| plan.ops[i].len).max().unwrap_or(0);
-        let slot_size = align_up(largest.max(1), IO_ALIGN) as usize;
-        let depth = tuning.queue_depth.clamp(2, MAX_SLOTS).min(ops.len()).max(1);
-        let ring = match Ring::new(depth as u32) {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(format!("io_uring setup failed: {e}"))),
-        };
+        let slot_size = slot_size(job, ops);
         let on_device = ops
             .iter()
             .any(|&i| job.regions[plan.ops[i].region].cuda().is_some());
@@ -207,15 +202,12 @@ impl Pipeline {
             Staging::Host(AlignedBuf::new(slot_size * depth)?)
         };
         let base = staging.base();
-        let bufs: Vec<(*mut u8, usize)> = (0..depth)
-            // SAFETY: slot `i` lies inside the staging allocation.
-            .map(|i| (unsafe { base.add(i * slot_size) }, slot_size))
-            .collect();
         let mut notes = Vec::new();
-        // SAFETY: the staging is owned by the pipeline together with the
-        // ring, and `run` returns only when no request is in flight, so the
-        // buffers outlive every use the kernel makes of them.
-        let registered = match unsafe { ring.register(&bufs) } {
+        // SAFETY: the staging holds `depth` slots of `slot_size` bytes and is
+        // owned by the pipeline together with the ring, and `run` returns
+        // only when no request is in flight, so the buffers outlive every
+        // use the kernel makes of them.
+        let registered = match unsafe { ring.register_slots(base, slot_size, depth) } {
             Ok(()) => true,
             Err(e) => {
                 notes.push(format!(
