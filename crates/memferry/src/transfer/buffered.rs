@@ -7,12 +7,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use super::job::TransferJob;
 use super::plan::{Direction, IoOp};
+use super::threads::run_pool;
 use super::{Backend, IO_ALIGN, TransferStats, Tuning};
 use crate::memory::AlignedBuf;
 use crate::storage::file_io::{read_exact_at, write_all_at};
@@ -90,53 +90,18 @@ pub(crate) fn run_ops(job: &TransferJob<'_>, subset: &[usize], tuning: &Tuning) 
     needed.dedup();
     let files = open_files(job, &needed)?;
     let order = interleave_by_root(job, subset);
-    let cursor = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let staged = AtomicUsize::new(0);
-    let workers = tuning.workers.min(order.len()).max(1);
-
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                let mut scratch: Option<AlignedBuf> = None;
-                loop {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    if job.cancelled() {
-                        record(&first_error, &stop, Error::Cancelled);
-                        return;
-                    }
-                    let i = cursor.fetch_add(1, Ordering::Relaxed);
-                    let Some(&op_index) = order.get(i) else {
-                        return;
-                    };
-                    let op = &job.plan.ops[op_index];
-                    let file = files[op.file].as_ref().expect("opened above");
-                    if let Err(e) = run_op(job, op, file, tuning, &mut scratch, &staged) {
-                        record(&first_error, &stop, e);
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    match first_error
-        .into_inner()
-        .expect("no panics while holding the lock")
-    {
-        Some(e) => Err(e),
-        None => Ok(staged.load(Ordering::Relaxed) as u64),
-    }
-}
-
-fn record(slot: &Mutex<Option<Error>>, stop: &AtomicBool, e: Error) {
-    stop.store(true, Ordering::Relaxed);
-    let mut g = slot.lock().expect("no panics while holding the lock");
-    if g.is_none() {
-        *g = Some(e);
-    }
+    run_pool(
+        job,
+        tuning.workers,
+        order.len(),
+        |scratch: &mut Option<AlignedBuf>, i| {
+            let op = &job.plan.ops[order[i]];
+            let file = files[op.file].as_ref().expect("opened above");
+            run_op(job, op, file, tuning, scratch, &staged)
+        },
+    )?;
+    Ok(staged.load(Ordering::Relaxed) as u64)
 }
 
 /// Orders ops so consecutive ones belong to different roots.

@@ -16,13 +16,13 @@
 //! report says why.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::Instant;
 
-use super::buffered::{open_error, run_ops};
+use super::buffered::open_error;
 use super::job::TransferJob;
 use super::plan::Direction;
+use super::request::{Outcome, Request, per_call_cap};
+use super::threads::{RootRun, SingleRoot, run_roots};
 use super::uring::Ring;
 use super::{Backend, IO_ALIGN, TransferStats, Tuning};
 use crate::memory::AlignedBuf;
@@ -41,12 +41,6 @@ impl DirectBackend {
     }
 }
 
-/// What one root did.
-struct RootRun {
-    fallback: Option<String>,
-    staging: u64,
-}
-
 impl Backend for DirectBackend {
     fn name(&self) -> &'static str {
         "direct"
@@ -54,84 +48,37 @@ impl Backend for DirectBackend {
 
     fn run(&self, job: &TransferJob<'_>) -> Result<TransferStats> {
         job.validate()?;
-        let start = Instant::now();
-        let mut per_root: Vec<Vec<usize>> = vec![Vec::new(); job.plan.root_count()];
-        for (i, op) in job.plan.ops.iter().enumerate() {
-            per_root[job.plan.files[op.file].root].push(i);
-        }
-        per_root.retain(|ops| !ops.is_empty());
         // One root (the common case for small KV jobs) runs on the calling
         // thread: no thread to spawn per call.
-        let results: Vec<Result<RootRun>> = if per_root.len() == 1 {
-            vec![run_root(job, &per_root[0], &self.tuning)]
-        } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = per_root
-                    .iter()
-                    .map(|ops| s.spawn(|| run_root(job, ops, &self.tuning)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("root worker panicked"))
-                    .collect()
-            })
-        };
-        let mut stats = TransferStats {
-            bytes: job.plan.bytes(),
-            ..Default::default()
-        };
-        let (mut direct_roots, mut fallback_roots) = (0, 0);
-        for r in results {
-            let r = r?;
-            stats.peak_staging_bytes += r.staging;
-            match r.fallback {
-                Some(reason) => {
-                    fallback_roots += 1;
-                    if !stats.fallbacks.contains(&reason) {
-                        stats.fallbacks.push(reason);
-                    }
-                }
-                None => direct_roots += 1,
-            }
-        }
-        stats.mode = match (direct_roots, fallback_roots) {
-            (_, 0) => "odirect-uring".into(),
-            (0, _) => "buffered-fallback".into(),
-            (d, f) => format!("odirect-uring({d} roots)+buffered-fallback({f} roots)"),
-        };
-        stats.seconds = start.elapsed().as_secs_f64();
-        stats.checksum_cpu_seconds = job.checksum_seconds();
-        Ok(stats)
+        run_roots(
+            job,
+            SingleRoot::Inline,
+            |ops| run_root(job, ops, &self.tuning),
+            |_, _| "odirect-uring".into(),
+        )
     }
 }
 
-fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<RootRun> {
+fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<RootRun<()>> {
     match Engine::setup(job, ops, tuning)? {
         Ok(mut engine) => {
             let staging = engine.staging.as_ref().map_or(0, |b| b.len() as u64);
             engine.run(job, ops)?;
             Ok(RootRun {
                 fallback: None,
+                notes: Vec::new(),
                 staging,
+                extra: (),
             })
         }
-        Err(reason) => {
-            tracing::warn!("direct I/O unavailable, using buffered: {reason}");
-            let staging = run_ops(job, ops, tuning)?;
-            Ok(RootRun {
-                fallback: Some(reason),
-                staging,
-            })
-        }
+        Err(reason) => RootRun::buffered(job, ops, tuning, "direct I/O", reason),
     }
 }
 
 /// Per-slot bookkeeping of an in-flight request.
 #[derive(Clone, Copy)]
 struct Slot {
-    op: usize,
-    done: u64,
-    want: u64,
+    req: Request,
     /// Where the request's bytes live: the destination itself or a slot.
     buf: *mut u8,
     /// True when `buf` is the registered staging slot of the same index.
@@ -141,9 +88,7 @@ struct Slot {
 impl Default for Slot {
     fn default() -> Self {
         Self {
-            op: 0,
-            done: 0,
-            want: 0,
+            req: Request::default(),
             buf: std::ptr::null_mut(),
             staged: false,
         }
@@ -216,6 +161,35 @@ pub(super) fn open_direct(
     Ok(Ok(files))
 }
 
+/// A root's files, indexed like the plan's (`None`: not touched by the root).
+pub(super) type RootFiles = Vec<Option<File>>;
+
+/// The start of every io_uring root: the files `ops` touch, opened with
+/// O_DIRECT, and a ring for `depth` requests. `Ok(Err(reason))` means "fall
+/// back to buffered"; `Err` is fatal.
+pub(super) fn open_ring(
+    job: &TransferJob<'_>,
+    ops: &[usize],
+    depth: usize,
+) -> Result<std::result::Result<(RootFiles, Ring), String>> {
+    let files = match open_direct(job, ops)? {
+        Ok(files) => files,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let ring = match Ring::new(depth as u32) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(format!("io_uring setup failed: {e}"))),
+    };
+    Ok(Ok((files, ring)))
+}
+
+/// Bytes of one staging slot for `ops`: the largest op, rounded up to 4096
+/// (at least 4096).
+pub(super) fn slot_size(job: &TransferJob<'_>, ops: &[usize]) -> usize {
+    let largest = ops.iter().map(|&i| job.plan.ops[i].len).max().unwrap_or(0);
+    align_up(largest.max(1), IO_ALIGN) as usize
+}
+
 /// What to tell the user when registering `bytes` of buffers with io_uring
 /// failed with `e`.
 pub(super) fn register_hint(e: &std::io::Error, bytes: u64) -> String {
@@ -237,33 +211,23 @@ impl Engine {
         ops: &[usize],
         tuning: &Tuning,
     ) -> Result<std::result::Result<Self, String>> {
-        let plan = job.plan;
-        let files = match open_direct(job, ops)? {
-            Ok(files) => files,
-            Err(reason) => return Ok(Err(reason)),
-        };
-        let largest = ops.iter().map(|&i| plan.ops[i].len).max().unwrap_or(0);
-        let slot_size = align_up(largest.max(1), IO_ALIGN) as usize;
         let depth = tuning
             .queue_depth
             .min(ops.len())
             .clamp(1, u16::MAX as usize);
-        let ring = match Ring::new(depth as u32) {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(format!("io_uring setup failed: {e}"))),
+        let (files, ring) = match open_ring(job, ops, depth)? {
+            Ok(opened) => opened,
+            Err(reason) => return Ok(Err(reason)),
         };
+        let slot_size = slot_size(job, ops);
         let needs_staging = ops.iter().any(|&i| in_place_target(job, i).is_none());
         let staging = if needs_staging {
             let mut staging = AlignedBuf::new(slot_size * depth)?;
-            let base = staging.as_mut_ptr();
-            let bufs: Vec<(*mut u8, usize)> = (0..depth)
-                // SAFETY: slot `i` lies inside the staging allocation.
-                .map(|i| (unsafe { base.add(i * slot_size) }, slot_size))
-                .collect();
-            // SAFETY: the staging buffer is owned by the engine with the ring
-            // and `run` returns only when no request is in flight, so the
-            // buffers outlive every use the kernel makes of them.
-            if let Err(e) = unsafe { ring.register(&bufs) } {
+            // SAFETY: the staging buffer holds `depth` slots of `slot_size`
+            // bytes and is owned by the engine with the ring, and `run`
+            // returns only when no request is in flight, so the buffers
+            // outlive every use the kernel makes of them.
+            if let Err(e) = unsafe { ring.register_slots(staging.as_mut_ptr(), slot_size, depth) } {
                 let hint = register_hint(&e, (slot_size * depth) as u64);
                 return Ok(Err(format!(
                     "io_uring buffer registration failed: {e}{hint}"
@@ -273,9 +237,7 @@ impl Engine {
         } else {
             None
         };
-        let cap = tuning
-            .max_bytes_per_call
-            .map_or(u64::MAX, |c| align_up(c.max(1), IO_ALIGN));
+        let cap = per_call_cap(tuning);
         Ok(Ok(Self {
             ring,
             staging,
@@ -302,25 +264,17 @@ impl Engine {
     /// Queues the not yet transferred part of `slot`'s request.
     fn submit_rest(&mut self, job: &TransferJob<'_>, slot: usize) {
         let s = self.slots[slot];
-        let op = &job.plan.ops[s.op];
-        let fd = self.files[op.file]
-            .as_ref()
-            .expect("opened in setup")
-            .as_fd();
-        let len = (s.want - s.done) as u32;
-        // SAFETY: `done < want`, and `buf` has room for `want` bytes (a
-        // staging slot of `slot_size >= want`, or the checked destination).
-        let ptr = unsafe { s.buf.add(s.done as usize) };
-        let offset = op.file_offset + s.done;
-        // SAFETY: the buffer is not in flight (we only resubmit after its
-        // completion) and is not touched again until its next completion;
-        // staging, destinations and files outlive the ring's requests
-        // because `run` returns only once nothing is in flight.
+        let fixed = s.staged.then_some(slot as u16);
+        // SAFETY: `buf` is 4096-aligned with room for `want` bytes: the
+        // staging slot registered as buffer `slot` (`slot_size >= want`) when
+        // `staged`, else the checked destination. It is not in flight (we
+        // only resubmit after its completion) and is not touched again until
+        // its next completion; staging, destinations and files outlive the
+        // ring's requests because `run` returns only once nothing is in
+        // flight.
         unsafe {
-            let fixed = s.staged.then_some(slot as u16);
-            let io = job.plan.direction.io();
-            self.ring
-                .push_io(io, fd, ptr, len, offset, fixed, slot as u64)
+            s.req
+                .submit_rest(job, &mut self.ring, &self.files, s.buf, fixed, slot as u64)
         }
     }
 
@@ -357,9 +311,11 @@ impl Engine {
                     bytes[len..].fill(0);
                 }
                 self.slots[slot] = Slot {
-                    op: op_index,
-                    done: 0,
-                    want,
+                    req: Request {
+                        op: op_index,
+                        done: 0,
+                        want,
+                    },
                     buf,
                     staged,
                 };
@@ -379,69 +335,23 @@ impl Engine {
                 in_flight -= 1;
                 let slot = user_data as usize;
                 let s = self.slots[slot];
-                let op = &plan.ops[s.op];
-                let path = &plan.files[op.file].path;
+                let op = &plan.ops[s.req.op];
                 if error.is_some() {
                     free.push(slot);
                     continue;
                 }
-                if res < 0 {
-                    let e = std::io::Error::from_raw_os_error(-res);
-                    error = Some(if crate::error::is_no_space(&e) {
-                        Error::NoSpace {
-                            path: path.clone(),
-                            needed: s.want - s.done,
-                        }
-                    } else {
-                        Error::io(
-                            format!(
-                                "{} {} at offset {}, length {}",
-                                if plan.direction == Direction::Load {
-                                    "reading"
-                                } else {
-                                    "writing"
-                                },
-                                path.display(),
-                                op.file_offset + s.done,
-                                s.want - s.done
-                            ),
-                            e,
-                        )
-                    });
-                    free.push(slot);
-                    continue;
-                }
-                let n = (res as u64).min(self.cap);
-                let done = s.done + n;
-                self.slots[slot].done = done;
-                if done < s.want {
-                    let at_eof = n == 0 || !done.is_multiple_of(512);
-                    if !at_eof {
+                match self.slots[slot]
+                    .req
+                    .complete(job, &self.files, self.cap, res)
+                {
+                    Ok(Outcome::Complete) => {}
+                    Ok(Outcome::Short) => {
                         self.submit_rest(job, slot);
                         in_flight += 1;
                         continue;
                     }
-                    if plan.direction == Direction::Store || done < op.len {
-                        let file_size = self.files[op.file]
-                            .as_ref()
-                            .and_then(|f| f.metadata().ok())
-                            .map_or(0, |m| m.len());
-                        error = Some(match plan.direction {
-                            Direction::Load => Error::Truncated {
-                                path: path.clone(),
-                                offset: op.file_offset,
-                                length: op.len,
-                                file_size,
-                            },
-                            Direction::Store => Error::io(
-                                format!(
-                                    "writing {} at offset {}",
-                                    path.display(),
-                                    op.file_offset + done
-                                ),
-                                std::io::ErrorKind::WriteZero.into(),
-                            ),
-                        });
+                    Err(e) => {
+                        error = Some(e);
                         free.push(slot);
                         continue;
                     }

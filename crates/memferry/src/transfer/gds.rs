@@ -29,13 +29,13 @@
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use super::job::TransferJob;
 use super::pinned::PinnedBackend;
 use super::plan::Direction;
+use super::request::{ended_early, io_error};
+use super::threads::run_pool;
 use super::{Backend, TransferStats, Tuning};
 use crate::memory::PinnedBuf;
 use crate::{Error, Result};
@@ -279,126 +279,62 @@ fn run_ops(
     files: &[Option<(File, Handle)>],
 ) -> Result<()> {
     let plan = job.plan;
-    let cursor = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    let fail = |e: Error| {
-        stop.store(true, Ordering::Relaxed);
-        let mut g = first_error
-            .lock()
-            .expect("no panics while holding the lock");
-        g.get_or_insert(e);
-    };
-    let workers = tuning.workers.min(plan.ops.len()).max(1);
     let largest = plan.ops.iter().map(|o| o.len).max().unwrap_or(0) as usize;
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                let mut scratch: Option<PinnedBuf> = None;
-                loop {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    if job.cancelled() {
-                        return fail(Error::Cancelled);
-                    }
-                    let i = cursor.fetch_add(1, Ordering::Relaxed);
-                    let Some(op) = plan.ops.get(i) else { return };
-                    let (_, handle) = files[op.file].as_ref().expect("registered above");
-                    let region = job.regions[op.region];
-                    let (ctx, base) = region.cuda().expect("checked by the caller");
-                    let path = &plan.files[op.file].path;
-                    let outcome = (|| -> Result<()> {
-                        ctx.bind()?;
-                        if plan.direction == Direction::Store
-                            && matches!(job.checksums, super::Checksums::Record(_))
-                        {
-                            if scratch.is_none() {
-                                scratch = Some(PinnedBuf::new(largest)?);
-                            }
-                            let buf = scratch.as_ref().expect("allocated above");
-                            // SAFETY: the scratch buffer is this worker's and
-                            // holds `largest >= op.len` bytes.
-                            let bytes = unsafe {
-                                std::slice::from_raw_parts_mut(buf.as_mut_ptr(), op.len as usize)
-                            };
-                            // SAFETY: nobody writes sources during a store.
-                            unsafe { region.copy_out(op.mem_offset, bytes)? };
-                            job.record_stored(op, bytes);
-                        }
-                        let mut done = 0u64;
-                        while done < op.len {
-                            // SAFETY: the file handle and the device range
-                            // (validated against the region) stay valid for
-                            // the synchronous call; plans never overlap.
-                            let n = unsafe {
-                                lib.io(
-                                    plan.direction,
-                                    *handle,
-                                    base,
-                                    (op.len - done) as usize,
-                                    op.file_offset + done,
-                                    op.mem_offset + done,
-                                )
-                            };
-                            match n {
-                                Ok(0) => {
-                                    let file_size = std::fs::metadata(path).map_or(0, |m| m.len());
-                                    return Err(match plan.direction {
-                                        Direction::Load => Error::Truncated {
-                                            path: path.clone(),
-                                            offset: op.file_offset,
-                                            length: op.len,
-                                            file_size,
-                                        },
-                                        Direction::Store => Error::io(
-                                            format!("writing {} with cuFile", path.display()),
-                                            std::io::ErrorKind::WriteZero.into(),
-                                        ),
-                                    });
-                                }
-                                Ok(n) => done += n as u64,
-                                Err(e) => {
-                                    if crate::error::is_no_space(&e) {
-                                        return Err(Error::NoSpace {
-                                            path: path.clone(),
-                                            needed: op.len - done,
-                                        });
-                                    }
-                                    return Err(Error::io(
-                                        format!(
-                                            "cuFile {} {} at offset {}, length {}",
-                                            if plan.direction == Direction::Load {
-                                                "reading"
-                                            } else {
-                                                "writing"
-                                            },
-                                            path.display(),
-                                            op.file_offset + done,
-                                            op.len - done
-                                        ),
-                                        e,
-                                    ));
-                                }
-                            }
-                        }
-                        job.op_done(op);
-                        Ok(())
-                    })();
-                    if let Err(e) = outcome {
-                        return fail(e);
-                    }
+    run_pool(
+        job,
+        tuning.workers,
+        plan.ops.len(),
+        |scratch: &mut Option<PinnedBuf>, i| {
+            let op = &plan.ops[i];
+            let (_, handle) = files[op.file].as_ref().expect("registered above");
+            let region = job.regions[op.region];
+            let (ctx, base) = region.cuda().expect("checked by the caller");
+            let path = &plan.files[op.file].path;
+            ctx.bind()?;
+            if plan.direction == Direction::Store
+                && matches!(job.checksums, super::Checksums::Record(_))
+            {
+                if scratch.is_none() {
+                    *scratch = Some(PinnedBuf::new(largest)?);
                 }
-            });
-        }
-    });
-    match first_error
-        .into_inner()
-        .expect("no panics while holding the lock")
-    {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+                let buf = scratch.as_ref().expect("allocated above");
+                // SAFETY: the scratch buffer is this worker's and
+                // holds `largest >= op.len` bytes.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), op.len as usize) };
+                // SAFETY: nobody writes sources during a store.
+                unsafe { region.copy_out(op.mem_offset, bytes)? };
+                job.record_stored(op, bytes);
+            }
+            let mut done = 0u64;
+            while done < op.len {
+                // SAFETY: the file handle and the device range
+                // (validated against the region) stay valid for
+                // the synchronous call; plans never overlap.
+                let n = unsafe {
+                    lib.io(
+                        plan.direction,
+                        *handle,
+                        base,
+                        (op.len - done) as usize,
+                        op.file_offset + done,
+                        op.mem_offset + done,
+                    )
+                };
+                match n {
+                    Ok(0) => {
+                        let file_size = std::fs::metadata(path).map_or(0, |m| m.len());
+                        let write = format!("writing {} with cuFile", path.display());
+                        return Err(ended_early(plan, op, file_size, write));
+                    }
+                    Ok(n) => done += n as u64,
+                    Err(e) => return Err(io_error(plan, op, "cuFile ", done, op.len - done, e)),
+                }
+            }
+            job.op_done(op);
+            Ok(())
+        },
+    )
 }
 
 /// A registered cuFile file handle.

@@ -16,7 +16,9 @@ pub mod gds;
 mod job;
 mod pinned;
 mod plan;
+mod request;
 mod s3;
+mod threads;
 pub(crate) mod uring;
 
 pub use buffered::BufferedBackend;

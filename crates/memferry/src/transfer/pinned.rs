@@ -23,14 +23,13 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::Instant;
 
-use super::buffered::run_ops;
-use super::direct::{open_direct, register_hint};
+use super::direct::{open_ring, register_hint, slot_size};
 use super::job::TransferJob;
 use super::plan::Direction;
+use super::request::{Outcome, Request, per_call_cap};
+use super::threads::{RootRun, SingleRoot, run_roots};
 use super::uring::Ring;
 use super::{Backend, IO_ALIGN, TransferStats, Tuning};
 use crate::memory::cuda::{Context, Event, Stream};
@@ -53,13 +52,9 @@ impl PinnedBackend {
     }
 }
 
-/// What one root did.
-struct RootRun {
-    /// `None`: the pipeline ran; `Some`: why the root ran buffered.
-    fallback: Option<String>,
-    /// Notes on a slower path inside the pipeline (e.g. unregistered slots).
-    notes: Vec<String>,
-    staging: u64,
+/// What a root that ran the pipeline reports beside staging and notes.
+#[derive(Default)]
+struct Copies {
     pinned: bool,
     device_copies: bool,
 }
@@ -71,81 +66,33 @@ impl Backend for PinnedBackend {
 
     fn run(&self, job: &TransferJob<'_>) -> Result<TransferStats> {
         job.validate()?;
-        let start = Instant::now();
-        let mut per_root: Vec<Vec<usize>> = vec![Vec::new(); job.plan.root_count()];
-        for (i, op) in job.plan.ops.iter().enumerate() {
-            per_root[job.plan.files[op.file].root].push(i);
-        }
-        per_root.retain(|ops| !ops.is_empty());
-        let results: Vec<Result<RootRun>> = std::thread::scope(|s| {
-            let handles: Vec<_> = per_root
-                .iter()
-                .map(|ops| s.spawn(|| run_root(job, ops, &self.tuning)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("root worker panicked"))
-                .collect()
-        });
-        let mut stats = TransferStats {
-            bytes: job.plan.bytes(),
-            ..Default::default()
-        };
-        let (mut piped, mut fallback_roots) = (0, 0);
-        let (mut pinned, mut device) = (false, false);
-        let mut first_error = None;
-        for r in results {
-            let r = match r {
-                Ok(r) => r,
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                    continue;
+        // A single root runs on a thread of its own too: the pipeline makes
+        // CUDA contexts current on its thread, which must not leak to the
+        // caller.
+        run_roots(
+            job,
+            SingleRoot::Spawn,
+            |ops| run_root(job, ops, &self.tuning),
+            |piped, fallbacks| {
+                let pinned = piped.iter().any(|r| r.pinned);
+                let device = piped.iter().any(|r| r.device_copies);
+                if !piped.is_empty() && !device {
+                    fallbacks.push(
+                        "pinned: no CUDA device memory in this job, so staging is page-aligned host memory and copies are synchronous".into(),
+                    );
                 }
-            };
-            stats.peak_staging_bytes += r.staging;
-            pinned |= r.pinned;
-            device |= r.device_copies;
-            let mut push = |line: String| {
-                if !stats.fallbacks.contains(&line) {
-                    stats.fallbacks.push(line);
+                match (pinned, device) {
+                    (true, true) => "odirect-uring-pinned-async-copy",
+                    (true, false) => "odirect-uring-pinned",
+                    (false, _) => "odirect-uring-staged-host",
                 }
-            };
-            for n in r.notes {
-                push(n);
-            }
-            match r.fallback {
-                Some(reason) => {
-                    fallback_roots += 1;
-                    push(reason);
-                }
-                None => piped += 1,
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        if piped > 0 && !device {
-            stats.fallbacks.push(
-                "pinned: no CUDA device memory in this job, so staging is page-aligned host memory and copies are synchronous".into(),
-            );
-        }
-        let pipeline = match (pinned, device) {
-            (true, true) => "odirect-uring-pinned-async-copy",
-            (true, false) => "odirect-uring-pinned",
-            (false, _) => "odirect-uring-staged-host",
-        };
-        stats.mode = match (piped, fallback_roots) {
-            (_, 0) => pipeline.into(),
-            (0, _) => "buffered-fallback".into(),
-            (p, f) => format!("{pipeline}({p} roots)+buffered-fallback({f} roots)"),
-        };
-        stats.seconds = start.elapsed().as_secs_f64();
-        stats.checksum_cpu_seconds = job.checksum_seconds();
-        Ok(stats)
+                .into()
+            },
+        )
     }
 }
 
-fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<RootRun> {
+fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<RootRun<Copies>> {
     match Pipeline::setup(job, ops, tuning)? {
         Ok(mut p) => {
             let outcome = p.run(job, ops);
@@ -153,22 +100,14 @@ fn run_root(job: &TransferJob<'_>, ops: &[usize], tuning: &Tuning) -> Result<Roo
                 fallback: None,
                 notes: std::mem::take(&mut p.notes),
                 staging: p.staging.len() as u64,
-                pinned: p.staging.is_pinned(),
-                device_copies: !p.devices.is_empty(),
+                extra: Copies {
+                    pinned: p.staging.is_pinned(),
+                    device_copies: !p.devices.is_empty(),
+                },
             };
             outcome.map(|()| run)
         }
-        Err(reason) => {
-            tracing::warn!("pinned pipeline unavailable, using buffered: {reason}");
-            let staging = run_ops(job, ops, tuning)?;
-            Ok(RootRun {
-                fallback: Some(reason),
-                notes: Vec::new(),
-                staging,
-                pinned: false,
-                device_copies: false,
-            })
-        }
+        Err(reason) => RootRun::buffered(job, ops, tuning, "pinned pipeline", reason),
     }
 }
 
@@ -208,9 +147,7 @@ enum Stage {
 
 #[derive(Clone, Copy)]
 struct Slot {
-    op: usize,
-    done: u64,
-    want: u64,
+    req: Request,
     stage: Stage,
     /// Index into `Pipeline::devices` of the device the op's region is on.
     dev: Option<usize>,
@@ -250,17 +187,12 @@ impl Pipeline {
         tuning: &Tuning,
     ) -> Result<std::result::Result<Self, String>> {
         let plan = job.plan;
-        let files = match open_direct(job, ops)? {
-            Ok(f) => f,
+        let depth = tuning.queue_depth.clamp(2, MAX_SLOTS).min(ops.len()).max(1);
+        let (files, ring) = match open_ring(job, ops, depth)? {
+            Ok(opened) => opened,
             Err(reason) => return Ok(Err(reason)),
         };
-        let largest = ops.iter().map(|&i| plan.ops[i].len).max().unwrap_or(0);
-        let slot_size = align_up(largest.max(1), IO_ALIGN) as usize;
-        let depth = tuning.queue_depth.clamp(2, MAX_SLOTS).min(ops.len()).max(1);
-        let ring = match Ring::new(depth as u32) {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(format!("io_uring setup failed: {e}"))),
-        };
+        let slot_size = slot_size(job, ops);
         let on_device = ops
             .iter()
             .any(|&i| job.regions[plan.ops[i].region].cuda().is_some());
@@ -270,15 +202,12 @@ impl Pipeline {
             Staging::Host(AlignedBuf::new(slot_size * depth)?)
         };
         let base = staging.base();
-        let bufs: Vec<(*mut u8, usize)> = (0..depth)
-            // SAFETY: slot `i` lies inside the staging allocation.
-            .map(|i| (unsafe { base.add(i * slot_size) }, slot_size))
-            .collect();
         let mut notes = Vec::new();
-        // SAFETY: the staging is owned by the pipeline together with the
-        // ring, and `run` returns only when no request is in flight, so the
-        // buffers outlive every use the kernel makes of them.
-        let registered = match unsafe { ring.register(&bufs) } {
+        // SAFETY: the staging holds `depth` slots of `slot_size` bytes and is
+        // owned by the pipeline together with the ring, and `run` returns
+        // only when no request is in flight, so the buffers outlive every
+        // use the kernel makes of them.
+        let registered = match unsafe { ring.register_slots(base, slot_size, depth) } {
             Ok(()) => true,
             Err(e) => {
                 notes.push(format!(
@@ -288,9 +217,7 @@ impl Pipeline {
                 false
             }
         };
-        let cap = tuning
-            .max_bytes_per_call
-            .map_or(u64::MAX, |c| align_up(c.max(1), IO_ALIGN));
+        let cap = per_call_cap(tuning);
         Ok(Ok(Self {
             ring,
             devices: Vec::new(),
@@ -300,9 +227,7 @@ impl Pipeline {
             slot_size,
             slots: vec![
                 Slot {
-                    op: 0,
-                    done: 0,
-                    want: 0,
+                    req: Request::default(),
                     stage: Stage::Free,
                     dev: None,
                     seq: 0,
@@ -339,26 +264,22 @@ impl Pipeline {
 
     /// Queues the not yet transferred part of `slot`'s request.
     fn submit_rest(&mut self, job: &TransferJob<'_>, slot: usize) {
-        let s = self.slots[slot];
-        let op = &job.plan.ops[s.op];
         let ptr = self.slot_ptr(slot);
-        let fd = self.files[op.file]
-            .as_ref()
-            .expect("opened in setup")
-            .as_fd();
-        let len = (s.want - s.done) as u32;
-        // SAFETY: `done < want <= slot_size`.
-        let ptr = unsafe { ptr.add(s.done as usize) };
-        let offset = op.file_offset + s.done;
-        // SAFETY: the slot is not in flight (we only (re)submit after its
-        // completion or copy) and is untouched until the next completion;
-        // staging and files outlive the ring's requests because `run`
-        // returns only once nothing is in flight.
+        let fixed = self.registered.then_some(slot as u16);
+        // SAFETY: the slot is page-aligned, `want <= slot_size`, and it is
+        // registered buffer `slot` when `registered`. It is not in flight (we
+        // only (re)submit after its completion or copy) and is untouched
+        // until the next completion; staging and files outlive the ring's
+        // requests because `run` returns only once nothing is in flight.
         unsafe {
-            let fixed = self.registered.then_some(slot as u16);
-            let io = job.plan.direction.io();
-            self.ring
-                .push_io(io, fd, ptr, len, offset, fixed, slot as u64)
+            self.slots[slot].req.submit_rest(
+                job,
+                &mut self.ring,
+                &self.files,
+                ptr,
+                fixed,
+                slot as u64,
+            )
         }
         self.slots[slot].stage = Stage::Io;
     }
@@ -370,9 +291,11 @@ impl Pipeline {
         let op = &job.plan.ops[op_index];
         let want = align_up(op.len, IO_ALIGN);
         self.slots[slot] = Slot {
-            op: op_index,
-            done: 0,
-            want,
+            req: Request {
+                op: op_index,
+                done: 0,
+                want,
+            },
             stage: Stage::Free,
             dev: None,
             seq: 0,
@@ -387,18 +310,13 @@ impl Pipeline {
             let d = self.device(ctx)?;
             let q = &self.devices[d];
             // SAFETY: the slot is free, so nobody uses `buf..buf+len` until
-            // the event recorded below fires; the source range is inside the
-            // region (validated) and not written during a store.
+            // the event `copy_queued` records fires; the source range is
+            // inside the region (validated) and not written during a store.
             unsafe {
                 q.stream
                     .copy_dtoh(buf, base + op.mem_offset, op.len as usize)?
             };
-            q.events[slot].record(&q.stream)?;
-            self.seq += 1;
-            self.slots[slot].stage = Stage::Copy;
-            self.slots[slot].dev = Some(d);
-            self.slots[slot].seq = self.seq;
-            return Ok(());
+            return self.copy_queued(slot, d);
         }
         // SAFETY: the slot is free and `want <= slot_size`.
         let bytes = unsafe { std::slice::from_raw_parts_mut(buf, want as usize) };
@@ -408,10 +326,23 @@ impl Pipeline {
         Ok(())
     }
 
+    /// A copy for `slot` was just queued on device `d`'s stream: records
+    /// the slot's event after it and marks the slot as copying (copies are
+    /// waited for oldest first).
+    fn copy_queued(&mut self, slot: usize, d: usize) -> Result<()> {
+        let q = &self.devices[d];
+        q.events[slot].record(&q.stream)?;
+        self.seq += 1;
+        self.slots[slot].stage = Stage::Copy;
+        self.slots[slot].dev = Some(d);
+        self.slots[slot].seq = self.seq;
+        Ok(())
+    }
+
     /// A queued copy of `slot` has completed: finish the load, or checksum
     /// and write the store.
     fn copied(&mut self, job: &TransferJob<'_>, slot: usize) {
-        let s = self.slots[slot];
+        let s = self.slots[slot].req;
         let op = &job.plan.ops[s.op];
         match job.plan.direction {
             Direction::Load => {
@@ -433,8 +364,7 @@ impl Pipeline {
     /// A read into `slot` completed in full: verify in the slot, then hand
     /// the bytes on (async device copy, or a synchronous host copy).
     fn loaded(&mut self, job: &TransferJob<'_>, slot: usize) -> Result<()> {
-        let s = self.slots[slot];
-        let op = &job.plan.ops[s.op];
+        let op = &job.plan.ops[self.slots[slot].req.op];
         let buf = self.slot_ptr(slot);
         // SAFETY: the read completed, so the kernel no longer writes the
         // slot; `op.len <= want <= slot_size`.
@@ -444,19 +374,15 @@ impl Pipeline {
         if let Some((ctx, base)) = region.cuda() {
             let d = self.device(ctx)?;
             let q = &self.devices[d];
-            // SAFETY: the slot stays untouched until the event recorded
-            // below fires; the destination range is inside the region
-            // (validated) and exclusive to this op (plans never overlap).
+            // SAFETY: the slot stays untouched until the event
+            // `copy_queued` records fires; the destination range is inside
+            // the region (validated) and exclusive to this op (plans never
+            // overlap).
             unsafe {
                 q.stream
                     .copy_htod(base + op.mem_offset, buf, op.len as usize)?
             };
-            q.events[slot].record(&q.stream)?;
-            self.seq += 1;
-            self.slots[slot].stage = Stage::Copy;
-            self.slots[slot].dev = Some(d);
-            self.slots[slot].seq = self.seq;
-            return Ok(());
+            return self.copy_queued(slot, d);
         }
         // SAFETY: plans never overlap in a region, so this op has exclusive
         // use of its destination range.
@@ -576,67 +502,15 @@ impl Pipeline {
 
     /// Handles the completion of `slot`'s request with result `res`.
     fn completed(&mut self, job: &TransferJob<'_>, slot: usize, res: i32) -> Result<()> {
-        let plan = job.plan;
-        let s = self.slots[slot];
-        let op = &plan.ops[s.op];
-        let path = &plan.files[op.file].path;
-        if res < 0 {
-            let e = std::io::Error::from_raw_os_error(-res);
-            return Err(if crate::error::is_no_space(&e) {
-                Error::NoSpace {
-                    path: path.clone(),
-                    needed: s.want - s.done,
-                }
-            } else {
-                Error::io(
-                    format!(
-                        "{} {} at offset {}, length {}",
-                        if plan.direction == Direction::Load {
-                            "reading"
-                        } else {
-                            "writing"
-                        },
-                        path.display(),
-                        op.file_offset + s.done,
-                        s.want - s.done
-                    ),
-                    e,
-                )
-            });
+        let op = &job.plan.ops[self.slots[slot].req.op];
+        let outcome = self.slots[slot]
+            .req
+            .complete(job, &self.files, self.cap, res)?;
+        if let Outcome::Short = outcome {
+            self.submit_rest(job, slot);
+            return Ok(());
         }
-        let n = (res as u64).min(self.cap);
-        let done = s.done + n;
-        self.slots[slot].done = done;
-        if done < s.want {
-            let at_eof = n == 0 || !done.is_multiple_of(512);
-            if !at_eof {
-                self.submit_rest(job, slot);
-                return Ok(());
-            }
-            if plan.direction == Direction::Store || done < op.len {
-                let file_size = self.files[op.file]
-                    .as_ref()
-                    .and_then(|f| f.metadata().ok())
-                    .map_or(0, |m| m.len());
-                return Err(match plan.direction {
-                    Direction::Load => Error::Truncated {
-                        path: path.clone(),
-                        offset: op.file_offset,
-                        length: op.len,
-                        file_size,
-                    },
-                    Direction::Store => Error::io(
-                        format!(
-                            "writing {} at offset {}",
-                            path.display(),
-                            op.file_offset + done
-                        ),
-                        std::io::ErrorKind::WriteZero.into(),
-                    ),
-                });
-            }
-        }
-        match plan.direction {
+        match job.plan.direction {
             Direction::Load => self.loaded(job, slot),
             Direction::Store => {
                 job.op_done(op);

@@ -106,6 +106,26 @@ impl Ring {
         unsafe { self.ring.submitter().register_buffers(&iovecs) }
     }
 
+    /// Registers `count` consecutive slots of `size` bytes from `base` as
+    /// fixed buffers `0..count` (slot `i` is buffer `i`).
+    ///
+    /// # Safety
+    /// `base..base + size * count` must be one allocation that stays
+    /// allocated and unmoved until the ring is dropped.
+    pub unsafe fn register_slots(
+        &self,
+        base: *mut u8,
+        size: usize,
+        count: usize,
+    ) -> io::Result<()> {
+        let bufs: Vec<(*mut u8, usize)> = (0..count)
+            // SAFETY: slot `i` lies inside the allocation (see above).
+            .map(|i| (unsafe { base.add(i * size) }, size))
+            .collect();
+        // SAFETY: forwarded to the caller: the slots outlive the ring.
+        unsafe { self.register(&bufs) }
+    }
+
     /// Queues a read (`Io::Read`: file to memory) or a write of `len`
     /// bytes at file `offset`, to or from `ptr`. With `fixed: Some(i)`,
     /// `ptr..ptr+len` lies in registered buffer `i` (no pinning per
