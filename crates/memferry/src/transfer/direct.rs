@@ -326,9 +326,9 @@ impl Engine {
                 break;
             }
             if let Err(e) = self.ring.submit_and_wait(1) {
-                // The kernel may still own buffers: never free them.
-                std::mem::forget(std::mem::take(&mut self.files));
-                std::mem::forget(self.staging.take());
+                // Requests may write the caller's memory in place: return
+                // only once none is outstanding.
+                self.ring.drain(in_flight);
                 return Err(Error::io("waiting for io_uring completions", e));
             }
             for (user_data, res) in self.ring.completions() {

@@ -472,11 +472,10 @@ impl Pipeline {
                 // otherwise sleep until a request completes.
                 let want = usize::from(copies == 0 && !progressed);
                 if let Err(e) = self.ring.submit_and_wait(want) {
-                    // The kernel may still own buffers: never free them.
-                    std::mem::forget(std::mem::take(&mut self.files));
-                    let staging =
-                        std::mem::replace(&mut self.staging, Staging::Host(AlignedBuf::new(0)?));
-                    std::mem::forget(staging);
+                    // Return only once no request is outstanding; queued
+                    // device copies are synchronised when the pipeline
+                    // drops, before its staging.
+                    self.ring.drain(io);
                     return Err(Error::io("waiting for io_uring completions", e));
                 }
             }
