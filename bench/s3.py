@@ -28,7 +28,8 @@ from botocore.config import Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-BIN = os.path.join(REPO, "target", "release", "memferry")
+# MEMFERRY_BIN picks another build (to compare two side by side).
+BIN = os.environ.get("MEMFERRY_BIN") or os.path.join(REPO, "target", "release", "memferry")
 TOOLS = os.path.join(REPO, ".tools")
 MIB = 1 << 20
 GIB = float(1 << 30)
