@@ -259,8 +259,9 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
             );
         }
         super::Checksums::Record(_) => {
-            stats.peak_staging_bytes =
-                (tuning.workers.min(plan.ops.len()).max(1) as u64) * tuning.chunk_size;
+            // Each worker's scratch holds the largest op ([`run_ops`]).
+            let largest = plan.ops.iter().map(|o| o.len).max().unwrap_or(0);
+            stats.peak_staging_bytes = (tuning.workers.min(plan.ops.len()).max(1) as u64) * largest;
             stats
                 .fallbacks
                 .push("gds: checksums of stored bytes computed from a device-to-host copy".into());

@@ -441,7 +441,6 @@ impl Pipeline {
     }
 
     fn run(&mut self, job: &TransferJob<'_>, ops: &[usize]) -> Result<()> {
-        let plan = job.plan;
         let mut next = 0;
         let mut error: Option<Error> = None;
         loop {
@@ -495,7 +494,6 @@ impl Pipeline {
                 self.poll_copies(job, true, &mut error);
             }
         }
-        let _ = plan;
         error.map_or(Ok(()), Err)
     }
 
