@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::access::last_access;
 use super::format::{BlockHeader, HEADER_BYTES};
-use super::namespace::Namespace;
+use super::namespace::{BlockLayout, LAYOUT_FILE, Namespace};
 use super::scan::{ScannedBlock, scan};
 use super::stats::{self, Counters};
 use crate::integrity::crc32c;
@@ -227,7 +227,7 @@ pub fn verify(dir: &Path, repair: bool) -> Result<VerifyReport> {
     };
     let mut buf = Vec::new();
     for ns in namespaces_under(dir)? {
-        let hash = ns.namespace.hash();
+        let hash = recorded_layout(&ns.dir)?.map(|l| l.header_hash(&ns.namespace));
         for block in scan(&ns.dir)?.blocks {
             report.checked += 1;
             match check_block(&block, hash, &mut buf) {
@@ -248,9 +248,29 @@ pub fn verify(dir: &Path, repair: bool) -> Result<VerifyReport> {
     Ok(report)
 }
 
+/// The page layout recorded in the namespace directory `dir`, if any (a
+/// damaged record counts as none, with a warning).
+fn recorded_layout(dir: &Path) -> Result<Option<BlockLayout>> {
+    let file = dir.join(LAYOUT_FILE);
+    match std::fs::read(&file) {
+        Ok(bytes) => Ok(serde_json::from_slice(&bytes)
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "{} is damaged ({e}): its blocks are checked without their page layout",
+                    file.display()
+                )
+            })
+            .ok()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("reading {}", file.display()), e)),
+    }
+}
+
+/// Checks one block file; `namespace_hash` is `None` when the namespace
+/// records no page layout (then every check but that one runs).
 fn check_block(
     block: &ScannedBlock,
-    namespace_hash: u64,
+    namespace_hash: Option<u64>,
     buf: &mut Vec<u8>,
 ) -> std::result::Result<(), String> {
     buf.clear();
@@ -259,7 +279,11 @@ fn check_block(
         .map_err(|e| format!("unreadable: {e}"))?;
     let header = BlockHeader::decode(buf).map_err(|e| e.to_string())?;
     header
-        .expect(namespace_hash, &block.key, header.payload_len)
+        .expect(
+            namespace_hash.unwrap_or(header.namespace_hash),
+            &block.key,
+            header.payload_len,
+        )
         .map_err(|e| e.to_string())?;
     let want = HEADER_BYTES as u64 + align_up(header.payload_len, IO_ALIGN);
     if buf.len() as u64 != want {

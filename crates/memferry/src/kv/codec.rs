@@ -19,6 +19,8 @@ use crate::units::align_up;
 
 /// Sizes and identity of one namespace's block files.
 pub(crate) struct BlockCodec {
+    /// What headers must carry: the namespace bound to its page layout
+    /// ([`super::namespace::BlockLayout::header_hash`]).
     pub namespace_hash: u64,
     pub layout: KvLayout,
     /// Blocks per file.

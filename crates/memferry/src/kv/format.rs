@@ -4,9 +4,9 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `MFKVBLK\0` |
-//! | 8 | 4 | format version (1) |
+//! | 8 | 4 | format version (2) |
 //! | 12 | 4 | header length (4096) |
-//! | 16 | 8 | namespace hash |
+//! | 16 | 8 | namespace hash, bound to the page sizes (`BlockLayout::header_hash`) |
 //! | 24 | 8 | payload length |
 //! | 32 | 4 | CRC32C of the payload |
 //! | 36 | 2 | key length |
@@ -22,8 +22,10 @@ use crate::integrity::crc32c;
 pub const HEADER_BYTES: usize = 4096;
 /// Magic bytes at offset 0.
 pub const MAGIC: &[u8; 8] = b"MFKVBLK\0";
-/// Version written by this build.
-pub const VERSION: u32 = 1;
+/// Version written by this build (2: the namespace hash covers the page
+/// sizes; version 1 blocks are refused, never deleted, and rewritten by the
+/// next store of their key).
+pub const VERSION: u32 = 2;
 const CRC_AT: usize = 104;
 
 /// A decoded header.
@@ -58,8 +60,10 @@ pub enum HeaderError {
     /// Key length field out of range.
     #[error("corrupt key length {0}")]
     KeyLength(usize),
-    /// Belongs to another namespace.
-    #[error("block belongs to another namespace ({found:016x}, expected {expected:016x})")]
+    /// Belongs to another namespace, or was written with other page sizes.
+    #[error(
+        "block belongs to another namespace or page layout ({found:016x}, expected {expected:016x})"
+    )]
     Namespace { found: u64, expected: u64 },
     /// Holds another key.
     #[error("block holds key {found}, expected {expected}")]

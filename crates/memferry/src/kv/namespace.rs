@@ -64,7 +64,8 @@ impl Namespace {
     }
 
     /// A stable 64-bit hash of every field (CRC-64/NVME of the canonical
-    /// JSON), recorded in each block header.
+    /// JSON); block headers record it bound to the page layout
+    /// ([`BlockLayout::header_hash`]).
     pub fn hash(&self) -> u64 {
         let canonical = serde_json::to_vec(self).expect("namespace serialises");
         crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &canonical)
@@ -156,6 +157,20 @@ pub struct BlockLayout {
 }
 
 impl BlockLayout {
+    /// The hash every block header of `namespace` written with this layout
+    /// carries: CRC-64/NVME of the namespace's [`Namespace::hash`] followed
+    /// by each page size (all u64, little endian). Readers whose page sizes
+    /// differ never accept each other's blocks, even where `layout.json`
+    /// could not keep them apart (a namespace directory removed and
+    /// recreated by a process with another layout while this one ran).
+    pub fn header_hash(&self, namespace: &Namespace) -> u64 {
+        let mut bytes = namespace.hash().to_le_bytes().to_vec();
+        for p in &self.page_bytes {
+            bytes.extend_from_slice(&p.to_le_bytes());
+        }
+        crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &bytes)
+    }
+
     /// Fails unless `recorded` (a `layout.json` read from `origin`) holds
     /// this layout.
     pub(crate) fn expect_recorded(&self, recorded: &[u8], origin: &str) -> Result<()> {

@@ -1149,6 +1149,35 @@ mod tests {
     }
 
     #[test]
+    fn blocks_of_other_page_sizes_are_refused_even_without_the_layout_record() {
+        let root = tempfile::tempdir().unwrap();
+        let config = KvConfig::new(root.path(), test_namespace());
+        let (src, _src_mem) = layout(0x21);
+        let files = BlockFiles::open(&config, root.path(), src).unwrap();
+        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
+        let stored = run(&mut engine, JobKind::Store, vec![task(0, 0)]);
+        assert_eq!(stored, [KeyOutcome::Stored]);
+        drop(engine);
+        // The record that keeps other layouts out is gone, as when the
+        // namespace directory is removed and recreated by a process whose
+        // tensors split the same block bytes differently.
+        let block = files.path(&task(0, 0).key);
+        std::fs::remove_file(files.dir.join(crate::kv::namespace::LAYOUT_FILE)).unwrap();
+        let (other, _other_mem) = patterned_layout(&[4096, 8192], BLOCKS, 0);
+        let files = BlockFiles::open(&config, root.path(), other).unwrap();
+        for shape in [Shape::Best, Shape::NoRing] {
+            let mut engine = FileRing::build(&files, 2, shape).unwrap();
+            let loaded = run(&mut engine, JobKind::Load, vec![task(0, 1)]);
+            assert!(
+                matches!(&loaded[0], KeyOutcome::Failed(why) if why.contains("page layout")),
+                "{shape:?}: {loaded:?}"
+            );
+        }
+        // A valid block of another layout is refused, never deleted.
+        assert!(block.exists());
+    }
+
+    #[test]
     fn every_engine_shape_stores_and_loads_the_same_bytes() {
         for shape in [Shape::Best, Shape::DataOnRing, Shape::NoRing] {
             let root = tempfile::tempdir().unwrap();

@@ -94,18 +94,16 @@ impl BlockFiles {
             e => e,
         })?;
         probe_writable(&dir)?;
-        check_layout(
-            &dir,
-            &BlockLayout {
-                page_bytes: layout.page_bytes(),
-            },
-        )?;
+        let block_layout = BlockLayout {
+            page_bytes: layout.page_bytes(),
+        };
+        check_layout(&dir, &block_layout)?;
         Ok(Self {
             dir,
             namespace: config.namespace.clone(),
             root: root.to_path_buf(),
             codec: BlockCodec::new(
-                config.namespace.hash(),
+                block_layout.header_hash(&config.namespace),
                 layout,
                 config.namespace.blocks_per_file as usize,
             ),

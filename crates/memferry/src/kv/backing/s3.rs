@@ -125,7 +125,7 @@ impl BlockObjects {
             conditional: s3.conditional_put,
             recorded: Mutex::new(HashMap::new()),
             codec: BlockCodec::new(
-                config.namespace.hash(),
+                wanted.header_hash(&config.namespace),
                 layout,
                 config.namespace.blocks_per_file as usize,
             ),
