@@ -1078,6 +1078,27 @@ mod tests {
         assert_loaded_reversed(&src_mem, &dst_mem, 4, "keys ahead");
     }
 
+    /// A fresh namespace (its root, its config) holding keys `0..n`, stored
+    /// from blocks `i` of a pattern-`seed` layout; and that layout's pages.
+    fn stored(n: u64, seed: u8) -> (tempfile::TempDir, KvConfig, Vec<Arc<HostRegion>>) {
+        let root = tempfile::tempdir().unwrap();
+        let config = KvConfig::new(root.path(), test_namespace());
+        let (src, src_mem) = layout(seed);
+        let files = BlockFiles::open(&config, root.path(), src).unwrap();
+        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
+        let stored = run(
+            &mut engine,
+            JobKind::Store,
+            (0..n).map(|i| task(i, i)).collect(),
+        );
+        assert!(
+            stored.iter().all(|o| *o == KeyOutcome::Stored),
+            "{stored:?}"
+        );
+        drop(engine);
+        (root, config, src_mem)
+    }
+
     /// Where the fd `fd` of this process points, if it is open.
     fn fd_target(fd: i32) -> Option<PathBuf> {
         std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
@@ -1085,26 +1106,14 @@ mod tests {
 
     #[test]
     fn a_broken_ring_fails_waiting_keys_at_once_and_closes_their_files() {
-        let root = tempfile::tempdir().unwrap();
-        let config = KvConfig::new(root.path(), test_namespace());
-        let (src, _src_mem) = layout(0x44);
-        let files = BlockFiles::open(&config, root.path(), src).unwrap();
+        let (root, config, _src_mem) = stored(4, 0x44);
+        let (dst, _dst_mem) = layout(0);
+        let files = BlockFiles::open(&config, root.path(), dst).unwrap();
         let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
         if !matches!(engine.submitter, Submitter::Ring { .. }) {
             eprintln!("skipped: io_uring is not available here");
             return;
         }
-        let stored = run(
-            &mut engine,
-            JobKind::Store,
-            (0..4).map(|i| task(i, i)).collect(),
-        );
-        assert!(stored.iter().all(|o| *o == KeyOutcome::Stored));
-        drop(engine);
-
-        let (dst, _dst_mem) = layout(0);
-        let files = BlockFiles::open(&config, root.path(), dst).unwrap();
-        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
         for i in 0..4 {
             // SAFETY: nothing else touches the test's pages meanwhile.
             unsafe { engine.start(i, JobKind::Load, task(i, 7 - i), Arc::default()) };
@@ -1150,14 +1159,9 @@ mod tests {
 
     #[test]
     fn blocks_of_other_page_sizes_are_refused_even_without_the_layout_record() {
-        let root = tempfile::tempdir().unwrap();
-        let config = KvConfig::new(root.path(), test_namespace());
-        let (src, _src_mem) = layout(0x21);
+        let (root, config, _src_mem) = stored(1, 0x21);
+        let (src, _) = layout(0x21);
         let files = BlockFiles::open(&config, root.path(), src).unwrap();
-        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
-        let stored = run(&mut engine, JobKind::Store, vec![task(0, 0)]);
-        assert_eq!(stored, [KeyOutcome::Stored]);
-        drop(engine);
         // The record that keeps other layouts out is gone, as when the
         // namespace directory is removed and recreated by a process whose
         // tensors split the same block bytes differently.
