@@ -101,16 +101,49 @@ pub fn settle_allocation(
     }
 }
 
-/// Moves `from` to `to`, failing if `to` exists.
+/// Moves `from` to `to`, failing if `to` exists. Filesystems without
+/// renameat2 flags (NFS, CIFS, some FUSE mounts: EINVAL) get the same
+/// guarantee from [`move_noreplace_portably`].
 pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
-    rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE)
-        .ctx(|| format!("publishing {} as {}", from.display(), to.display()))
+    match rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Err(e) if lacks_rename_flags(e) => move_noreplace_portably(from, to),
+        r => r.ctx(|| format!("publishing {} as {}", from.display(), to.display())),
+    }
 }
 
-/// Swaps `a` and `b` atomically (both must exist).
+/// True for the errors of a filesystem (or kernel) that has no renameat2
+/// flags.
+fn lacks_rename_flags(e: rustix::io::Errno) -> bool {
+    use rustix::io::Errno;
+    matches!(e, Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP)
+}
+
+/// [`rename_noreplace`] without renameat2: a file is linked at `to`
+/// (link(2) never replaces, and is atomic on NFS too) and then unlinked
+/// at `from`; a directory is renamed, which never replaces a non-empty
+/// directory (every directory memferry publishes holds files).
+fn move_noreplace_portably(from: &Path, to: &Path) -> Result<()> {
+    let what = || format!("publishing {} as {}", from.display(), to.display());
+    let is_dir = fs::symlink_metadata(from).ctx(what)?.is_dir();
+    if is_dir {
+        rustix::fs::rename(from, to).ctx(what)
+    } else {
+        fs::hard_link(from, to).ctx(what)?;
+        fs::remove_file(from).ctx(what)
+    }
+}
+
+/// Swaps `a` and `b` atomically (both must exist). A filesystem that cannot
+/// (NFS, CIFS: no RENAME_EXCHANGE) gets an error saying what to do; nothing
+/// is moved.
 pub fn exchange(a: &Path, b: &Path) -> Result<()> {
-    rustix::fs::renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE)
-        .ctx(|| format!("swapping {} with {}", a.display(), b.display()))
+    match rustix::fs::renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE) {
+        Err(e) if lacks_rename_flags(e) => Err(Error::Unsupported(format!(
+            "the filesystem holding {} cannot swap two directories atomically (renameat2 RENAME_EXCHANGE: {e}; NFS and CIFS cannot), so the snapshot there cannot be replaced without a moment with none: save to a new path, or remove the old snapshot first",
+            b.display()
+        ))),
+        r => r.ctx(|| format!("swapping {} with {}", a.display(), b.display())),
+    }
 }
 
 /// Publishes the synced directory `staged` at `target`: a plain rename when
@@ -200,4 +233,42 @@ pub fn unique_id() -> String {
         b = (t ^ ((std::process::id() as u64) << 32)).to_le_bytes();
     }
     format!("{:016x}", u64::from_le_bytes(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishing_without_rename_flags_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, to) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("to"),
+        );
+        fs::write(&a, b"first").unwrap();
+        fs::write(&b, b"second").unwrap();
+        // A file: published once, then refused without touching either.
+        move_noreplace_portably(&a, &to).unwrap();
+        assert!(!a.exists());
+        assert!(move_noreplace_portably(&b, &to).is_err());
+        assert_eq!(fs::read(&to).unwrap(), b"first");
+        assert_eq!(fs::read(&b).unwrap(), b"second");
+
+        // A directory holding files: the same.
+        let (d1, d2, target) = (
+            dir.path().join("d1"),
+            dir.path().join("d2"),
+            dir.path().join("target"),
+        );
+        for (d, body) in [(&d1, "one"), (&d2, "two")] {
+            fs::create_dir(d).unwrap();
+            fs::write(d.join("manifest.json"), body).unwrap();
+        }
+        move_noreplace_portably(&d1, &target).unwrap();
+        assert!(move_noreplace_portably(&d2, &target).is_err());
+        assert_eq!(fs::read(target.join("manifest.json")).unwrap(), b"one");
+        assert_eq!(fs::read(d2.join("manifest.json")).unwrap(), b"two");
+    }
 }

@@ -353,10 +353,7 @@ pub(super) fn quarantine(path: &Path, inode: u64, reason: String) -> String {
         let _ = std::fs::remove_file(&aside);
         return format!("{reason}; the file was removed");
     }
-    let cwd = rustix::fs::CWD;
-    if rustix::fs::renameat_with(cwd, &aside, cwd, path, rustix::fs::RenameFlags::NOREPLACE)
-        .is_err()
-    {
+    if crate::storage::durable::rename_noreplace(&aside, path).is_err() {
         // Another copy was published meanwhile, or the move back failed:
         // the copy moved aside is not needed (the scan removes it if this
         // removal fails).
