@@ -471,9 +471,11 @@ impl Pipeline {
                 // otherwise sleep until a request completes.
                 let want = usize::from(copies == 0 && !progressed);
                 if let Err(e) = self.ring.submit_and_wait(want) {
-                    // Return only once no request is outstanding; queued
-                    // device copies are synchronised when the pipeline
-                    // drops, before its staging.
+                    // Return only once no request is outstanding (counted
+                    // again: finished copies queued writes since `io`);
+                    // queued device copies are synchronised when the
+                    // pipeline drops, before its staging.
+                    let io = self.slots.iter().filter(|s| s.stage == Stage::Io).count();
                     self.ring.drain(io);
                     return Err(Error::io("waiting for io_uring completions", e));
                 }

@@ -264,14 +264,26 @@ impl Ring {
     /// After [`Self::submit_and_wait`] failed with `in_flight` requests
     /// queued or in the kernel: keeps handing the kernel what is queued and
     /// reaping until every one has completed, so no buffer or destination is
-    /// written after the caller returns (its completions are dropped). A
-    /// ring that never recovers keeps the thread here, saying so, rather
-    /// than let the kernel write memory that is freed or reused.
+    /// written after the caller returns (its completions are dropped).
+    /// Requests the kernel refuses for good (a submit failing with anything
+    /// but a passing shortage) never reach it, so they are not waited for:
+    /// they never run once the ring is dropped. Requests the kernel took
+    /// are always waited for, saying so after 10 s.
     pub fn drain(&mut self, mut in_flight: usize) {
         let start = std::time::Instant::now();
         let mut warned = false;
+        let mut submitting = true;
         while in_flight > 0 {
-            let _ = self.ring.submit();
+            if submitting && let Err(e) = self.ring.submit() {
+                let passing = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ENOMEM)
+                );
+                if !passing {
+                    in_flight = in_flight.saturating_sub(self.ring.submission().len());
+                    submitting = false;
+                }
+            }
             in_flight = in_flight.saturating_sub(self.ring.completion().count());
             if in_flight > 0 {
                 std::thread::sleep(std::time::Duration::from_millis(1));
