@@ -194,6 +194,9 @@ pub(crate) struct FileRing<'a> {
     cap: u64,
     /// Set when the ring failed: every later key fails with this reason.
     broken: Option<String>,
+    /// Once broken: slots whose failed store had its create in flight, and
+    /// the temporary file it creates (closed and removed if it completes).
+    stray_creates: Vec<(u64, PathBuf)>,
     /// Blocks move straight between files and pages (see the module docs).
     zero_copy: bool,
     /// A store's file-system steps run on the ring (else as system calls).
@@ -270,6 +273,7 @@ impl<'a> FileRing<'a> {
             finished: Vec::new(),
             cap,
             broken: None,
+            stray_creates: Vec::new(),
             zero_copy,
             meta_on_ring,
         })
@@ -857,6 +861,9 @@ impl FileRing<'_> {
                 if op.kind == JobKind::Store {
                     let _ = std::fs::remove_file(&op.path);
                 }
+                if op.kind == JobKind::Store && op.step == Step::Create {
+                    self.stray_creates.push((slot as u64, op.path.clone()));
+                }
                 if !waiting.contains(&slot) {
                     // A request may be in flight: the kernel may still use
                     // the fd, the paths and the iovecs.
@@ -885,10 +892,17 @@ impl FileRing<'_> {
         let _ = ring.submit_and_wait(0);
         std::thread::sleep(std::time::Duration::from_millis(1));
         let why = self.broken.clone().unwrap_or_default();
-        for (slot, _) in ring.completions() {
+        for (slot, res) in ring.completions() {
             if let Some(op) = self.ops.get_mut(slot as usize).and_then(Option::take) {
                 self.finished
                     .push((op.tag, KeyOutcome::Failed(why.clone())));
+            } else if let Some(i) = self.stray_creates.iter().position(|(s, _)| *s == slot) {
+                let (_, temp) = self.stray_creates.swap_remove(i);
+                if res >= 0 {
+                    // SAFETY: a create's result is a new fd owned by nobody.
+                    drop(unsafe { File::from_raw_fd(res) });
+                    let _ = std::fs::remove_file(temp);
+                }
             }
         }
     }
@@ -900,6 +914,12 @@ impl Drop for FileRing<'_> {
         // (once broken: every request that writes the caller's pages).
         while self.in_flight_count() > 0 {
             self.wait_or_break_down();
+        }
+        // Give the creates of failed stores a moment to come back, so the
+        // files they made are closed and removed (else the scan removes them).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while !self.stray_creates.is_empty() && std::time::Instant::now() < deadline {
+            self.reap_broken();
         }
         if self.broken.is_none() {
             // The ring (and its registration of the staging) goes first.
@@ -1153,6 +1173,53 @@ mod tests {
                 .iter()
                 .all(|(_, o)| matches!(o, KeyOutcome::Failed(why) if why.contains("test: the ring failed"))),
             "{outcomes:?}"
+        );
+        drop(engine);
+    }
+
+    #[test]
+    fn a_broken_ring_removes_what_late_creates_of_failed_stores_make() {
+        let (root, config, _src_mem) = stored(2, 0x45);
+        let (mem, _mem) = layout(0);
+        let files = BlockFiles::open(&config, root.path(), mem).unwrap();
+        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
+        if !(matches!(engine.submitter, Submitter::Ring { .. }) && engine.meta_on_ring) {
+            eprintln!("skipped: io_uring (with file-system requests) is not available here");
+            return;
+        }
+        // Two zero-copy loads move (held back once broken), two new stores
+        // have their create queued; nothing is submitted yet.
+        for i in 0..2 {
+            // SAFETY: nothing else touches the test's pages meanwhile.
+            unsafe { engine.start(i, JobKind::Load, task(i, 7 - i), Arc::default()) };
+        }
+        for i in 2..4 {
+            // SAFETY: as above.
+            unsafe { engine.start(i, JobKind::Store, task(i, i), Arc::default()) };
+        }
+        engine.break_down("test: the ring failed".into());
+        let mut outcomes = Vec::new();
+        while outcomes.len() < 4 {
+            outcomes.extend(engine.reap());
+        }
+        assert!(
+            outcomes
+                .iter()
+                .all(|(_, o)| matches!(o, KeyOutcome::Failed(_)))
+        );
+        // Reaping the loads handed the queued creates to the kernel; their
+        // completions may come a little later (as `Drop` allows for).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !engine.stray_creates.is_empty() && std::time::Instant::now() < deadline {
+            engine.reap_broken();
+        }
+        // The files they made are closed and gone: only the blocks remain.
+        assert!(engine.stray_creates.is_empty());
+        assert_eq!(
+            files_under(&files.dir).len(),
+            2,
+            "{:?}",
+            files_under(&files.dir)
         );
         drop(engine);
     }
