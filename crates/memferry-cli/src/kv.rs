@@ -180,7 +180,15 @@ pub fn run(a: KvArgs, s3: &crate::args::S3Args, json: bool) -> Result<()> {
                 for c in &r.corrupt {
                     println!("corrupt {} {}: {}", c.key, c.path.display(), c.reason);
                 }
-                println!("checked {} blocks: {} ok, {bad} corrupt", r.checked, r.ok);
+                for c in &r.foreign {
+                    println!("kept {} {}: {}", c.key, c.path.display(), c.reason);
+                }
+                println!(
+                    "checked {} blocks: {} ok, {bad} corrupt, {} of another format version, namespace or page layout (kept)",
+                    r.checked,
+                    r.ok,
+                    r.foreign.len()
+                );
             }
             if bad > 0 {
                 return Err(crate::AlreadyReported { code: 3, message }.into());

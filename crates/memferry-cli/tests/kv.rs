@@ -129,11 +129,26 @@ fn verify_names_corrupt_blocks_and_repair_removes_them() {
         .open(truncated)
         .unwrap();
     f.set_len(5000).unwrap();
+    // An intact block of another format version (header rewritten as
+    // version 1, its checksum fixed): kept, not counted as corrupt.
+    let older = &files[11];
+    let mut bytes = std::fs::read(older).unwrap();
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = memferry::integrity::crc32c(&bytes[..104]);
+    bytes[104..108].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(older, bytes).unwrap();
 
     let r = kv(&["verify", "--json"], root.path()).code(3);
     let v = r.json();
     assert_eq!(v["ok"], false);
     assert_eq!(v["checked"], 32);
+    let foreign = v["foreign"].as_array().unwrap();
+    assert_eq!(foreign.len(), 1, "{v}");
+    assert_eq!(foreign[0]["path"], older.to_str().unwrap(), "{v}");
+    assert!(
+        foreign[0]["reason"].as_str().unwrap().contains("version 1"),
+        "{v}"
+    );
     let corrupt = v["corrupt"].as_array().unwrap();
     assert_eq!(corrupt.len(), 2, "{v}");
     let paths: Vec<&str> = corrupt
@@ -157,8 +172,13 @@ fn verify_names_corrupt_blocks_and_repair_removes_them() {
         .code(3)
         .stderr_has(&["2 of 32 blocks are corrupt", "2 removed"]);
     assert!(!victim.exists() && !truncated.exists());
+    assert!(
+        older.exists(),
+        "a block of another version is never removed"
+    );
     let v = kv(&["verify", "--json"], root.path()).ok().json();
     assert_eq!(v["checked"], 30);
+    assert_eq!(v["foreign"].as_array().unwrap().len(), 1, "{v}");
 }
 
 #[test]

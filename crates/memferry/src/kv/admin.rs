@@ -211,6 +211,10 @@ pub struct VerifyReport {
     pub ok: u64,
     /// Files that did not.
     pub corrupt: Vec<CorruptBlock>,
+    /// Intact blocks this build does not read: another format version, or
+    /// another namespace or page layout. Never removed (a process of
+    /// another version or layout may use them); not counted as corrupt.
+    pub foreign: Vec<CorruptBlock>,
     /// Corrupt files removed (`--repair`).
     pub removed: u64,
 }
@@ -223,6 +227,7 @@ pub fn verify(dir: &Path, repair: bool) -> Result<VerifyReport> {
         checked: 0,
         ok: 0,
         corrupt: Vec::new(),
+        foreign: Vec::new(),
         removed: 0,
     };
     let mut buf = Vec::new();
@@ -232,7 +237,12 @@ pub fn verify(dir: &Path, repair: bool) -> Result<VerifyReport> {
             report.checked += 1;
             match check_block(&block, hash, &mut buf) {
                 Ok(()) => report.ok += 1,
-                Err(reason) => {
+                Err(Problem::Foreign(reason)) => report.foreign.push(CorruptBlock {
+                    key: block.key.hex(),
+                    path: block.path,
+                    reason,
+                }),
+                Err(Problem::Corrupt(reason)) => {
                     if repair && std::fs::remove_file(&block.path).is_ok() {
                         report.removed += 1;
                     }
@@ -261,44 +271,66 @@ fn recorded_layout(dir: &Path) -> Result<Option<BlockLayout>> {
                 )
             })
             .ok()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(
+                "{} has no {LAYOUT_FILE}: its blocks are checked without their page layout",
+                dir.display()
+            );
+            Ok(None)
+        }
         Err(e) => Err(Error::io(format!("reading {}", file.display()), e)),
     }
 }
 
+/// Why a block file failed [`check_block`].
+enum Problem {
+    /// Damaged: safe to remove.
+    Corrupt(String),
+    /// Intact, but for another version, namespace or layout: kept.
+    Foreign(String),
+}
+
 /// Checks one block file; `namespace_hash` is `None` when the namespace
-/// records no page layout (then every check but that one runs).
+/// records no page layout (then every check but that one runs). A damaged
+/// file is `Corrupt`; an intact one of another version, namespace or
+/// layout is `Foreign`.
 fn check_block(
     block: &ScannedBlock,
     namespace_hash: Option<u64>,
     buf: &mut Vec<u8>,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), Problem> {
+    use super::format::HeaderError;
+    let corrupt = |m: String| Problem::Corrupt(m);
     buf.clear();
     File::open(&block.path)
         .and_then(|mut f| f.read_to_end(buf))
-        .map_err(|e| format!("unreadable: {e}"))?;
-    let header = BlockHeader::decode(buf).map_err(|e| e.to_string())?;
+        .map_err(|e| corrupt(format!("unreadable: {e}")))?;
+    let header = BlockHeader::decode(buf).map_err(|e| match e {
+        HeaderError::Version(_) => Problem::Foreign(e.to_string()),
+        e => corrupt(e.to_string()),
+    })?;
     header
-        .expect(
-            namespace_hash.unwrap_or(header.namespace_hash),
-            &block.key,
-            header.payload_len,
-        )
-        .map_err(|e| e.to_string())?;
+        .expect(header.namespace_hash, &block.key, header.payload_len)
+        .map_err(|e| corrupt(e.to_string()))?;
     let want = HEADER_BYTES as u64 + align_up(header.payload_len, IO_ALIGN);
     if buf.len() as u64 != want {
-        return Err(format!(
+        return Err(corrupt(format!(
             "file is {} bytes, its header describes {want}",
             buf.len()
-        ));
+        )));
     }
     let payload = &buf[HEADER_BYTES..HEADER_BYTES + header.payload_len as usize];
     let found = crc32c(payload);
     if found != header.payload_crc32c {
-        return Err(format!(
+        return Err(corrupt(format!(
             "payload checksum mismatch (recorded {:08x}, found {found:08x})",
             header.payload_crc32c
-        ));
+        )));
+    }
+    if let Some(expected) = namespace_hash {
+        header
+            .expect(expected, &block.key, header.payload_len)
+            .map_err(|e| Problem::Foreign(e.to_string()))?;
     }
     Ok(())
 }
