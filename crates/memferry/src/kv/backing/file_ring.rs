@@ -1051,12 +1051,21 @@ mod tests {
         }
     }
 
+    /// Starts keys `keys` without reaping them: a load of key `i` into
+    /// block `7 - i`, a store of key `i` from block `i`.
+    fn start(engine: &mut FileRing<'_>, kind: JobKind, keys: std::ops::Range<u64>) {
+        for i in keys {
+            let id = if kind == JobKind::Load { 7 - i } else { i };
+            // SAFETY: nothing else touches the test's pages meanwhile.
+            unsafe { engine.start(i, kind, task(i, id), Arc::default()) };
+        }
+    }
+
     #[test]
     fn keys_ahead_wait_for_a_transfer_place_and_then_move() {
-        let root = tempfile::tempdir().unwrap();
-        let config = KvConfig::new(root.path(), test_namespace());
-        let (src, src_mem) = layout(0x33);
-        let files = BlockFiles::open(&config, root.path(), src).unwrap();
+        let (root, config, src_mem) = stored(6, 0x33);
+        let (dst, dst_mem) = layout(0);
+        let files = BlockFiles::open(&config, root.path(), dst).unwrap();
         let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
         if !matches!(engine.submitter, Submitter::Ring { .. }) {
             eprintln!("skipped: io_uring is not available here");
@@ -1064,24 +1073,7 @@ mod tests {
         }
         // Depth 2 holds four keys: two transfer, two more go ahead.
         assert_eq!(engine.room(), 4);
-        let stored = run(
-            &mut engine,
-            JobKind::Store,
-            (0..6).map(|i| task(i, i)).collect(),
-        );
-        assert!(
-            stored.iter().all(|o| *o == KeyOutcome::Stored),
-            "{stored:?}"
-        );
-        drop(engine);
-
-        let (dst, dst_mem) = layout(0);
-        let files = BlockFiles::open(&config, root.path(), dst).unwrap();
-        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
-        for i in 0..4 {
-            // SAFETY: nothing else touches the test's pages meanwhile.
-            unsafe { engine.start(i, JobKind::Load, task(i, 7 - i), Arc::default()) };
-        }
+        start(&mut engine, JobKind::Load, 0..4);
         // Loads go straight to their transfer: two move, two wait.
         assert_eq!((engine.transferring, engine.waiting.len()), (2, 2));
         assert_eq!(engine.room(), 0);
@@ -1134,10 +1126,7 @@ mod tests {
             eprintln!("skipped: io_uring is not available here");
             return;
         }
-        for i in 0..4 {
-            // SAFETY: nothing else touches the test's pages meanwhile.
-            unsafe { engine.start(i, JobKind::Load, task(i, 7 - i), Arc::default()) };
-        }
+        start(&mut engine, JobKind::Load, 0..4);
         assert_eq!(engine.waiting.len(), 2);
         let waiting: Vec<(u64, i32, PathBuf)> = engine
             .waiting
@@ -1189,14 +1178,8 @@ mod tests {
         }
         // Two zero-copy loads move (held back once broken), two new stores
         // have their create queued; nothing is submitted yet.
-        for i in 0..2 {
-            // SAFETY: nothing else touches the test's pages meanwhile.
-            unsafe { engine.start(i, JobKind::Load, task(i, 7 - i), Arc::default()) };
-        }
-        for i in 2..4 {
-            // SAFETY: as above.
-            unsafe { engine.start(i, JobKind::Store, task(i, i), Arc::default()) };
-        }
+        start(&mut engine, JobKind::Load, 0..2);
+        start(&mut engine, JobKind::Store, 2..4);
         engine.break_down("test: the ring failed".into());
         let mut outcomes = Vec::new();
         while outcomes.len() < 4 {
