@@ -58,7 +58,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::KeyPipeline;
-use super::files::{BlockFiles, outcome_of, quarantine};
+use super::files::{BlockFiles, outcome_of, quarantine, temp_path};
 use super::placement::Placement;
 use crate::kv::format::HEADER_BYTES;
 use crate::kv::job::{JobKind, KeyOutcome, KeyTask};
@@ -785,7 +785,7 @@ impl KeyPipeline for FileRing<'_> {
             // SAFETY: forwarded from the caller.
             JobKind::Store => unsafe { self.prepare_image(slot, &task) }.map(|placement| {
                 let block = self.files.path(&task.key);
-                let temp = self.files.temp_path(&block);
+                let temp = temp_path(&block);
                 let store = StorePaths::new(&temp, &block);
                 Op {
                     tag,

@@ -199,14 +199,6 @@ impl BlockFiles {
         self.codec.header_matches(&header, key)
     }
 
-    /// A fresh temporary name next to the block file at `block` (the scan
-    /// removes leftovers of stores that died).
-    pub(super) fn temp_path(&self, block: &Path) -> PathBuf {
-        let mut path = block.as_os_str().to_owned();
-        path.push(format!("{TEMP_MARK}{}", unique_id()));
-        path.into()
-    }
-
     /// True when stores flush their file before publishing it.
     pub(super) fn fsync(&self) -> bool {
         self.fsync
@@ -334,6 +326,14 @@ fn probe_writable(dir: &Path) -> Result<()> {
     }
 }
 
+/// A fresh temporary name next to the block file at `block` (the scan
+/// removes leftovers of stores that died).
+pub(super) fn temp_path(block: &Path) -> PathBuf {
+    let mut path = block.as_os_str().to_owned();
+    path.push(format!("{TEMP_MARK}{}", unique_id()));
+    path.into()
+}
+
 /// Removes a block file that failed verification, so lookups stop
 /// reporting it and the next store of the key writes it again (a store
 /// skips keys whose header is valid). Only the file that was read is
@@ -342,9 +342,7 @@ fn probe_writable(dir: &Path) -> Result<()> {
 /// concurrent store republished the key) it is put back, never over a
 /// newer copy. A good block is therefore never lost to a quarantine.
 pub(super) fn quarantine(path: &Path, inode: u64, reason: String) -> String {
-    let mut aside = path.as_os_str().to_owned();
-    aside.push(format!("{TEMP_MARK}{}", unique_id()));
-    let aside = PathBuf::from(aside);
+    let aside = temp_path(path);
     if std::fs::rename(path, &aside).is_err() {
         return reason;
     }
