@@ -440,6 +440,11 @@ impl Pipeline {
         finished
     }
 
+    /// Slots in `stage`.
+    fn in_stage(&self, stage: Stage) -> usize {
+        self.slots.iter().filter(|s| s.stage == stage).count()
+    }
+
     fn run(&mut self, job: &TransferJob<'_>, ops: &[usize]) -> Result<()> {
         let mut next = 0;
         let mut error: Option<Error> = None;
@@ -460,8 +465,7 @@ impl Pipeline {
                     error = Some(e);
                 }
             }
-            let io = self.slots.iter().filter(|s| s.stage == Stage::Io).count();
-            let copies = self.slots.iter().filter(|s| s.stage == Stage::Copy).count();
+            let (io, copies) = (self.in_stage(Stage::Io), self.in_stage(Stage::Copy));
             if io == 0 && copies == 0 {
                 break;
             }
@@ -475,8 +479,7 @@ impl Pipeline {
                     // again: finished copies queued writes since `io`);
                     // queued device copies are synchronised when the
                     // pipeline drops, before its staging.
-                    let io = self.slots.iter().filter(|s| s.stage == Stage::Io).count();
-                    self.ring.drain(io);
+                    self.ring.drain(self.in_stage(Stage::Io));
                     return Err(Error::io("waiting for io_uring completions", e));
                 }
             }

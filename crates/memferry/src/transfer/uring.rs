@@ -74,6 +74,26 @@ pub(crate) enum Io {
     Write,
 }
 
+/// An io_uring_enter(2) failure that goes away when tried again.
+enum Passing {
+    /// Interrupted (EINTR), or completions to reap first (EBUSY): retry now.
+    Interrupted,
+    /// The kernel could not allocate for the requests and took none of
+    /// them (EAGAIN, ENOMEM): retry shortly.
+    Shortage,
+}
+
+impl Passing {
+    /// `None` for an error that stays.
+    fn of(e: &io::Error) -> Option<Self> {
+        match e.raw_os_error()? {
+            libc::EINTR | libc::EBUSY => Some(Self::Interrupted),
+            libc::EAGAIN | libc::ENOMEM => Some(Self::Shortage),
+            _ => None,
+        }
+    }
+}
+
 /// A ring with registered staging buffers.
 pub(crate) struct Ring {
     ring: IoUring,
@@ -247,16 +267,13 @@ impl Ring {
         loop {
             match self.ring.submit_and_wait(want) {
                 Ok(_) => return Ok(()),
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {
-                    continue;
-                }
-                // The kernel could not allocate for the requests and took
-                // none of them: a passing shortage, so try again shortly
-                // (io_uring_enter(2)).
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOMEM)) => {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Err(e) => return Err(e),
+                Err(e) => match Passing::of(&e) {
+                    Some(Passing::Interrupted) => continue,
+                    Some(Passing::Shortage) => {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    None => return Err(e),
+                },
             }
         }
     }
@@ -274,15 +291,12 @@ impl Ring {
         let mut warned = false;
         let mut submitting = true;
         while in_flight > 0 {
-            if submitting && let Err(e) = self.ring.submit() {
-                let passing = matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ENOMEM)
-                );
-                if !passing {
-                    in_flight = in_flight.saturating_sub(self.ring.submission().len());
-                    submitting = false;
-                }
+            if submitting
+                && let Err(e) = self.ring.submit()
+                && Passing::of(&e).is_none()
+            {
+                in_flight = in_flight.saturating_sub(self.ring.submission().len());
+                submitting = false;
             }
             in_flight = in_flight.saturating_sub(self.ring.completion().count());
             if in_flight > 0 {
