@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::buffered::open_error;
-use super::job::TransferJob;
+use super::job::{Checksums, TransferJob};
 use super::plan::Direction;
 use super::request::{Outcome, Request, per_call_cap};
 use super::threads::{RootRun, SingleRoot, run_roots};
@@ -284,6 +284,9 @@ impl Engine {
         let mut next = 0;
         let mut in_flight = 0usize;
         let mut error: Option<Error> = None;
+        // Loads that landed in place, to verify once the requests that
+        // replace them are with the kernel: (op index, where it landed).
+        let mut landed: Vec<(usize, *const u8)> = Vec::with_capacity(self.slots.len());
         loop {
             if error.is_none() && job.cancelled() {
                 error = Some(Error::Cancelled);
@@ -322,6 +325,31 @@ impl Engine {
                 self.submit_rest(job, slot);
                 in_flight += 1;
             }
+            if !landed.is_empty() {
+                // Checksumming takes CPU time; hand the refilled requests to
+                // the kernel first so the device's queue stays full meanwhile.
+                if in_flight > 0
+                    && !matches!(job.checksums, Checksums::Skip)
+                    && let Err(e) = self.ring.submit_and_wait(0)
+                {
+                    self.ring.drain(in_flight);
+                    return Err(Error::io("submitting io_uring requests", e));
+                }
+                for (op_index, at) in landed.drain(..) {
+                    if error.is_some() {
+                        break;
+                    }
+                    let op = &plan.ops[op_index];
+                    // SAFETY: the request that filled these `op.len` bytes of
+                    // the destination has completed and no later request
+                    // targets them (load ops cover disjoint memory).
+                    let data = unsafe { std::slice::from_raw_parts(at, op.len as usize) };
+                    match job.verify_loaded(op, data) {
+                        Ok(()) => job.op_done(op),
+                        Err(e) => error = Some(e),
+                    }
+                }
+            }
             if in_flight == 0 {
                 break;
             }
@@ -356,19 +384,16 @@ impl Engine {
                         continue;
                     }
                 }
-                if plan.direction == Direction::Load {
+                if plan.direction == Direction::Load && s.staged {
                     // SAFETY: the request for this slot has completed, so the
                     // kernel no longer writes its buffer; `op.len <= want`.
                     let data = unsafe { std::slice::from_raw_parts(s.buf, op.len as usize) };
-                    let outcome = if s.staged {
-                        job.accept_loaded(op, data)
-                    } else {
-                        // Landed in place: verify there, then count it.
-                        job.verify_loaded(op, data).map(|()| job.op_done(op))
-                    };
-                    if let Err(e) = outcome {
+                    if let Err(e) = job.accept_loaded(op, data) {
                         error = Some(e);
                     }
+                } else if plan.direction == Direction::Load {
+                    // Landed in place: verified there (above) before it counts.
+                    landed.push((s.req.op, s.buf));
                 } else {
                     job.op_done(op);
                 }
