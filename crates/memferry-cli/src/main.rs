@@ -128,17 +128,20 @@ impl std::fmt::Display for AlreadyReported {
 impl std::error::Error for AlreadyReported {}
 
 fn exit_code(e: &anyhow::Error) -> u8 {
-    match e.downcast_ref::<Error>() {
-        Some(
-            Error::ChecksumMismatch { .. } | Error::Truncated { .. } | Error::MissingShard { .. },
-        ) => 3,
-        Some(
-            Error::InvalidInput(_)
-            | Error::InvalidManifest { .. }
-            | Error::UnsupportedFormat { .. }
-            | Error::NoSnapshot { .. }
-            | Error::Unsupported(_),
-        ) => 2,
+    e.downcast_ref::<Error>().map_or(1, library_exit_code)
+}
+
+fn library_exit_code(e: &Error) -> u8 {
+    match e {
+        Error::ChecksumMismatch { .. } | Error::Truncated { .. } | Error::MissingShard { .. } => 3,
+        Error::InvalidInput(_)
+        | Error::InvalidManifest { .. }
+        | Error::UnsupportedFormat { .. }
+        | Error::NoSnapshot { .. }
+        | Error::Unsupported(_) => 2,
+        // A save or gc refused over a manifest that does not load: as bad
+        // as the manifest's own problem.
+        Error::UnreadableManifest { cause, .. } => library_exit_code(cause),
         // Object-store failures (after retries) and lost conditional
         // commits are failures (1): the input was fine, try again.
         _ => 1,

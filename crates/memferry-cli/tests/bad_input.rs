@@ -169,11 +169,17 @@ fn shard_path_escaping_its_root() {
         run(["restore", &arg(&f.snap), "--backend", "direct"])
             .code(2)
             .fails_with(&["invalid manifest", why]);
+        // gc and a new save over it refuse (such a manifest proves nothing),
+        // and delete nothing, neither what the path names nor the shards.
+        run(["gc", &arg(&f.snap)])
+            .code(2)
+            .fails_with(&["gc of", "refused", "invalid manifest"]);
+        run(save_args(8, &f.snap, &["--shard-size", "1MiB"]))
+            .code(2)
+            .fails_with(&["save of", "refused", "invalid manifest"]);
         assert_same_listing(&before, &f.listing(), &format!("shard path {bad:?}"));
-        // gc and a new save over it must not delete what the path names.
-        run(["gc", &arg(&f.snap)]).ok();
-        assert_eq!(fs::metadata(&outside).unwrap().len(), size, "{bad:?}");
     }
+    write_manifest(&f.snap, &pristine);
     save(8, &f.snap, &["--shard-size", "1MiB"]);
     run(["verify", &arg(&f.snap)]).ok();
     assert_eq!(
@@ -366,4 +372,104 @@ fn disk_full_on_a_root() {
         run(&a).code(1).fails_with(&["no space", &arg(&small.dir)]);
         check_after_no_space(&snap, &before, &[tmp.path()], &roots);
     }
+}
+
+/// A directory that merely holds a file named `manifest.json` (or an owner
+/// marker, or that is a root's shard directory) is no snapshot: save
+/// refuses it and deletes nothing.
+#[test]
+fn save_refuses_a_directory_that_only_looks_like_a_snapshot() {
+    let f = Fixture::new();
+    // A web app with a manifest.json and a file named like a shard.
+    let app = f.path("app");
+    fs::create_dir(&app).unwrap();
+    fs::write(app.join("manifest.json"), b"{}").unwrap();
+    fs::write(app.join("index.html"), b"x").unwrap();
+    fs::write(app.join("shard-1.bin"), b"d").unwrap();
+    // A directory holding only an owner marker and a file.
+    let marked = f.path("marked");
+    fs::create_dir(&marked).unwrap();
+    fs::copy(
+        f.snap.join("memferry-owner.json"),
+        marked.join("memferry-owner.json"),
+    )
+    .unwrap();
+    fs::write(marked.join("shard-00000.bin"), b"mine").unwrap();
+    // A snapshot striped over two roots, and its shard directory on r1.
+    let (r1, r2) = (f.path("r1"), f.path("r2"));
+    fs::create_dir(&r1).unwrap();
+    fs::create_dir(&r2).unwrap();
+    let striped = f.path("striped");
+    save(
+        4,
+        &striped,
+        &[
+            "--roots",
+            &roots_arg(&[r1.clone(), r2.clone()]),
+            "--shard-size",
+            "1MiB",
+        ],
+    );
+    let shard_dir = r1.join(&names(&r1)[0]);
+    // The snapshot `snap`, copied under another name.
+    let moved = f.path("moved");
+    fs::create_dir_all(moved.join("shards")).unwrap();
+    for n in names(&f.snap.join("shards")) {
+        fs::copy(
+            f.snap.join("shards").join(&n),
+            moved.join("shards").join(&n),
+        )
+        .unwrap();
+    }
+    for n in ["manifest.json", "memferry-owner.json"] {
+        fs::copy(f.snap.join(n), moved.join(n)).unwrap();
+    }
+    let before = f.listing();
+    for (to, needle) in [
+        (&app, "invalid manifest"),
+        (&marked, "not a memferry snapshot"),
+        (&shard_dir, "not a memferry snapshot"),
+        (&moved, "saved as \"snap\""),
+    ] {
+        run(save_args(1, to, &[]))
+            .code(2)
+            .fails_with(&[&arg(to), needle]);
+    }
+    assert_same_listing(&before, &f.listing(), "save over a look-alike");
+    run(["verify", &arg(&striped)]).ok();
+    assert_eq!(fs::read(app.join("manifest.json")).unwrap(), b"{}");
+}
+
+/// A manifest that does not load (a newer format_version, damaged JSON)
+/// hides which save is committed: gc and save refuse, and delete nothing.
+#[test]
+fn gc_and_save_refuse_a_manifest_that_does_not_load() {
+    let f = Fixture::new();
+    let (r3, r4) = (f.path("r3"), f.path("r4"));
+    fs::create_dir(&r3).unwrap();
+    fs::create_dir(&r4).unwrap();
+    let roots = roots_arg(&[r3.clone(), r4.clone()]);
+    let s2 = f.path("s2");
+    save(4, &s2, &["--roots", &roots, "--shard-size", "1MiB"]);
+    let pristine = read_manifest(&s2);
+    let mut newer = pristine.clone();
+    newer["format_version"] = 2.into();
+    let newer = serde_json::to_vec_pretty(&newer).unwrap();
+    let cases: [(&[u8], &str); 2] = [
+        (&newer, "upgrade memferry"),
+        (b"{\"format_version\": 1, \"kind\"", "not valid JSON"),
+    ];
+    for (text, why) in cases {
+        fs::write(s2.join("manifest.json"), text).unwrap();
+        let before = f.listing();
+        run(["gc", &arg(&s2), "--roots", &roots])
+            .code(2)
+            .fails_with(&["gc of", "refused", why, "nothing was changed"]);
+        run(save_args(1, &s2, &["--roots", &roots]))
+            .code(2)
+            .fails_with(&["save of", "refused", why]);
+        assert_same_listing(&before, &f.listing(), why);
+    }
+    write_manifest(&s2, &pristine);
+    run(["verify", &arg(&s2)]).ok();
 }

@@ -72,6 +72,18 @@ pub enum Error {
     #[error("invalid manifest {path}: {reason}")]
     InvalidManifest { path: PathBuf, reason: String },
 
+    /// A `manifest.json` is there but does not load (newer format, damaged,
+    /// unreadable), so the committed save cannot be told apart from
+    /// leftovers: `action` (a save or gc) touches nothing.
+    #[error(
+        "{action} refused: {path} does not load ({cause}). Nothing was changed: while the manifest cannot be read, memferry cannot tell the committed shards from leftovers, so it deletes and replaces nothing. Repair or restore manifest.json (a newer memferry reads a newer format_version), or move the snapshot directory aside, then run it again"
+    )]
+    UnreadableManifest {
+        action: String,
+        path: PathBuf,
+        cause: Box<Error>,
+    },
+
     /// A caller-supplied argument is wrong; the message says how to fix it.
     #[error("{0}")]
     InvalidInput(String),

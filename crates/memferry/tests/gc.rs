@@ -34,10 +34,47 @@ fn gc_ignores_what_a_manifest_claims() {
     let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
     m["shards"][0]["path"] = "../precious.bin".into();
     fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
-    let report = gc(&snap, &[]).unwrap();
-    assert!(report.removed.is_empty(), "{report:?}");
+    // Such a manifest proves nothing about the snapshot's own files either,
+    // so gc refuses outright.
+    let e = gc(&snap, &[]).unwrap_err();
+    assert!(
+        matches!(e, memferry::Error::UnreadableManifest { .. }),
+        "{e}"
+    );
     assert_eq!(fs::read(&victim).unwrap(), b"keep me");
     assert!(snap.join("shards").is_dir(), "committed shards untouched");
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Without its manifest, the snapshot directory's own owner marker still
+/// names the committed save: gc keeps that save's shard directories.
+#[test]
+fn gc_keeps_the_save_the_snapshot_marker_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let snap = dir.path().join("snap");
+    save_small(&snap, Some(vec![root.clone()]), 2 << 20);
+    let m = Manifest::load(&snap).unwrap();
+    let aside = dir.path().join("manifest.json.aside");
+    fs::rename(snap.join("manifest.json"), &aside).unwrap();
+    let report = gc(&snap, std::slice::from_ref(&root)).unwrap();
+    assert!(report.removed.is_empty(), "{report:?}");
+    fs::rename(&aside, snap.join("manifest.json")).unwrap();
+    assert_eq!(
+        names(&root),
+        vec![format!("snap.memferry-{}", m.identity.save_id)]
+    );
+    restore(&snap, &LoadOptions::default()).unwrap();
 }
 
 #[test]

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::manifest::Manifest;
+use super::manifest::{MANIFEST_NAME, Manifest};
 use super::ownership::{LOCAL_SHARDS, Owner, SnapshotPaths, is_owned_file_name};
-use crate::Result;
 use crate::storage::durable::LockFile;
+use crate::{Error, Result};
 
 /// What gc removed and what it left, with reasons.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -36,11 +36,34 @@ pub fn gc(target: &Path, roots: &[PathBuf]) -> Result<GcReport> {
             paths.parent.display()
         )));
     }
+    // Checked before the lock file is created too, so that a refusal
+    // changes nothing on disk; the check under the lock is what counts.
+    committed_manifest(&paths, "gc")?;
     let _lock = LockFile::acquire(&paths.lock(), &paths.target)?;
-    let committed = Manifest::load(&paths.target).ok();
+    let committed = committed_manifest(&paths, "gc")?;
     let mut report = GcReport::default();
     collect(&paths, committed.as_ref(), roots, &mut report)?;
     Ok(report)
+}
+
+/// The committed manifest of the snapshot at `paths.target`: `None` when
+/// there is none (no directory, or no `manifest.json` in it). A manifest
+/// that is there but does not load (newer format, damaged, I/O error) is
+/// [`Error::UnreadableManifest`]: without its save id nobody can tell the
+/// committed shards from leftovers, so `action` must not delete anything.
+pub(crate) fn committed_manifest(paths: &SnapshotPaths, action: &str) -> Result<Option<Manifest>> {
+    if !fs::symlink_metadata(&paths.target).is_ok_and(|m| m.is_dir()) {
+        return Ok(None);
+    }
+    match Manifest::load(&paths.target) {
+        Ok(m) => Ok(Some(m)),
+        Err(Error::NoSnapshot { .. }) => Ok(None),
+        Err(e) => Err(Error::UnreadableManifest {
+            action: format!("{action} of {}", paths.target.display()),
+            path: paths.target.join(MANIFEST_NAME),
+            cause: Box::new(e),
+        }),
+    }
 }
 
 /// The collection itself; the caller holds the snapshot's lock.
@@ -52,8 +75,12 @@ pub(crate) fn collect(
 ) -> Result<()> {
     let mut lineages = BTreeSet::new();
     let mut roots: BTreeSet<PathBuf> = extra_roots.iter().cloned().collect();
-    let committed_save = committed.map(|m| m.identity.save_id.clone());
+    // Saves that are never collected: the committed one, and the one the
+    // snapshot directory's own marker names (the same save, unless the
+    // manifest is gone).
+    let mut kept_saves = BTreeSet::new();
     if let Some(m) = committed {
+        kept_saves.insert(m.identity.save_id.clone());
         lineages.insert(m.identity.lineage.clone());
         for r in &m.roots {
             if r.recorded_path != "." {
@@ -62,6 +89,7 @@ pub(crate) fn collect(
         }
     }
     if let Some(o) = Owner::read(&paths.target) {
+        kept_saves.insert(o.save_id);
         lineages.insert(o.lineage);
     }
     let stage_prefix = paths.stage_prefix();
@@ -94,7 +122,7 @@ pub(crate) fn collect(
                 ));
                 continue;
             }
-            if committed_save.as_deref() == Some(o.save_id.as_str()) {
+            if kept_saves.contains(&o.save_id) {
                 continue;
             }
             remove_owned_tree(&dir, report);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
-use super::gc::{GcReport, collect, remove_owned_tree};
+use super::gc::{GcReport, collect, committed_manifest, remove_owned_tree};
 use super::manifest::{
     AllocationEntry, ChecksumSpec, Extent, FORMAT_VERSION, KIND, MANIFEST_NAME, Manifest,
     RootEntry, SaveIdentity, ShardEntry,
@@ -29,7 +29,7 @@ use crate::error::IoContext;
 use crate::integrity::DEFAULT_CHUNK;
 use crate::memory::Region;
 use crate::storage::durable::{
-    LockFile, exists, fsync_dir, preallocate, publish_dir, unique_id, write_atomic, write_new_file,
+    LockFile, fsync_dir, preallocate, publish_dir, unique_id, write_atomic, write_new_file,
 };
 use crate::storage::roots::{absolute, check_writable_root};
 use crate::transfer::{
@@ -88,7 +88,8 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
     let roots = validate(source, &paths, opts)?;
 
     let _lock = LockFile::acquire(&paths.lock(), &paths.target)?;
-    let previous = super::manifest::Manifest::load(&paths.target).ok();
+    // Checked again under the lock: this is what the commit replaces.
+    let previous = previous_snapshot(&paths)?;
     let mut leftovers = GcReport::default();
     collect(
         &paths,
@@ -244,7 +245,7 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
     fault_point("after-publish");
     if swapped {
         let mut report = GcReport::default();
-        remove_owned_tree(&stage, &mut report);
+        remove_previous(&stage, previous.as_ref(), &mut report);
         collect(
             &paths,
             Some(&manifest),
@@ -312,28 +313,7 @@ fn validate(
             paths.parent.display()
         ))
     })?;
-    if exists(&paths.target) {
-        let meta = fs::symlink_metadata(&paths.target)
-            .ctx(|| format!("inspecting {}", paths.target.display()))?;
-        if !meta.is_dir() {
-            return Err(Error::InvalidInput(format!(
-                "{} exists and is not a directory: choose another --to",
-                paths.target.display()
-            )));
-        }
-        let is_snapshot =
-            paths.target.join(MANIFEST_NAME).exists() || Owner::read(&paths.target).is_some();
-        let empty = fs::read_dir(&paths.target)
-            .ctx(|| format!("listing {}", paths.target.display()))?
-            .next()
-            .is_none();
-        if !is_snapshot && !empty {
-            return Err(Error::InvalidInput(format!(
-                "{} exists and holds something that is not a memferry snapshot: refusing to replace it; choose another --to",
-                paths.target.display()
-            )));
-        }
-    }
+    previous_snapshot(paths)?;
     let Some(list) = &opts.roots else {
         return Ok(None);
     };
@@ -364,6 +344,80 @@ fn validate(
         out.push(abs);
     }
     Ok(Some(out))
+}
+
+/// What the snapshot path holds before a save: `None` when nothing (or an
+/// empty directory) is there, the manifest when a snapshot saved under this
+/// name is. Anything else (a file, a non-empty directory without a
+/// manifest, such as a user's directory or a root's shard directory, a
+/// manifest that does not load or names another snapshot) is refused, since
+/// the commit would swap it out and delete the files a save creates.
+fn previous_snapshot(paths: &SnapshotPaths) -> Result<Option<Manifest>> {
+    let target = &paths.target;
+    let meta = match fs::symlink_metadata(target) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("inspecting {}", target.display()), e)),
+    };
+    if !meta.is_dir() {
+        return Err(Error::InvalidInput(format!(
+            "{} exists and is not a directory: choose another --to",
+            target.display()
+        )));
+    }
+    if let Some(m) = committed_manifest(paths, "save")? {
+        if m.identity.name != paths.name {
+            return Err(Error::InvalidInput(format!(
+                "{} holds a memferry snapshot saved as {:?} (moved or copied here): refusing to replace it, because its files carry the other name and could not be proven its own; save to another path, or remove it first",
+                target.display(),
+                m.identity.name
+            )));
+        }
+        return Ok(Some(m));
+    }
+    let empty = fs::read_dir(target)
+        .ctx(|| format!("listing {}", target.display()))?
+        .next()
+        .is_none();
+    if !empty {
+        return Err(Error::InvalidInput(format!(
+            "{} exists and holds something that is not a memferry snapshot (no manifest.json): refusing to replace it; choose another --to",
+            target.display()
+        )));
+    }
+    Ok(None)
+}
+
+/// After an exchange, `stage` holds what the snapshot path held before:
+/// removed only when it is provably the previous snapshot (its owner marker
+/// names the same name, lineage and save as its manifest), or an empty
+/// directory. Anything else is kept and reported.
+fn remove_previous(stage: &Path, previous: Option<&Manifest>, report: &mut GcReport) {
+    match previous {
+        None => {
+            if fs::remove_dir(stage).is_ok() {
+                report.removed.push(stage.to_path_buf());
+            } else {
+                report.kept.push(format!(
+                    "{}: what the snapshot path held before this save is not empty; remove it by hand",
+                    stage.display()
+                ));
+            }
+        }
+        Some(m) => match Owner::read(stage) {
+            Some(o)
+                if o.name == m.identity.name
+                    && o.lineage == m.identity.lineage
+                    && o.save_id == m.identity.save_id =>
+            {
+                remove_owned_tree(stage, report);
+            }
+            _ => report.kept.push(format!(
+                "{}: the previous snapshot carries no owner marker matching its manifest; remove it by hand",
+                stage.display()
+            )),
+        },
+    }
 }
 
 /// Writes the completion sentinel atomically.
