@@ -473,3 +473,23 @@ fn gc_and_save_refuse_a_manifest_that_does_not_load() {
     write_manifest(&s2, &pristine);
     run(["verify", &arg(&s2)]).ok();
 }
+
+/// Roots inside the snapshot are found however `--to` names it: through
+/// `..` or through a symlinked parent.
+#[test]
+fn root_inside_the_snapshot_named_another_way() {
+    let f = Fixture::new();
+    fs::create_dir(f.path("x")).unwrap();
+    std::os::unix::fs::symlink(f.tmp.path(), f.path("link")).unwrap();
+    let shards = f.snap.join("shards");
+    let before = f.listing();
+    for to in [f.path("x/../snap"), f.path("link/snap")] {
+        for root in [shards.clone(), f.path("link/snap/shards")] {
+            run(save_args(1, &to, &["--roots", &arg(&root)]))
+                .code(2)
+                .fails_with(&["lies inside the snapshot path"]);
+        }
+    }
+    assert_same_listing(&before, &f.listing(), "root inside the snapshot");
+    run(["verify", &arg(&f.snap)]).ok();
+}

@@ -58,7 +58,10 @@ pub struct SnapshotPaths {
 }
 
 impl SnapshotPaths {
-    /// Splits a snapshot path into parent and name.
+    /// Splits a snapshot path into parent and name. The parent is resolved
+    /// (symlinks and `..` followed) when it exists, so that `target` names
+    /// the directory's real place and can be compared with other paths
+    /// (roots) by prefix; the final component is kept as given.
     pub fn new(target: &Path) -> Result<Self> {
         let target = crate::storage::roots::absolute(target)?;
         let name = target
@@ -72,9 +75,11 @@ impl SnapshotPaths {
                 ))
             })?
             .to_string();
+        let parent = parent_of(&target);
+        let parent = parent.canonicalize().unwrap_or(parent);
         Ok(Self {
-            parent: parent_of(&target),
-            target,
+            target: parent.join(&name),
+            parent,
             name,
         })
     }

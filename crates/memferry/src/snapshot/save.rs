@@ -321,27 +321,29 @@ fn validate(
         return Err(Error::InvalidInput("--roots lists no directory".into()));
     }
     let mut out = Vec::new();
+    let mut seen: Vec<PathBuf> = Vec::new();
     for r in list {
         check_writable_root(r)?;
-        let abs = absolute(r)?;
-        let canon = abs.canonicalize().unwrap_or(abs.clone());
-        if canon.starts_with(&paths.target) || abs.starts_with(&paths.target) {
+        // Compared by their real places: `paths.target` is the snapshot
+        // directory's real place (its parent resolved, and it is no symlink).
+        let real = r
+            .canonicalize()
+            .map_err(|e| Error::io(format!("resolving root {}", r.display()), e))?;
+        if real.starts_with(&paths.target) {
             return Err(Error::InvalidInput(format!(
                 "root {} lies inside the snapshot path {}: roots must be outside it",
                 r.display(),
                 paths.target.display()
             )));
         }
-        if out
-            .iter()
-            .any(|o: &PathBuf| o.canonicalize().unwrap_or(o.clone()) == canon)
-        {
+        if seen.contains(&real) {
             return Err(Error::InvalidInput(format!(
                 "root {} is listed twice in --roots",
                 r.display()
             )));
         }
-        out.push(abs);
+        seen.push(real);
+        out.push(absolute(r)?);
     }
     Ok(Some(out))
 }
