@@ -142,8 +142,9 @@ fn library_exit_code(e: &Error) -> u8 {
         // A save or gc refused over a manifest that does not load: as bad
         // as the manifest's own problem.
         Error::UnreadableManifest { cause, .. } => library_exit_code(cause),
-        // Object-store failures (after retries) and lost conditional
-        // commits are failures (1): the input was fine, try again.
+        // Object-store failures (after retries), lost conditional commits
+        // and a publish that is not durable are failures (1): the input
+        // was fine, try again.
         _ => 1,
     }
 }

@@ -510,3 +510,80 @@ fn gc_removes_root_shard_dir_with_empty_owner_marker() {
         &format!("gc after a kill while writing a root's owner marker (gc report: {gc})"),
     );
 }
+
+/// An `LD_PRELOAD` library whose `fsync` fails with EIO on the directory
+/// named by `FAIL_FSYNC_DIR` (and passes everything else on), built with
+/// the C compiler that links Rust programs.
+fn fsync_failing_library(dir: &Path) -> PathBuf {
+    let src = dir.join("fail_fsync.c");
+    let lib = dir.join("fail_fsync.so");
+    std::fs::write(
+        &src,
+        r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int fsync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    const char *dir = getenv("FAIL_FSYNC_DIR");
+    struct stat st;
+    if (dir && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+        char link[64], path[PATH_MAX];
+        snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+        ssize_t n = readlink(link, path, sizeof path - 1);
+        if (n > 0) {
+            path[n] = 0;
+            if (strcmp(path, dir) == 0) { errno = EIO; return -1; }
+        }
+    }
+    return real(fd);
+}
+"#,
+    )
+    .unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = std::process::Command::new(&cc)
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .arg("-ldl")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler {cc}: {e}"));
+    assert!(status.success(), "building {} failed", lib.display());
+    lib
+}
+
+/// Syncing the parent directory fails after the new snapshot was swapped
+/// into place: the save fails saying so, and deletes neither the new
+/// snapshot (its shard directories included) nor the previous one (now at
+/// the staging path, where gc finds it).
+#[test]
+fn parent_sync_failing_after_publish() {
+    let place = Place::new(2);
+    let name = "model";
+    let snap = place.parent.join(name);
+    place.save(A_MIB, &snap);
+    let lib = fsync_failing_library(place._tmp.path());
+    let mut c = command();
+    c.env("LD_PRELOAD", &lib)
+        .env("FAIL_FSYNC_DIR", place.parent.canonicalize().unwrap());
+    run_cmd(c, place.save_args(B_MIB, &snap))
+        .code(1)
+        .fails_with(&["published but not yet durable", "syncing"]);
+    let seen = observe(&snap, false, "after the failed parent sync");
+    assert_eq!(seen.map(|s| s.bytes), Some(B_MIB * MIB));
+    assert_eq!(
+        stage_dirs(&place.parent, name).len(),
+        1,
+        "the previous snapshot was not kept at the staging path"
+    );
+    check_after_kill(&place, name, false, "gc after the failed parent sync");
+}

@@ -84,6 +84,13 @@ pub enum Error {
         cause: Box<Error>,
     },
 
+    /// The new snapshot was published (renamed into place) but syncing the
+    /// parent directory failed, so the rename may not survive a power loss.
+    #[error(
+        "the new snapshot at {path} is published but not yet durable: syncing its parent directory failed ({cause}). A power loss now may bring back the previous snapshot, so it was kept (it is removed by the next save or `memferry gc`); check the disk, then run `memferry verify` on the snapshot"
+    )]
+    NotDurable { path: PathBuf, cause: Box<Error> },
+
     /// A caller-supplied argument is wrong; the message says how to fix it.
     #[error("{0}")]
     InvalidInput(String),

@@ -241,7 +241,14 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
     fault_point("before-publish");
 
     let swapped = publish_dir(&stage, &paths.target)?;
-    staged.armed = false; // committed: the new snapshot owns its directories
+    // Committed: the new snapshot owns its directories, and after an
+    // exchange `stage` holds the previous snapshot, so nothing below may
+    // remove what was staged, whatever fails.
+    staged.armed = false;
+    fsync_dir(&paths.parent).map_err(|e| Error::NotDurable {
+        path: paths.target.clone(),
+        cause: Box::new(e),
+    })?;
     fault_point("after-publish");
     if swapped {
         let mut report = GcReport::default();

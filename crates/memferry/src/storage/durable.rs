@@ -2,7 +2,8 @@
 //!
 //! Guarantees: [`write_atomic`] leaves either the old file or the complete new
 //! one at the path, also after a crash; [`publish_dir`] makes a fully synced
-//! directory appear at a path in one step, swapping out what was there.
+//! directory appear at a path in one step, swapping out what was there (the
+//! caller then fsyncs the parent).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -149,17 +150,19 @@ pub fn exchange(a: &Path, b: &Path) -> Result<()> {
 /// Publishes the synced directory `staged` at `target`: a plain rename when
 /// `target` does not exist, an atomic exchange when it does (the previous
 /// content then sits at `staged`). Returns true when something was swapped
-/// out. The parent directory is fsynced before returning.
+/// out. An error means nothing moved.
+///
+/// The caller fsyncs the parent directory afterwards to make the rename
+/// durable, and must treat a failure there differently: the new content is
+/// already visible at `target` (and the old one at `staged`).
 pub fn publish_dir(staged: &Path, target: &Path) -> Result<bool> {
-    let swapped = if target.symlink_metadata().is_ok() {
+    if target.symlink_metadata().is_ok() {
         exchange(staged, target)?;
-        true
+        Ok(true)
     } else {
         rename_noreplace(staged, target)?;
-        false
-    };
-    fsync_dir(&parent_of(target))?;
-    Ok(swapped)
+        Ok(false)
+    }
 }
 
 /// Does a path exist (without following a final symlink)?
