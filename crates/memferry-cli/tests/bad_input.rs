@@ -493,3 +493,23 @@ fn root_inside_the_snapshot_named_another_way() {
     assert_same_listing(&before, &f.listing(), "root inside the snapshot");
     run(["verify", &arg(&f.snap)]).ok();
 }
+
+/// A `--complete-file` that cannot be written is found before the save
+/// commits anything.
+#[test]
+fn unwritable_complete_file() {
+    let f = Fixture::new();
+    let missing_dir = f.path("no-such-dir/done");
+    let is_dir = f.path("done-dir");
+    fs::create_dir(&is_dir).unwrap();
+    let before = f.listing();
+    for done in [&missing_dir, &is_dir] {
+        for to in [&f.snap, &f.path("new")] {
+            let mut a = save_args(2, to, &[]);
+            a.extend(["--complete-file".into(), arg(done)]);
+            run(&a).code(2).fails_with(&["--complete-file", &arg(done)]);
+        }
+    }
+    assert_same_listing(&before, &f.listing(), "unwritable complete-file");
+    assert_eq!(inspect(&f.snap)["total_bytes"].as_u64(), Some(8 * MIB));
+}

@@ -29,7 +29,8 @@ use crate::error::IoContext;
 use crate::integrity::DEFAULT_CHUNK;
 use crate::memory::Region;
 use crate::storage::durable::{
-    LockFile, fsync_dir, preallocate, publish_dir, unique_id, write_atomic, write_new_file,
+    LockFile, fsync_dir, parent_of, preallocate, publish_dir, unique_id, write_atomic,
+    write_new_file,
 };
 use crate::storage::roots::{absolute, check_writable_root};
 use crate::transfer::{
@@ -320,6 +321,9 @@ fn validate(
             paths.parent.display()
         ))
     })?;
+    if let Some(c) = &opts.complete_file {
+        check_complete_file(c)?;
+    }
     previous_snapshot(paths)?;
     let Some(list) = &opts.roots else {
         return Ok(None);
@@ -427,6 +431,31 @@ fn remove_previous(stage: &Path, previous: Option<&Manifest>, report: &mut GcRep
             )),
         },
     }
+}
+
+/// Checks before a save that `--complete-file` can be written: its
+/// directory exists and is writable, and it is no directory itself.
+fn check_complete_file(path: &Path) -> Result<()> {
+    let dir = parent_of(path);
+    let bad = |why: &str| {
+        Error::InvalidInput(format!(
+            "--complete-file {}: {why}; create the directory or choose another path",
+            path.display()
+        ))
+    };
+    if path.file_name().is_none() {
+        return Err(bad("names no file"));
+    }
+    check_writable_root(&dir).map_err(|_| {
+        bad(&format!(
+            "its directory {} does not exist or is not writable",
+            dir.display()
+        ))
+    })?;
+    if fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(bad("it is a directory"));
+    }
+    Ok(())
 }
 
 /// Writes the completion sentinel atomically.
