@@ -55,6 +55,30 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// A re-save with other roots makes the previous snapshot's shard
+/// directories on the old roots leftovers: the save removes them.
+#[test]
+fn resave_with_other_roots_removes_the_old_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ra, rb) = (dir.path().join("ra"), dir.path().join("rb"));
+    fs::create_dir(&ra).unwrap();
+    fs::create_dir(&rb).unwrap();
+    let snap = dir.path().join("snap");
+    save_small(&snap, Some(vec![ra.clone()]), 2 << 20);
+    save_small(&snap, Some(vec![rb.clone()]), 3 << 20);
+    let m = Manifest::load(&snap).unwrap();
+    assert_eq!(m.total_bytes, 3 << 20);
+    assert_eq!(names(&ra), Vec::<String>::new(), "old shards left on ra");
+    assert_eq!(
+        names(&rb),
+        vec![format!("snap.memferry-{}", m.identity.save_id)]
+    );
+    // Back to the snapshot directory itself: rb is cleaned up too.
+    save_small(&snap, None, 1 << 20);
+    assert_eq!(names(&rb), Vec::<String>::new(), "old shards left on rb");
+    restore(&snap, &LoadOptions::default()).unwrap();
+}
+
 /// Without its manifest, the snapshot directory's own owner marker still
 /// names the committed save: gc keeps that save's shard directories.
 #[test]

@@ -82,11 +82,7 @@ pub(crate) fn collect(
     if let Some(m) = committed {
         kept_saves.insert(m.identity.save_id.clone());
         lineages.insert(m.identity.lineage.clone());
-        for r in &m.roots {
-            if r.recorded_path != "." {
-                roots.insert(paths.target.join(&r.recorded_path));
-            }
-        }
+        roots.extend(recorded_roots(paths, m));
     }
     if let Some(o) = Owner::read(&paths.target) {
         kept_saves.insert(o.save_id);
@@ -139,6 +135,16 @@ pub(crate) fn collect(
         }
     }
     Ok(())
+}
+
+/// The striped roots `m` recorded (not `.`), resolved against the snapshot
+/// path.
+pub(crate) fn recorded_roots(paths: &SnapshotPaths, m: &Manifest) -> Vec<PathBuf> {
+    m.roots
+        .iter()
+        .filter(|r| r.recorded_path != ".")
+        .map(|r| paths.target.join(&r.recorded_path))
+        .collect()
 }
 
 fn dirs_with_prefix(parent: &Path, prefix: &str) -> Vec<PathBuf> {

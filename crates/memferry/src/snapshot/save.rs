@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
-use super::gc::{GcReport, collect, committed_manifest, remove_owned_tree};
+use super::gc::{GcReport, collect, committed_manifest, recorded_roots, remove_owned_tree};
 use super::manifest::{
     AllocationEntry, ChecksumSpec, Extent, FORMAT_VERSION, KIND, MANIFEST_NAME, Manifest,
     RootEntry, SaveIdentity, ShardEntry,
@@ -91,13 +91,14 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
     let _lock = LockFile::acquire(&paths.lock(), &paths.target)?;
     // Checked again under the lock: this is what the commit replaces.
     let previous = previous_snapshot(&paths)?;
+    // Leftovers are searched on the new roots and on those the previous
+    // snapshot used, which the commit below makes leftovers too.
+    let mut cleanup_roots = roots.clone().unwrap_or_default();
+    if let Some(p) = &previous {
+        cleanup_roots.extend(recorded_roots(&paths, p));
+    }
     let mut leftovers = GcReport::default();
-    collect(
-        &paths,
-        previous.as_ref(),
-        roots.as_deref().unwrap_or(&[]),
-        &mut leftovers,
-    )?;
+    collect(&paths, previous.as_ref(), &cleanup_roots, &mut leftovers)?;
     for r in &leftovers.removed {
         tracing::info!("removed leftover of an earlier save: {}", r.display());
     }
@@ -254,12 +255,7 @@ pub fn save(source: &SnapshotSource, to: &Path, opts: &SaveOptions) -> Result<Re
     if swapped {
         let mut report = GcReport::default();
         remove_previous(&stage, previous.as_ref(), &mut report);
-        collect(
-            &paths,
-            Some(&manifest),
-            roots.as_deref().unwrap_or(&[]),
-            &mut report,
-        )?;
+        collect(&paths, Some(&manifest), &cleanup_roots, &mut report)?;
         for k in &report.kept {
             tracing::warn!("kept after commit: {k}");
         }
