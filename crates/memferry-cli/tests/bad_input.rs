@@ -513,3 +513,33 @@ fn unwritable_complete_file() {
     assert_same_listing(&before, &f.listing(), "unwritable complete-file");
     assert_eq!(inspect(&f.snap)["total_bytes"].as_u64(), Some(8 * MIB));
 }
+
+/// A crafted manifest (alignment 512, an extent moved by 512 bytes into
+/// its padding) is rejected as invalid; it made the plan builder panic.
+#[test]
+fn manifest_with_another_alignment() {
+    let f = Fixture::new();
+    let mut m = read_manifest(&f.snap);
+    m["alignment"] = 512.into();
+    // An extent followed by at least 512 bytes of padding: moved by 512 it
+    // still overlaps nothing.
+    let e = m["allocations"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .flat_map(|a| a["extents"].as_array_mut().unwrap())
+        .find(|e| {
+            let tail = e["length"].as_u64().unwrap() % 4096;
+            tail != 0 && 4096 - tail >= 512
+        })
+        .expect("an extent with 512 bytes of padding");
+    e["offset"] = (e["offset"].as_u64().unwrap() + 512).into();
+    write_manifest(&f.snap, &m);
+    let before = f.listing();
+    for op in ["restore", "verify", "inspect"] {
+        run([op, &arg(&f.snap)])
+            .code(2)
+            .fails_with(&["invalid manifest", "alignment 512"]);
+    }
+    assert_same_listing(&before, &f.listing(), "alignment 512");
+}

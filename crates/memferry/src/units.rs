@@ -59,9 +59,14 @@ pub fn format_bytes(bytes: u64) -> String {
     }
 }
 
-/// Rounds `v` up to a multiple of `align` (a power of two).
+/// Rounds `v` up to a multiple of `align` (a power of two). Callers check
+/// untrusted sizes first (manifests are validated with checked arithmetic);
+/// a result past `u64::MAX` panics rather than wrapping to a small value.
 pub const fn align_up(v: u64, align: u64) -> u64 {
-    (v + align - 1) & !(align - 1)
+    match v.checked_add(align - 1) {
+        Some(x) => x & !(align - 1),
+        None => panic!("align_up: the size rounded up runs past u64::MAX"),
+    }
 }
 
 /// GiB per second, 0 when no time elapsed.

@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::{Allocation, Layout, MetadataEntry};
 use crate::integrity::chunk_count;
-use crate::units::align_up;
 use crate::{Error, Result};
 
 /// The format this build writes and reads.
@@ -22,6 +21,12 @@ pub const FORMAT_VERSION: u64 = 1;
 pub const MANIFEST_NAME: &str = "manifest.json";
 /// Value of the `kind` field.
 pub const KIND: &str = "memferry-snapshot";
+/// The `alignment` of format v1: every extent offset and shard size is a
+/// multiple of it.
+pub const ALIGNMENT: u64 = crate::transfer::IO_ALIGN;
+/// Largest `checksum.chunk_bytes` a manifest may name (1 GiB): a chunk is
+/// verified as one piece, so readers hold up to this much at once.
+pub const MAX_CHECKSUM_CHUNK: u64 = 1 << 30;
 
 /// Identity of a save: which snapshot lineage it belongs to and which save
 /// produced it (used to prove ownership during gc).
@@ -201,9 +206,9 @@ impl Manifest {
         if self.kind != KIND {
             return Err(format!("kind is {:?}, expected {KIND:?}", self.kind));
         }
-        if self.alignment < 512 || !self.alignment.is_power_of_two() {
+        if self.alignment != ALIGNMENT {
             return Err(format!(
-                "alignment {} is not a power of two >= 512",
+                "alignment {} is not {ALIGNMENT} (format v1 stores every extent {ALIGNMENT}-aligned)",
                 self.alignment
             ));
         }
@@ -214,9 +219,9 @@ impl Manifest {
             ));
         }
         let chunk = self.checksum.chunk_bytes;
-        if chunk == 0 || !chunk.is_multiple_of(self.alignment) {
+        if chunk == 0 || !chunk.is_multiple_of(self.alignment) || chunk > MAX_CHECKSUM_CHUNK {
             return Err(format!(
-                "checksum chunk_bytes {chunk} is not a multiple of the alignment"
+                "checksum chunk_bytes {chunk} is not a multiple of the alignment between {ALIGNMENT} and {MAX_CHECKSUM_CHUNK}"
             ));
         }
         for (i, r) in self.roots.iter().enumerate() {
@@ -269,10 +274,17 @@ impl Manifest {
                         e.offset
                     ));
                 }
+                let overflows = || {
+                    format!(
+                        "allocation {id}: extent {}+{} runs past the largest file offset",
+                        e.offset, e.length
+                    )
+                };
                 let end = e
-                    .offset
-                    .checked_add(align_up(e.length, self.alignment))
-                    .ok_or_else(|| format!("allocation {id}: extent overflows"))?;
+                    .length
+                    .checked_next_multiple_of(self.alignment)
+                    .and_then(|padded| e.offset.checked_add(padded))
+                    .ok_or_else(overflows)?;
                 if end > shard.size {
                     return Err(format!(
                         "allocation {id}: extent {}+{} lies outside shard {} ({} bytes)",
@@ -285,7 +297,7 @@ impl Manifest {
                     ));
                 }
                 used.push((e.shard, e.offset, end));
-                next += e.length;
+                next = next.checked_add(e.length).ok_or_else(overflows)?;
             }
             if next != a.allocation.size {
                 return Err(format!(
@@ -293,7 +305,9 @@ impl Manifest {
                     a.allocation.size
                 ));
             }
-            total += a.allocation.size;
+            total = total
+                .checked_add(a.allocation.size)
+                .ok_or_else(|| "the allocation sizes add up past 2^64 bytes".to_string())?;
         }
         if total != self.total_bytes {
             return Err(format!(
@@ -348,6 +362,85 @@ fn normalise(p: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A valid manifest: one 8 KiB shard holding one 5000-byte allocation.
+    fn valid() -> serde_json::Value {
+        serde_json::json!({
+            "format_version": 1,
+            "kind": "memferry-snapshot",
+            "identity": { "name": "snap", "lineage": "l", "save_id": "s" },
+            "created_unix_ms": 0,
+            "source": "test",
+            "alignment": 4096,
+            "checksum": { "algorithm": "crc32c", "chunk_bytes": 1048576 },
+            "total_bytes": 5000,
+            "roots": [ { "index": 0, "recorded_path": "." } ],
+            "shards": [ { "index": 0, "root": 0, "path": "shards/shard-00000.bin", "size": 8192 } ],
+            "allocations": [
+                { "id": 0, "size": 5000, "device": "cpu", "tag": "t",
+                  "extents": [ { "shard": 0, "offset": 0, "length": 5000, "alloc_offset": 0,
+                                 "crc32c": [ 1 ] } ] }
+            ],
+            "metadata": []
+        })
+    }
+
+    fn parse(v: &serde_json::Value) -> Result<Manifest> {
+        Manifest::parse(&serde_json::to_vec(v).unwrap(), Path::new("m.json"))
+    }
+
+    /// `edit` applied to the valid manifest makes it fail to load with a
+    /// message containing `needle` (and no panic).
+    fn rejected(edit: impl FnOnce(&mut serde_json::Value), needle: &str) {
+        let mut v = valid();
+        edit(&mut v);
+        let e = parse(&v).expect_err(needle).to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+
+    #[test]
+    fn crafted_sizes_and_alignments_are_rejected_without_overflow() {
+        parse(&valid()).unwrap();
+        // Alignment other than 4096, also with offsets on it.
+        rejected(|v| v["alignment"] = 512.into(), "alignment 512");
+        rejected(
+            |v| {
+                v["alignment"] = 512.into();
+                v["checksum"]["chunk_bytes"] = 512.into();
+                v["allocations"][0]["extents"][0]["offset"] = 512.into();
+            },
+            "alignment 512",
+        );
+        rejected(|v| v["alignment"] = (1u64 << 63).into(), "alignment");
+        // Checksum chunks beyond 1 GiB.
+        rejected(
+            |v| v["checksum"]["chunk_bytes"] = (1u64 << 40).into(),
+            "chunk_bytes",
+        );
+        rejected(
+            |v| v["checksum"]["chunk_bytes"] = (u64::MAX - 4095).into(),
+            "chunk_bytes",
+        );
+        // Extents whose padded end is past u64::MAX (the rounding wrapped
+        // to a small value before).
+        let huge = u64::MAX - 100;
+        rejected(
+            |v| {
+                let a = &mut v["allocations"][0];
+                a["size"] = huge.into();
+                a["extents"][0]["length"] = huge.into();
+                v["total_bytes"] = huge.into();
+            },
+            "runs past",
+        );
+        rejected(
+            |v| {
+                v["shards"][0]["size"] = (u64::MAX - 4095).into();
+                v["allocations"][0]["extents"][0]["offset"] = (u64::MAX - 4095).into();
+            },
+            "runs past",
+        );
+    }
 
     #[test]
     fn relative_paths_only() {

@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use super::gc::{GcReport, collect, committed_manifest, recorded_roots, remove_owned_tree};
 use super::manifest::{
-    AllocationEntry, ChecksumSpec, Extent, FORMAT_VERSION, KIND, MANIFEST_NAME, Manifest,
-    RootEntry, SaveIdentity, ShardEntry,
+    AllocationEntry, ChecksumSpec, Extent, FORMAT_VERSION, KIND, MANIFEST_NAME, MAX_CHECKSUM_CHUNK,
+    Manifest, RootEntry, SaveIdentity, ShardEntry,
 };
 use super::ownership::{LOCAL_SHARDS, OWNER_NAME, Owner, SnapshotPaths, shard_file_name};
 use super::placement::{Placement, place};
@@ -41,6 +41,8 @@ use crate::{Error, Result};
 
 /// Default shard size: 1 GiB.
 pub const DEFAULT_SHARD_SIZE: u64 = 1 << 30;
+/// Largest `--shard-size` (1 PiB), far below where sizes would overflow.
+pub const MAX_SHARD_SIZE: u64 = 1 << 50;
 
 /// How to save.
 #[derive(Clone)]
@@ -305,9 +307,18 @@ fn validate(
             opts.shard_size
         )));
     }
-    if opts.checksum_chunk == 0 || !opts.checksum_chunk.is_multiple_of(IO_ALIGN) {
+    if opts.shard_size > MAX_SHARD_SIZE {
+        return Err(Error::InvalidInput(format!(
+            "--shard-size {} is too large: use at most 1PiB (default 1GiB)",
+            opts.shard_size
+        )));
+    }
+    if opts.checksum_chunk == 0
+        || !opts.checksum_chunk.is_multiple_of(IO_ALIGN)
+        || opts.checksum_chunk > MAX_CHECKSUM_CHUNK
+    {
         return Err(Error::InvalidInput(
-            "the checksum chunk must be a multiple of 4096".into(),
+            "the checksum chunk must be a multiple of 4096 of at most 1GiB".into(),
         ));
     }
     check_writable_root(&paths.parent).map_err(|_| {
