@@ -56,7 +56,8 @@ impl<'a> TransferJob<'a> {
     }
 
     /// Checks the plan against the regions and checksum table, so backends
-    /// can rely on every range being in bounds.
+    /// can rely on every range being in bounds and on no two operations
+    /// sharing bytes of a region (each op has exclusive use of its range).
     pub fn validate(&self) -> Result<()> {
         for op in &self.plan.ops {
             let region = self.regions.get(op.region).ok_or_else(|| {
@@ -82,6 +83,29 @@ impl<'a> TransferJob<'a> {
                 return Err(Error::InvalidInput(
                     "checksum table is shorter than the plan".into(),
                 ));
+            }
+        }
+        self.check_no_overlap()
+    }
+
+    /// Fails when two operations touch the same bytes of a region. Sorted
+    /// by (region, start), any overlap shows between neighbours. Ranges are
+    /// in bounds (checked first), so their ends do not overflow.
+    fn check_no_overlap(&self) -> Result<()> {
+        let mut spans: Vec<(usize, u64, u64)> = self
+            .plan
+            .ops
+            .iter()
+            .filter(|op| op.len > 0)
+            .map(|op| (op.region, op.mem_offset, op.mem_offset + op.len))
+            .collect();
+        spans.sort_unstable();
+        for w in spans.windows(2) {
+            let ((region, a_start, a_end), (next_region, b_start, b_end)) = (w[0], w[1]);
+            if region == next_region && b_start < a_end {
+                return Err(Error::InvalidInput(format!(
+                    "plan operations overlap in region {region}: bytes {a_start}..{a_end} and {b_start}..{b_end}"
+                )));
             }
         }
         Ok(())
@@ -196,5 +220,47 @@ impl<'a> TransferJob<'a> {
     fn add_checksum_time(&self, since: Instant) {
         self.checksum_nanos
             .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::HostRegion;
+    use crate::transfer::{Direction, FileTarget, PlanBuilder};
+
+    /// A load plan of `extents` (file offset, length, region, memory offset)
+    /// into one 8 KiB file, validated against two 16 KiB regions.
+    fn validate(extents: &[(u64, u64, usize, u64)]) -> Result<()> {
+        let mut b = PlanBuilder::new(Direction::Load, 4096, 4096);
+        let f = b.add_file(FileTarget {
+            path: "f".into(),
+            root: 0,
+            size: 1 << 20,
+        });
+        for &(file_offset, len, region, mem_offset) in extents {
+            b.add_extent(f, file_offset, len, region, mem_offset);
+        }
+        let plan = b.build();
+        let (r0, r1) = (HostRegion::new(16384)?, HostRegion::new(16384)?);
+        let regions: [&dyn Region; 2] = [&r0, &r1];
+        TransferJob::new(&plan, &regions, Checksums::Skip).validate()
+    }
+
+    #[test]
+    fn overlapping_ops_in_a_region_are_rejected() {
+        // Disjoint, touching, and the same range in two regions: fine.
+        validate(&[(0, 4096, 0, 0), (4096, 4096, 0, 4096), (8192, 100, 1, 0)]).unwrap();
+        validate(&[(0, 8192, 0, 0), (8192, 8192, 1, 0)]).unwrap();
+        // One byte shared, a range inside another (listed out of order),
+        // and the same range twice.
+        for bad in [
+            &[(0, 4097, 0, 0), (8192, 4096, 0, 4096)][..],
+            &[(0, 4096, 1, 8192), (8192, 100, 0, 0), (16384, 16384, 1, 0)][..],
+            &[(0, 10, 0, 100), (4096, 10, 0, 100)][..],
+        ] {
+            let e = validate(bad).unwrap_err().to_string();
+            assert!(e.contains("overlap"), "{bad:?}: {e}");
+        }
     }
 }
