@@ -76,7 +76,7 @@ pub enum Error {
     /// unreadable), so the committed save cannot be told apart from
     /// leftovers: `action` (a save or gc) touches nothing.
     #[error(
-        "{action} refused: {path} does not load ({cause}). Nothing was changed: while the manifest cannot be read, memferry cannot tell the committed shards from leftovers, so it deletes and replaces nothing. Repair or restore manifest.json (a newer memferry reads a newer format_version), or move the snapshot directory aside, then run it again"
+        "{action} refused: {path} does not load ({cause}). Nothing was changed: while the manifest cannot be read, memferry cannot tell the committed shards from leftovers, so it deletes and replaces nothing. Repair or restore manifest.json (a newer memferry reads a newer format_version) or move the directory aside, then run it again; a save can also go to another --to"
     )]
     UnreadableManifest {
         action: String,
