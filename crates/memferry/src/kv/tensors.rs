@@ -159,7 +159,8 @@ impl KvLayout {
 
     /// Copies blocks `file_blocks` of a block-major `payload` into the pages
     /// of `ids` (`ids.len() == file_blocks.len()`); a partial first group
-    /// loads only the tail of its file.
+    /// loads only the tail of its file. Returns once the pages hold the
+    /// bytes, also on devices (waiting once per device for the copies).
     ///
     /// # Safety
     /// Nobody may read or write the pages of `ids` during the call.
@@ -191,7 +192,8 @@ impl KvLayout {
                 pos += n;
             }
         }
-        Ok(())
+        // Copies into device memory may return before their bytes land.
+        crate::memory::cuda::synchronize_regions(self.tensors.iter().map(|t| &*t.region))
     }
 
     fn check_len(&self, blocks: usize, len: usize) -> Result<()> {

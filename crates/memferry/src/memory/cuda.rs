@@ -10,6 +10,15 @@
 //! devices' primary contexts, retained once per process; every call that
 //! touches a device first makes its context current on the calling thread,
 //! so any worker thread may use any region.
+//!
+//! Ordering with the caller's GPU work: memferry's synchronous copies and
+//! memsets run on each context's legacy default stream, which is ordered
+//! after earlier work on every blocking stream. Work the caller queued on
+//! its own *non-blocking* streams (PyTorch's streams, for one) is not
+//! ordered with memferry's: synchronise those streams before a job reads
+//! or writes their memory. In the other direction, a load waits until its
+//! bytes have landed on every device it wrote ([`synchronize_regions`])
+//! before it reports success, so they may then be read on any stream.
 
 use std::collections::HashMap;
 use std::ptr::NonNull;
@@ -99,6 +108,34 @@ impl Context {
     pub fn bind(&self) -> Result<()> {
         sys::set_current(self.raw)
     }
+
+    /// Waits until all work queued on this device's legacy default stream
+    /// has completed: every synchronous copy and memset memferry issued
+    /// (`cuMemcpyHtoD` from pageable memory returns once the bytes are
+    /// staged, before the DMA lands), and, through the legacy stream's
+    /// ordering, earlier work on blocking streams. Work on non-blocking
+    /// streams is not waited for.
+    pub fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        sys::legacy_sync()
+    }
+}
+
+/// Waits once per device for the legacy default stream of every CUDA
+/// region in `regions` (see [`Context::synchronize`]); host regions are
+/// skipped. Backends call this before a load reports success, so the
+/// caller may read the bytes on any stream.
+pub fn synchronize_regions<'a>(regions: impl IntoIterator<Item = &'a dyn Region>) -> Result<()> {
+    let mut done: Vec<u32> = Vec::new();
+    for r in regions {
+        if let Some((ctx, _)) = r.cuda()
+            && !done.contains(&ctx.ordinal)
+        {
+            done.push(ctx.ordinal);
+            ctx.synchronize()?;
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Context {
@@ -129,9 +166,17 @@ pub fn context(ordinal: u32) -> Result<Arc<Context>> {
 /// A device-memory region: allocated by memferry (freed on drop) or
 /// wrapping memory the caller owns (e.g. a framework tensor).
 ///
-/// The host cannot address it: the engine moves bytes with synchronous
-/// copies ([`Region::copy_in`]/[`Region::copy_out`]) or, in the `pinned`
-/// backend, with asynchronous copies from pinned staging buffers.
+/// The host cannot address it: the engine moves bytes with copies on the
+/// legacy default stream ([`Region::copy_in`]/[`Region::copy_out`]) or, in
+/// the `pinned` backend, with asynchronous copies from pinned staging
+/// buffers. `copy_out` returns once the bytes are in host memory; `copy_in`
+/// may return before they have landed on the device: a job waits for them
+/// ([`synchronize_regions`]) before it reports success, and a direct
+/// caller of `copy_in` must call [`Context::synchronize`] before the bytes
+/// are read on a stream other than the legacy one.
+///
+/// Writers on the caller's non-blocking streams are not ordered with
+/// memferry's copies: synchronise them before a save or a load starts.
 pub struct CudaRegion {
     ctx: Arc<Context>,
     ptr: u64,
@@ -211,7 +256,9 @@ impl CudaRegion {
         &self.ctx
     }
 
-    /// Sets every byte to `value` (synchronous).
+    /// Sets every byte to `value`; returns once the bytes are set on the
+    /// device (`cuMemsetD8` itself may return before, so this waits for
+    /// the device's legacy stream).
     pub fn fill(&self, value: u8) -> Result<()> {
         if self.len == 0 {
             return Ok(());
@@ -219,16 +266,20 @@ impl CudaRegion {
         self.ctx.bind()?;
         // SAFETY: the range is this region's allocation; `&self` callers
         // are bound by the Region contract not to race on it.
-        unsafe { sys::memset(self.ptr, value, self.len as usize) }
+        unsafe { sys::memset(self.ptr, value, self.len as usize)? };
+        sys::legacy_sync()
     }
 }
 
 impl Drop for CudaRegion {
     fn drop(&mut self) {
         if self.owned && self.ptr != 0 && self.ctx.bind().is_ok() {
-            // SAFETY: the allocation was made by `new`, is freed once, and
-            // no copy can still use it (copies are synchronous or awaited by
-            // the backend before the job returns).
+            // Synchronous copies into the region may still be landing.
+            let _ = sys::legacy_sync();
+            // SAFETY: the allocation was made by `new` and is freed once.
+            // No memferry copy can still use it: pinned copies are awaited
+            // before their job returns, and those on the legacy stream were
+            // waited for just above.
             unsafe { sys::mem_free(self.ptr) };
         }
     }
@@ -244,6 +295,10 @@ impl Region for CudaRegion {
     fn cuda(&self) -> Option<(&Context, u64)> {
         Some((&self.ctx, self.ptr))
     }
+    /// A copy on the legacy default stream. It returns once the driver no
+    /// longer needs `src` (staged for DMA when `src` is pageable), which
+    /// may be before the bytes have landed on the device: see
+    /// [`CudaRegion`] for who waits for them.
     unsafe fn copy_in(&self, offset: u64, src: &[u8]) -> Result<()> {
         check_range(self.len, offset, src.len())?;
         if src.is_empty() {
@@ -251,9 +306,13 @@ impl Region for CudaRegion {
         }
         self.ctx.bind()?;
         // SAFETY: bounds checked; the caller has exclusive use of the range;
-        // the copy is synchronous, so `src` outlives it.
+        // `cuMemcpyHtoD` returns only once it has read all of `src` (into
+        // its staging buffers when `src` is pageable), so `src` may be
+        // reused afterwards.
         unsafe { sys::htod(self.ptr + offset, src.as_ptr(), src.len()) }
     }
+    /// A copy on the legacy default stream, ordered after earlier work on
+    /// blocking streams; it returns once the bytes are in `dst`.
     unsafe fn copy_out(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
         check_range(self.len, offset, dst.len())?;
         if dst.is_empty() {
@@ -261,7 +320,8 @@ impl Region for CudaRegion {
         }
         self.ctx.bind()?;
         // SAFETY: bounds checked; nobody writes the range (caller contract);
-        // the copy is synchronous, so `dst` outlives it.
+        // a device-to-host `cuMemcpyDtoH` returns only once the bytes are in
+        // `dst`, so nothing writes `dst` after the call.
         unsafe { sys::dtoh(dst.as_mut_ptr(), self.ptr + offset, dst.len()) }
     }
 }
@@ -568,6 +628,20 @@ mod sys {
         )
     }
 
+    /// `CU_STREAM_LEGACY`: the legacy default stream of the current
+    /// context, whatever the per-thread default stream setting.
+    pub const LEGACY_STREAM: Stream = 0x1;
+
+    /// Waits for the current context's legacy default stream.
+    pub fn legacy_sync() -> Result<()> {
+        // SAFETY: `CU_STREAM_LEGACY` names a stream of every context; a
+        // context is current.
+        check(
+            unsafe { cu::cuStreamSynchronize(LEGACY_STREAM as cu::CUstream) },
+            "cuStreamSynchronize (legacy stream)",
+        )
+    }
+
     pub fn mem_alloc(len: usize) -> Result<u64> {
         let mut p = 0;
         // SAFETY: out-pointer to a local; a context is current.
@@ -757,6 +831,9 @@ mod sys {
         none()
     }
     pub fn set_current(_ctx: Ctx) -> Result<()> {
+        none()
+    }
+    pub fn legacy_sync() -> Result<()> {
         none()
     }
     pub fn mem_alloc(_len: usize) -> Result<u64> {

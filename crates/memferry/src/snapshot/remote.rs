@@ -440,6 +440,9 @@ fn load(
         done.store(true, Ordering::Relaxed);
         r
     })?;
+    // The object backend copies into device memory synchronously: wait
+    // until those bytes have landed before reporting success.
+    job.settle_devices()?;
     phases.transfer = t.elapsed().as_secs_f64();
     drop(refs);
 

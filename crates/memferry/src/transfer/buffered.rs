@@ -40,6 +40,7 @@ impl Backend for BufferedBackend {
         let all: Vec<usize> = (0..job.plan.ops.len()).collect();
         let start = Instant::now();
         let peak = run_ops(job, &all, &self.tuning)?;
+        job.settle_devices()?;
         Ok(TransferStats {
             mode: "buffered-pread".into(),
             bytes: job.plan.bytes(),

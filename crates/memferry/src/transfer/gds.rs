@@ -228,6 +228,7 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
         unsafe { lib.buf_deregister(base) };
     }
     outcome?;
+    job.settle_devices()?;
     let mut stats = TransferStats {
         mode: format!(
             "cufile-{}{}",

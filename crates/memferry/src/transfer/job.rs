@@ -111,6 +111,22 @@ impl<'a> TransferJob<'a> {
         Ok(())
     }
 
+    /// For a load: waits, once per device, until every byte the job wrote
+    /// into CUDA device memory has landed (synchronous host-to-device
+    /// copies may return before their DMA completes), so the caller can
+    /// read the bytes on any stream. Backends call it before a load reports
+    /// success. Stores need nothing: their device-to-host copies have
+    /// completed when they return.
+    pub fn settle_devices(&self) -> Result<()> {
+        if self.plan.direction != super::plan::Direction::Load {
+            return Ok(());
+        }
+        let mut used: Vec<usize> = self.plan.ops.iter().map(|op| op.region).collect();
+        used.sort_unstable();
+        used.dedup();
+        crate::memory::cuda::synchronize_regions(used.into_iter().map(|r| self.regions[r]))
+    }
+
     /// True once cancellation was requested.
     pub fn cancelled(&self) -> bool {
         self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))

@@ -191,6 +191,10 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Executes every operation of `job.plan`; returns only when no I/O the
-    /// backend issued is still in flight, whether it succeeded or not.
+    /// backend issued is still in flight, whether it succeeded or not. A
+    /// load that succeeds has waited until its bytes landed in device
+    /// memory ([`TransferJob::settle_devices`]), so they may be read on any
+    /// stream; the caller's writers on non-blocking streams must have
+    /// finished before a job starts (see [`crate::memory::CudaRegion`]).
     fn run(&self, job: &TransferJob<'_>) -> Result<TransferStats>;
 }

@@ -65,6 +65,8 @@ pub(super) enum SingleRoot {
 ///   this does, and a panicking worker panics the caller;
 /// - when any root failed, the error of the first failing root (in root
 ///   order) is returned and nothing is merged;
+/// - a load that succeeded on every root has waited for its bytes to land
+///   on every device it wrote ([`TransferJob::settle_devices`]);
 /// - otherwise `fallbacks` lists, root by root, the root's notes and then
 ///   its fallback reason, each line once, followed by whatever `fast_mode`
 ///   adds; `peak_staging_bytes` is the sum over the roots; `mode` is
@@ -98,6 +100,8 @@ pub(super) fn run_roots<X: Send>(
                 .collect()
         }),
     };
+    let results: Vec<RootRun<X>> = results.into_iter().collect::<Result<_>>()?;
+    job.settle_devices()?;
     let mut stats = TransferStats {
         bytes: job.plan.bytes(),
         ..Default::default()
@@ -105,7 +109,6 @@ pub(super) fn run_roots<X: Send>(
     let mut fast = Vec::new();
     let mut fallback_roots = 0;
     for r in results {
-        let r = r?;
         stats.peak_staging_bytes += r.staging;
         let mut push = |line: String| {
             if !stats.fallbacks.contains(&line) {

@@ -76,6 +76,8 @@ impl SnapshotSource {
             a.device = device;
             regions.push(Box::new(dst));
         }
+        // The copies may return before their bytes land on the device.
+        crate::memory::cuda::synchronize_regions(regions.iter().map(|r| &**r))?;
         Ok(SnapshotSource {
             description: self.description,
             layout,
