@@ -13,12 +13,14 @@
 //!
 //! Ordering with the caller's GPU work: memferry's synchronous copies and
 //! memsets run on each context's legacy default stream, which is ordered
-//! after earlier work on every blocking stream. Work the caller queued on
-//! its own *non-blocking* streams (PyTorch's streams, for one) is not
-//! ordered with memferry's: synchronise those streams before a job reads
-//! or writes their memory. In the other direction, a load waits until its
-//! bytes have landed on every device it wrote ([`synchronize_regions`])
-//! before it reports success, so they may then be read on any stream.
+//! after earlier work on every blocking stream; its own asynchronous copies
+//! run on non-blocking streams that first wait for the legacy stream. Work
+//! the caller queued on its own *non-blocking* streams (PyTorch's streams,
+//! for one) is not ordered with memferry's: synchronise those streams
+//! before a job reads or writes their memory. In the other direction, a
+//! load waits until its bytes have landed on every device it wrote
+//! ([`synchronize_regions`]) before it reports success, so they may then be
+//! read on any stream.
 
 use std::collections::HashMap;
 use std::ptr::NonNull;
@@ -169,8 +171,9 @@ pub fn context(ordinal: u32) -> Result<Arc<Context>> {
 /// The host cannot address it: the engine moves bytes with copies on the
 /// legacy default stream ([`Region::copy_in`]/[`Region::copy_out`]) or, in
 /// the `pinned` backend, with asynchronous copies from pinned staging
-/// buffers. `copy_out` returns once the bytes are in host memory; `copy_in`
-/// may return before they have landed on the device: a job waits for them
+/// buffers on streams of its own that first wait for the legacy stream.
+/// `copy_out` returns once the bytes are in host memory; `copy_in` may
+/// return before they have landed on the device: a job waits for them
 /// ([`synchronize_regions`]) before it reports success, and a direct
 /// caller of `copy_in` must call [`Context::synchronize`] before the bytes
 /// are read on a stream other than the legacy one.
@@ -402,6 +405,22 @@ impl Stream {
         ctx.bind()?;
         let raw = sys::stream_create()?;
         Ok(Self { ctx, raw })
+    }
+
+    /// Makes everything queued on this stream from now on wait for the
+    /// work queued so far on the device's legacy default stream (and so
+    /// for earlier work on blocking streams): the caller's last kernel,
+    /// memferry's own synchronous copies and memsets. The stream is
+    /// non-blocking, so without this its copies could overtake them.
+    pub fn wait_for_legacy(&self) -> Result<()> {
+        self.ctx.bind()?;
+        let event = sys::event_create()?;
+        let waited = sys::event_record(event, sys::LEGACY_STREAM)
+            .and_then(|()| sys::stream_wait_event(self.raw, event));
+        // The wait is queued with the event's state at this point:
+        // destroying the event now does not cancel it.
+        sys::event_destroy(event);
+        waited
     }
 
     /// The context the stream belongs to.
@@ -753,6 +772,14 @@ mod sys {
         Ok(s as Stream)
     }
 
+    pub fn stream_wait_event(s: Stream, e: Event) -> Result<()> {
+        // SAFETY: a live stream and a recorded event of the current context.
+        check(
+            unsafe { cu::cuStreamWaitEvent(s as cu::CUstream, e as cu::CUevent, 0) },
+            "cuStreamWaitEvent",
+        )
+    }
+
     pub fn stream_sync(s: Stream) -> Result<()> {
         // SAFETY: `s` is a live stream of the current context.
         check(
@@ -830,6 +857,7 @@ mod sys {
     pub fn retain_primary(_ordinal: u32) -> Result<Ctx> {
         none()
     }
+    pub const LEGACY_STREAM: Stream = 0x1;
     pub fn set_current(_ctx: Ctx) -> Result<()> {
         none()
     }
@@ -863,6 +891,9 @@ mod sys {
         none()
     }
     pub fn stream_create() -> Result<Stream> {
+        none()
+    }
+    pub fn stream_wait_event(_s: Stream, _e: Event) -> Result<()> {
         none()
     }
     pub fn stream_sync(_s: Stream) -> Result<()> {

@@ -23,6 +23,11 @@
 //! of exactly the bytes written, computed from a device-to-host copy into a
 //! small pinned buffer per worker.
 //!
+//! Ordering: before its first I/O a job waits for the work queued on the
+//! legacy default stream of every device it touches (cuFile moves bytes
+//! outside any stream); writers on the caller's non-blocking streams must
+//! have finished before the job starts.
+//!
 //! Without cuFile, without CUDA, or when a region is host memory, the job
 //! runs `pinned` and the report says why.
 
@@ -155,6 +160,10 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
         let mut used: Vec<usize> = plan.ops.iter().map(|o| o.region).collect();
         used.sort_unstable();
         used.dedup();
+        // cuFile reads and writes device memory outside any stream: first
+        // let the work queued on the devices' legacy streams finish (the
+        // caller's last kernel on a blocking stream, memferry's own copies).
+        crate::memory::cuda::synchronize_regions(used.iter().map(|&r| job.regions[r]))?;
         if !bounce {
             for &r in &used {
                 let region = job.regions[r];

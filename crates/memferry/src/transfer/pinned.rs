@@ -13,6 +13,14 @@
 //! copy into a slot, then the checksum of exactly those bytes, zero padding
 //! to 4096 and an O_DIRECT write.
 //!
+//! Ordering: each device's stream is created non-blocking when the root
+//! starts and, before its first copy, made to wait for the work queued so
+//! far on the device's legacy default stream, so a store reads what the
+//! caller's last kernel on a blocking stream (or memferry's own synchronous
+//! copies) wrote, and a load does not overwrite memory such work still
+//! reads. Writers on the caller's non-blocking streams are not waited for:
+//! the caller synchronises them before the job.
+//!
 //! Staging is page-locked memory from `cuMemHostAlloc` whenever the job
 //! touches device memory. A job on host memory only (no CUDA needed) stages
 //! through page-aligned host memory and copies synchronously, and the
@@ -161,6 +169,20 @@ struct DeviceQueue {
     events: Vec<Event>,
 }
 
+impl DeviceQueue {
+    /// A stream on device `ordinal` that waits for the work queued so far
+    /// on the device's legacy stream, and `slots` events.
+    fn new(ordinal: u32, slots: usize) -> Result<Self> {
+        let ctx: Arc<Context> = crate::memory::cuda::context(ordinal)?;
+        let stream = Stream::new(ctx.clone())?;
+        stream.wait_for_legacy()?;
+        let events = (0..slots)
+            .map(|_| Event::new(ctx.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { stream, events })
+    }
+}
+
 /// One root's pipeline.
 struct Pipeline {
     ring: Ring,
@@ -193,13 +215,18 @@ impl Pipeline {
             Err(reason) => return Ok(Err(reason)),
         };
         let slot_size = slot_size(job, ops);
-        let on_device = ops
-            .iter()
-            .any(|&i| job.regions[plan.ops[i].region].cuda().is_some());
-        let mut staging = if on_device {
-            Staging::Pinned(PinnedBuf::new(slot_size * depth)?)
-        } else {
-            Staging::Host(AlignedBuf::new(slot_size * depth)?)
+        // The devices this root copies to or from, in order of first use.
+        let mut ordinals: Vec<u32> = Vec::new();
+        for &i in ops {
+            if let Some((ctx, _)) = job.regions[plan.ops[i].region].cuda()
+                && !ordinals.contains(&ctx.ordinal())
+            {
+                ordinals.push(ctx.ordinal());
+            }
+        }
+        let mut staging = match ordinals.first() {
+            Some(_) => Staging::Pinned(PinnedBuf::new(slot_size * depth)?),
+            None => Staging::Host(AlignedBuf::new(slot_size * depth)?),
         };
         let base = staging.base();
         let mut notes = Vec::new();
@@ -218,10 +245,16 @@ impl Pipeline {
             }
         };
         let cap = per_call_cap(tuning);
+        let mut devices = Vec::with_capacity(ordinals.len());
+        let mut device_index = HashMap::new();
+        for ordinal in ordinals {
+            device_index.insert(ordinal, devices.len());
+            devices.push(DeviceQueue::new(ordinal, depth)?);
+        }
         Ok(Ok(Self {
             ring,
-            devices: Vec::new(),
-            device_index: HashMap::new(),
+            devices,
+            device_index,
             staging,
             registered,
             slot_size,
@@ -246,20 +279,10 @@ impl Pipeline {
         unsafe { self.staging.base().add(slot * self.slot_size) }
     }
 
-    /// The queue of `ctx`'s device, created on first use.
-    fn device(&mut self, ctx: &Context) -> Result<usize> {
-        if let Some(&i) = self.device_index.get(&ctx.ordinal()) {
-            return Ok(i);
-        }
-        let ctx: Arc<Context> = crate::memory::cuda::context(ctx.ordinal())?;
-        let stream = Stream::new(ctx.clone())?;
-        let events = (0..self.slots.len())
-            .map(|_| Event::new(ctx.clone()))
-            .collect::<Result<Vec<_>>>()?;
-        self.devices.push(DeviceQueue { stream, events });
-        self.device_index
-            .insert(ctx.ordinal(), self.devices.len() - 1);
-        Ok(self.devices.len() - 1)
+    /// The queue of `ctx`'s device (every device of the root's ops has
+    /// one from `setup`).
+    fn device(&self, ctx: &Context) -> usize {
+        self.device_index[&ctx.ordinal()]
     }
 
     /// Queues the not yet transferred part of `slot`'s request.
@@ -307,7 +330,7 @@ impl Pipeline {
         let region = job.regions[op.region];
         let buf = self.slot_ptr(slot);
         if let Some((ctx, base)) = region.cuda() {
-            let d = self.device(ctx)?;
+            let d = self.device(ctx);
             let q = &self.devices[d];
             // SAFETY: the slot is free, so nobody uses `buf..buf+len` until
             // the event `copy_queued` records fires; the source range is
@@ -372,7 +395,7 @@ impl Pipeline {
         job.verify_loaded(op, data)?;
         let region = job.regions[op.region];
         if let Some((ctx, base)) = region.cuda() {
-            let d = self.device(ctx)?;
+            let d = self.device(ctx);
             let q = &self.devices[d];
             // SAFETY: the slot stays untouched until the event
             // `copy_queued` records fires; the destination range is inside
