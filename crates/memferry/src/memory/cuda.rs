@@ -8,8 +8,10 @@
 //!
 //! Every CUDA call lives in the private `sys` fence below. Contexts are the
 //! devices' primary contexts, retained once per process; every call that
-//! touches a device first makes its context current on the calling thread,
-//! so any worker thread may use any region.
+//! touches a device first makes its context current on the calling thread
+//! with [`Context::enter`], and makes whatever was current before current
+//! again when it returns, so any worker thread may use any region and the
+//! caller's own context (e.g. PyTorch's) is left as it was.
 //!
 //! Ordering with the caller's GPU work: memferry's synchronous copies and
 //! memsets run on each context's legacy default stream, which is ordered
@@ -105,10 +107,20 @@ impl Context {
         self.ordinal
     }
 
-    /// Makes this context current on the calling thread. Cheap; call it
-    /// before any CUDA work on a thread.
-    pub fn bind(&self) -> Result<()> {
-        sys::set_current(self.raw)
+    /// Makes this context current on the calling thread until the returned
+    /// guard drops, which makes the context that was current before (or
+    /// none) current again. Cheap; nothing changes when this context is
+    /// already current.
+    pub fn enter(&self) -> Result<Current<'_>> {
+        let previous = sys::get_current()?;
+        if previous != self.raw {
+            sys::set_current(self.raw)?;
+        }
+        Ok(Current {
+            previous,
+            changed: previous != self.raw,
+            _ctx: std::marker::PhantomData,
+        })
     }
 
     /// Waits until all work queued on this device's legacy default stream
@@ -118,8 +130,28 @@ impl Context {
     /// ordering, earlier work on blocking streams. Work on non-blocking
     /// streams is not waited for.
     pub fn synchronize(&self) -> Result<()> {
-        self.bind()?;
+        let _current = self.enter()?;
         sys::legacy_sync()
+    }
+}
+
+/// A context made current by [`Context::enter`]; dropping it makes the
+/// previously current context current again. Bound to the thread that
+/// entered (not `Send`): the current context is per thread.
+#[must_use = "the context stays current only while the guard lives"]
+pub struct Current<'a> {
+    previous: sys::Ctx,
+    changed: bool,
+    _ctx: std::marker::PhantomData<(&'a Context, *const ())>,
+}
+
+impl Drop for Current<'_> {
+    fn drop(&mut self) {
+        if self.changed {
+            // Restoring can only fail for a context the caller destroyed
+            // meanwhile; there is nothing better to make current then.
+            let _ = sys::set_current(self.previous);
+        }
     }
 }
 
@@ -191,7 +223,7 @@ impl CudaRegion {
     /// Allocates `len` bytes on device `ordinal` (contents unspecified).
     pub fn new(ordinal: u32, len: u64) -> Result<Self> {
         let ctx = context(ordinal)?;
-        ctx.bind()?;
+        let current = ctx.enter()?;
         let ptr = if len == 0 {
             0
         } else {
@@ -206,6 +238,7 @@ impl CudaRegion {
                 other => other,
             })?
         };
+        drop(current);
         Ok(Self {
             ctx,
             ptr,
@@ -225,8 +258,8 @@ impl CudaRegion {
     /// while memferry transfers it.
     pub unsafe fn from_raw(ordinal: u32, ptr: u64, len: u64) -> Result<Self> {
         let ctx = context(ordinal)?;
-        ctx.bind()?;
         if len > 0 {
+            let _current = ctx.enter()?;
             match sys::pointer_device(ptr) {
                 Ok(Some(d)) if d == ordinal => {}
                 Ok(Some(d)) => {
@@ -266,7 +299,7 @@ impl CudaRegion {
         if self.len == 0 {
             return Ok(());
         }
-        self.ctx.bind()?;
+        let _current = self.ctx.enter()?;
         // SAFETY: the range is this region's allocation; `&self` callers
         // are bound by the Region contract not to race on it.
         unsafe { sys::memset(self.ptr, value, self.len as usize)? };
@@ -276,7 +309,10 @@ impl CudaRegion {
 
 impl Drop for CudaRegion {
     fn drop(&mut self) {
-        if self.owned && self.ptr != 0 && self.ctx.bind().is_ok() {
+        if !self.owned || self.ptr == 0 {
+            return;
+        }
+        if let Ok(_current) = self.ctx.enter() {
             // Synchronous copies into the region may still be landing.
             let _ = sys::legacy_sync();
             // SAFETY: the allocation was made by `new` and is freed once.
@@ -307,7 +343,7 @@ impl Region for CudaRegion {
         if src.is_empty() {
             return Ok(());
         }
-        self.ctx.bind()?;
+        let _current = self.ctx.enter()?;
         // SAFETY: bounds checked; the caller has exclusive use of the range;
         // `cuMemcpyHtoD` returns only once it has read all of `src` (into
         // its staging buffers when `src` is pageable), so `src` may be
@@ -321,7 +357,7 @@ impl Region for CudaRegion {
         if dst.is_empty() {
             return Ok(());
         }
-        self.ctx.bind()?;
+        let _current = self.ctx.enter()?;
         // SAFETY: bounds checked; nobody writes the range (caller contract);
         // a device-to-host `cuMemcpyDtoH` returns only once the bytes are in
         // `dst`, so nothing writes `dst` after the call.
@@ -355,9 +391,11 @@ impl PinnedBuf {
             ));
         }
         // Any context will do: the allocation is portable.
-        context(0)?.bind()?;
+        let ctx = context(0)?;
+        let current = ctx.enter()?;
         let total = len.max(1) + 4096;
         let raw = sys::host_alloc(total)?;
+        drop(current);
         let aligned = crate::units::align_up(raw as u64, 4096) as usize - raw as usize;
         // SAFETY: `aligned < 4096`, so the aligned start lies inside the
         // allocation of `len + 4096` bytes and `len` bytes follow it.
@@ -402,8 +440,10 @@ pub struct Stream {
 impl Stream {
     /// Creates a stream on `ctx`'s device.
     pub fn new(ctx: Arc<Context>) -> Result<Self> {
-        ctx.bind()?;
-        let raw = sys::stream_create()?;
+        let raw = {
+            let _current = ctx.enter()?;
+            sys::stream_create()?
+        };
         Ok(Self { ctx, raw })
     }
 
@@ -413,7 +453,7 @@ impl Stream {
     /// memferry's own synchronous copies and memsets. The stream is
     /// non-blocking, so without this its copies could overtake them.
     pub fn wait_for_legacy(&self) -> Result<()> {
-        self.ctx.bind()?;
+        let _current = self.ctx.enter()?;
         let event = sys::event_create()?;
         let waited = sys::event_record(event, sys::LEGACY_STREAM)
             .and_then(|()| sys::stream_wait_event(self.raw, event));
@@ -436,7 +476,7 @@ impl Stream {
     /// the copy completes (an event recorded after it has fired, or the
     /// stream was synchronised).
     pub unsafe fn copy_htod(&self, dst: u64, src: *const u8, len: usize) -> Result<()> {
-        self.ctx.bind()?;
+        let _current = self.ctx.enter()?;
         // SAFETY: forwarded to the caller.
         unsafe { sys::htod_async(dst, src, len, self.raw) }
     }
@@ -447,21 +487,21 @@ impl Stream {
     /// As for [`Stream::copy_htod`], with `dst` host memory that nobody
     /// reads or writes until the copy completes.
     pub unsafe fn copy_dtoh(&self, dst: *mut u8, src: u64, len: usize) -> Result<()> {
-        self.ctx.bind()?;
+        let _current = self.ctx.enter()?;
         // SAFETY: forwarded to the caller.
         unsafe { sys::dtoh_async(dst, src, len, self.raw) }
     }
 
     /// Waits until everything queued on the stream has completed.
     pub fn synchronize(&self) -> Result<()> {
-        self.ctx.bind()?;
+        let _current = self.ctx.enter()?;
         sys::stream_sync(self.raw)
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        if self.ctx.bind().is_ok() {
+        if let Ok(_current) = self.ctx.enter() {
             let _ = sys::stream_sync(self.raw);
             sys::stream_destroy(self.raw);
         }
@@ -477,33 +517,35 @@ pub struct Event {
 impl Event {
     /// Creates an event on `ctx`'s device.
     pub fn new(ctx: Arc<Context>) -> Result<Self> {
-        ctx.bind()?;
-        let raw = sys::event_create()?;
+        let raw = {
+            let _current = ctx.enter()?;
+            sys::event_create()?
+        };
         Ok(Self { ctx, raw })
     }
 
     /// Records the event after the work queued so far on `stream`.
     pub fn record(&self, stream: &Stream) -> Result<()> {
-        self.ctx.bind()?;
+        let _current = self.ctx.enter()?;
         sys::event_record(self.raw, stream.raw)
     }
 
     /// True once the recorded work has completed (never blocks).
     pub fn done(&self) -> Result<bool> {
-        self.ctx.bind()?;
+        let _current = self.ctx.enter()?;
         sys::event_query(self.raw)
     }
 
     /// Blocks until the recorded work has completed.
     pub fn wait(&self) -> Result<()> {
-        self.ctx.bind()?;
+        let _current = self.ctx.enter()?;
         sys::event_sync(self.raw)
     }
 }
 
 impl Drop for Event {
     fn drop(&mut self) {
-        if self.ctx.bind().is_ok() {
+        if let Ok(_current) = self.ctx.enter() {
             sys::event_destroy(self.raw);
         }
     }
@@ -639,8 +681,18 @@ mod sys {
         Ok(ctx as Ctx)
     }
 
+    pub fn get_current() -> Result<Ctx> {
+        let mut ctx: cu::CUcontext = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; the driver was initialised (a
+        // `Context` exists only after `init`).
+        check(unsafe { cu::cuCtxGetCurrent(&mut ctx) }, "cuCtxGetCurrent")?;
+        Ok(ctx as Ctx)
+    }
+
     pub fn set_current(ctx: Ctx) -> Result<()> {
-        // SAFETY: `ctx` is a retained primary context, never released.
+        // SAFETY: `ctx` is a retained primary context, never released, or
+        // one `get_current` returned (null unbinds; a context the caller
+        // destroyed meanwhile makes the driver return an error).
         check(
             unsafe { cu::cuCtxSetCurrent(ctx as cu::CUcontext) },
             "cuCtxSetCurrent",
@@ -858,6 +910,9 @@ mod sys {
         none()
     }
     pub const LEGACY_STREAM: Stream = 0x1;
+    pub fn get_current() -> Result<Ctx> {
+        none()
+    }
     pub fn set_current(_ctx: Ctx) -> Result<()> {
         none()
     }
@@ -936,5 +991,53 @@ mod tests {
         assert!(matches!(e, Error::Unsupported(_)), "{e}");
         assert!(e.to_string().contains("use --device cpu"), "{e}");
         assert!(PinnedBuf::new(4096).is_err());
+    }
+
+    /// Every entry point that makes a context current on the caller's
+    /// thread leaves the caller's current context as it found it.
+    #[test]
+    fn entry_points_restore_the_callers_context() {
+        if !available() {
+            eprintln!(
+                "skipped: no CUDA device ({})",
+                driver().err().map_or(String::new(), |e| e.to_string())
+            );
+            return;
+        }
+        // A thread of its own: no other test has made a context current.
+        std::thread::spawn(restores_the_callers_context)
+            .join()
+            .unwrap();
+    }
+
+    fn restores_the_callers_context() {
+        let current = || sys::get_current().unwrap();
+        assert_eq!(current(), 0, "a fresh thread has no current context");
+        let r = CudaRegion::new(0, 8192).unwrap();
+        assert_eq!(current(), 0, "CudaRegion::new");
+        r.fill(7).unwrap();
+        // SAFETY: the region is this test's own.
+        unsafe { r.copy_in(4096, &[1; 4096]).unwrap() };
+        let mut back = vec![0u8; 8192];
+        // SAFETY: as above.
+        unsafe { r.copy_out(0, &mut back).unwrap() };
+        assert!(back[..4096].iter().all(|&b| b == 7) && back[4096..].iter().all(|&b| b == 1));
+        // SAFETY: `r` outlives the view.
+        let view = unsafe { CudaRegion::from_raw(0, r.device_ptr(), 4096) }.unwrap();
+        drop(view);
+        drop(PinnedBuf::new(4096).unwrap());
+        drop(r);
+        assert_eq!(current(), 0, "every call above restored no context");
+        // A context the caller made current stays current, even when a
+        // call binds another device's context.
+        let last = driver().unwrap().devices.len() as u32 - 1;
+        let mine = context(last).unwrap();
+        let guard = mine.enter().unwrap();
+        let r = CudaRegion::new(0, 4096).unwrap();
+        r.fill(0).unwrap();
+        drop(r);
+        assert_eq!(current(), mine.raw, "the caller's context is current again");
+        drop(guard);
+        assert_eq!(current(), 0);
     }
 }

@@ -168,7 +168,7 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
             for &r in &used {
                 let region = job.regions[r];
                 let (ctx, base) = region.cuda().expect("checked by the caller");
-                ctx.bind()?;
+                let _current = ctx.enter()?;
                 // SAFETY: `base..base+len` is the region's device memory,
                 // which outlives the job; it is deregistered below.
                 match unsafe { lib.buf_register(base, region.len() as usize) } {
@@ -189,13 +189,16 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
         let mut needed: Vec<usize> = plan.ops.iter().map(|o| o.file).collect();
         needed.sort_unstable();
         needed.dedup();
-        if let Some(&first) = plan.ops.first().map(|o| &o.region) {
-            job.regions[first]
-                .cuda()
-                .expect("checked by the caller")
-                .0
-                .bind()?;
-        }
+        let _current = match plan.ops.first() {
+            Some(op) => Some(
+                job.regions[op.region]
+                    .cuda()
+                    .expect("checked by the caller")
+                    .0
+                    .enter()?,
+            ),
+            None => None,
+        };
         for f in needed {
             let ops: Vec<usize> = plan
                 .ops
@@ -301,7 +304,7 @@ fn run_ops(
             let region = job.regions[op.region];
             let (ctx, base) = region.cuda().expect("checked by the caller");
             let path = &plan.files[op.file].path;
-            ctx.bind()?;
+            let _current = ctx.enter()?;
             if plan.direction == Direction::Store
                 && matches!(job.checksums, super::Checksums::Record(_))
             {
@@ -411,7 +414,7 @@ impl CuFile {
                 return Err(format!("cuFile needs CUDA: {e}"));
             }
             let ctx = crate::memory::cuda::context(0).map_err(|e| e.to_string())?;
-            ctx.bind().map_err(|e| e.to_string())?;
+            let _current = ctx.enter().map_err(|e| e.to_string())?;
             CuFile::load(&library_candidates())
         })
         .as_ref()

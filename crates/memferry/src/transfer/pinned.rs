@@ -74,9 +74,9 @@ impl Backend for PinnedBackend {
 
     fn run(&self, job: &TransferJob<'_>) -> Result<TransferStats> {
         job.validate()?;
-        // A single root runs on a thread of its own too: the pipeline makes
-        // CUDA contexts current on its thread, which must not leak to the
-        // caller.
+        // A single root runs on a thread of its own too, so the caller's
+        // thread keeps no state of the pipeline's (every CUDA call restores
+        // the current context anyway).
         run_roots(
             job,
             SingleRoot::Spawn,
