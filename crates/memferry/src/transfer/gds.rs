@@ -29,7 +29,9 @@
 //! have finished before the job starts.
 //!
 //! Without cuFile, without CUDA, or when a region is host memory, the job
-//! runs `pinned` and the report says why.
+//! runs `pinned` and the report says why. Every file handle and device
+//! buffer registered with cuFile is deregistered before the job returns,
+//! on error paths too.
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::fs::File;
@@ -153,52 +155,47 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
     let start = Instant::now();
     let plan = job.plan;
     let bounce = tuning.gds.bounce;
-    // Register each device region once (direct mode).
-    let mut registered: Vec<u64> = Vec::new();
+    let mut used: Vec<usize> = plan.ops.iter().map(|o| o.region).collect();
+    used.sort_unstable();
+    used.dedup();
+    let device = |r: usize| job.regions[r].cuda().expect("checked by the caller");
+    // cuFile reads and writes device memory outside any stream: first let
+    // the work queued on the devices' legacy streams finish (the caller's
+    // last kernel on a blocking stream, memferry's own copies).
+    crate::memory::cuda::synchronize_regions(used.iter().map(|&r| job.regions[r]))?;
+    // Declared before `files`, so dropped after them: every path out of
+    // here deregisters the handles, then the buffers.
+    let mut buffers: Vec<RegisteredBuf<'_>> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
-    let outcome = (|| -> Result<()> {
-        let mut used: Vec<usize> = plan.ops.iter().map(|o| o.region).collect();
-        used.sort_unstable();
-        used.dedup();
-        // cuFile reads and writes device memory outside any stream: first
-        // let the work queued on the devices' legacy streams finish (the
-        // caller's last kernel on a blocking stream, memferry's own copies).
-        crate::memory::cuda::synchronize_regions(used.iter().map(|&r| job.regions[r]))?;
-        if !bounce {
-            for &r in &used {
-                let region = job.regions[r];
-                let (ctx, base) = region.cuda().expect("checked by the caller");
-                let _current = ctx.enter()?;
-                // SAFETY: `base..base+len` is the region's device memory,
-                // which outlives the job; it is deregistered below.
-                match unsafe { lib.buf_register(base, region.len() as usize) } {
-                    Ok(()) => registered.push(base),
-                    Err(e) => {
-                        let line = format!(
-                            "gds: cuFileBufRegister failed ({e}), cuFile bounces through its own buffers"
-                        );
-                        if !notes.contains(&line) {
-                            notes.push(line);
-                        }
+    if !bounce {
+        // Register each device region once (direct mode).
+        for &r in &used {
+            let (ctx, base) = device(r);
+            let _current = ctx.enter()?;
+            // SAFETY: `base..base+len` is the region's device memory, which
+            // outlives the job; `RegisteredBuf` deregisters it before this
+            // function returns.
+            match unsafe { lib.buf_register(base, job.regions[r].len() as usize) } {
+                Ok(()) => buffers.push(RegisteredBuf { lib, ctx, base }),
+                Err(e) => {
+                    let line = format!(
+                        "gds: cuFileBufRegister failed ({e}), cuFile bounces through its own buffers"
+                    );
+                    if !notes.contains(&line) {
+                        notes.push(line);
                     }
                 }
             }
         }
-        // Open and register every file.
-        let mut files: Vec<Option<(File, Handle)>> = (0..plan.files.len()).map(|_| None).collect();
-        let mut needed: Vec<usize> = plan.ops.iter().map(|o| o.file).collect();
-        needed.sort_unstable();
-        needed.dedup();
-        let _current = match plan.ops.first() {
-            Some(op) => Some(
-                job.regions[op.region]
-                    .cuda()
-                    .expect("checked by the caller")
-                    .0
-                    .enter()?,
-            ),
-            None => None,
-        };
+    }
+    // Open and register every file; each deregisters on drop, before its
+    // fd closes.
+    let mut files: Vec<Option<RegisteredFile<'_>>> = (0..plan.files.len()).map(|_| None).collect();
+    let mut needed: Vec<usize> = plan.ops.iter().map(|o| o.file).collect();
+    needed.sort_unstable();
+    needed.dedup();
+    if let Some(op) = plan.ops.first() {
+        let _current = device(op.region).0.enter()?;
         for f in needed {
             let ops: Vec<usize> = plan
                 .ops
@@ -208,7 +205,7 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
                 .map(|(i, _)| i)
                 .take(1)
                 .collect();
-            let opened = match super::direct::open_direct(job, &ops)? {
+            let file = match super::direct::open_direct(job, &ops)? {
                 Ok(mut v) => v[f].take().expect("opened"),
                 Err(reason) => {
                     return Err(Error::Unsupported(format!(
@@ -216,7 +213,7 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
                     )));
                 }
             };
-            let handle = lib.handle_register(&opened).map_err(|e| {
+            let handle = lib.handle_register(&file).map_err(|e| {
                 Error::io(
                     format!(
                         "gds: registering {} with cuFile",
@@ -225,21 +222,17 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
                     std::io::Error::other(e),
                 )
             })?;
-            files[f] = Some((opened, handle));
+            files[f] = Some(RegisteredFile {
+                lib,
+                handle,
+                _file: file,
+            });
         }
-        let result = run_ops(lib, job, tuning, &files);
-        for (_, h) in files.iter().flatten() {
-            // SAFETY: no cuFile I/O on the handle is in flight (the workers
-            // have returned); deregistered once.
-            unsafe { lib.handle_deregister(*h) };
-        }
-        result
-    })();
-    for &base in &registered {
-        // SAFETY: registered above; the workers have returned.
-        unsafe { lib.buf_deregister(base) };
     }
-    outcome?;
+    run_ops(lib, job, tuning, &files)?;
+    // The workers have returned: no cuFile I/O is in flight.
+    drop(files);
+    drop(buffers);
     job.settle_devices()?;
     let mut stats = TransferStats {
         mode: format!(
@@ -284,13 +277,51 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
     Ok(stats)
 }
 
+/// A file opened with O_DIRECT and registered with cuFile; dropping it
+/// deregisters the handle, then closes the file.
+struct RegisteredFile<'a> {
+    lib: &'a CuFile,
+    handle: Handle,
+    /// Never read: held so the fd stays open while the handle is
+    /// registered (fields drop after `drop` has deregistered it).
+    _file: File,
+}
+
+impl Drop for RegisteredFile<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the handle was registered for `self._file`, which is
+        // still open (fields drop after this), and is deregistered once;
+        // owners drop it only when no cuFile I/O on it is in flight.
+        unsafe { self.lib.handle_deregister(self.handle) };
+    }
+}
+
+/// Device memory registered with `cuFileBufRegister`; dropping it
+/// deregisters the buffer with its context current.
+struct RegisteredBuf<'a> {
+    lib: &'a CuFile,
+    ctx: &'a crate::memory::cuda::Context,
+    base: u64,
+}
+
+impl Drop for RegisteredBuf<'_> {
+    fn drop(&mut self) {
+        // Deregister even if the context cannot be entered: cuFile then
+        // reports an error, which changes nothing for us.
+        let _current = self.ctx.enter();
+        // SAFETY: `base` was registered and is deregistered once; owners
+        // drop it only when no cuFile I/O on it is in flight.
+        unsafe { self.lib.buf_deregister(self.base) };
+    }
+}
+
 /// Moves every op with `tuning.workers` threads, each making its device's
 /// context current before every call.
 fn run_ops(
     lib: &CuFile,
     job: &TransferJob<'_>,
     tuning: &Tuning,
-    files: &[Option<(File, Handle)>],
+    files: &[Option<RegisteredFile<'_>>],
 ) -> Result<()> {
     let plan = job.plan;
     let largest = plan.ops.iter().map(|o| o.len).max().unwrap_or(0) as usize;
@@ -300,7 +331,7 @@ fn run_ops(
         plan.ops.len(),
         |scratch: &mut Option<PinnedBuf>, i| {
             let op = &plan.ops[i];
-            let (_, handle) = files[op.file].as_ref().expect("registered above");
+            let handle = files[op.file].as_ref().expect("registered above").handle;
             let region = job.regions[op.region];
             let (ctx, base) = region.cuda().expect("checked by the caller");
             let path = &plan.files[op.file].path;
@@ -328,7 +359,7 @@ fn run_ops(
                 let n = unsafe {
                     lib.io(
                         plan.direction,
-                        *handle,
+                        handle,
                         base,
                         (op.len - done) as usize,
                         op.file_offset + done,
