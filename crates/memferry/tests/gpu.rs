@@ -80,7 +80,7 @@ fn device_regions_copy_both_ways_from_any_thread() {
     // SAFETY: a host pointer is not device memory.
     let host = [0u8; 64];
     assert!(unsafe { CudaRegion::from_raw(0, host.as_ptr() as u64, 64) }.is_err());
-    let p = PinnedBuf::new(1 << 20).unwrap();
+    let p = PinnedBuf::new(0, 1 << 20).unwrap();
     assert!((p.as_mut_ptr() as usize).is_multiple_of(4096));
 }
 

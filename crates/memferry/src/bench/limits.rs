@@ -312,7 +312,7 @@ fn read_all(file: &File, path: &Path, buf: &mut [u8]) -> Result<u64> {
 pub fn pinned_copy(ordinal: u32, bytes: usize, to_device: bool) -> Result<f64> {
     use crate::memory::cuda::{Stream, context};
     use crate::memory::{CudaRegion, PinnedBuf, Region};
-    let host = PinnedBuf::new(bytes)?;
+    let host = PinnedBuf::new(ordinal, bytes)?;
     let dev = CudaRegion::new(ordinal, bytes as u64)?;
     let (_, dptr) = dev.cuda().expect("device memory");
     let stream = Stream::new(context(ordinal)?)?;

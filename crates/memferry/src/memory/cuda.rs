@@ -372,6 +372,8 @@ pub struct PinnedBuf {
     ptr: NonNull<u8>,
     raw: *mut u8,
     len: usize,
+    /// The context the allocation was made in (freed in it too).
+    ctx: Arc<Context>,
 }
 
 // SAFETY: the buffer is owned exclusively by this value; page-locked memory
@@ -381,17 +383,19 @@ unsafe impl Send for PinnedBuf {}
 unsafe impl Sync for PinnedBuf {}
 
 impl PinnedBuf {
-    /// Allocates `len` pinned bytes (start aligned to 4096). Needs a CUDA
-    /// driver; the memory counts against no memlock limit of memferry's own.
-    pub fn new(len: usize) -> Result<Self> {
+    /// Allocates `len` pinned bytes (start aligned to 4096) in the context
+    /// of device `ordinal`, the device the buffer will mostly copy to and
+    /// from (the allocation is portable, so every context may use it).
+    /// Needs a CUDA driver; the memory counts against no memlock limit of
+    /// memferry's own.
+    pub fn new(ordinal: u32, len: usize) -> Result<Self> {
         let info = driver()?;
         if info.devices.is_empty() {
             return Err(Error::Unsupported(
                 "no CUDA device found: pinned memory needs one; use --device cpu".into(),
             ));
         }
-        // Any context will do: the allocation is portable.
-        let ctx = context(0)?;
+        let ctx = context(ordinal)?;
         let current = ctx.enter()?;
         let total = len.max(1) + 4096;
         let raw = sys::host_alloc(total)?;
@@ -404,6 +408,7 @@ impl PinnedBuf {
             ptr: NonNull::new(ptr).expect("host_alloc never returns null on success"),
             raw,
             len,
+            ctx,
         })
     }
 
@@ -425,9 +430,11 @@ impl PinnedBuf {
 
 impl Drop for PinnedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated by `host_alloc` in `new` and freed once; owners
-        // wait for every copy and I/O on it before dropping it.
-        unsafe { sys::host_free(self.raw) };
+        if let Ok(_current) = self.ctx.enter() {
+            // SAFETY: allocated by `host_alloc` in `new` and freed once;
+            // owners wait for every copy and I/O on it before dropping it.
+            unsafe { sys::host_free(self.raw) };
+        }
     }
 }
 
@@ -990,7 +997,7 @@ mod tests {
         let e = CudaRegion::new(0, 4096).err().expect("no CUDA here");
         assert!(matches!(e, Error::Unsupported(_)), "{e}");
         assert!(e.to_string().contains("use --device cpu"), "{e}");
-        assert!(PinnedBuf::new(4096).is_err());
+        assert!(PinnedBuf::new(0, 4096).is_err());
     }
 
     /// Every entry point that makes a context current on the caller's
@@ -1025,7 +1032,7 @@ mod tests {
         // SAFETY: `r` outlives the view.
         let view = unsafe { CudaRegion::from_raw(0, r.device_ptr(), 4096) }.unwrap();
         drop(view);
-        drop(PinnedBuf::new(4096).unwrap());
+        drop(PinnedBuf::new(0, 4096).unwrap());
         drop(r);
         assert_eq!(current(), 0, "every call above restored no context");
         // A context the caller made current stays current, even when a

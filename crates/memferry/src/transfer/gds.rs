@@ -340,7 +340,7 @@ fn run_ops(
                 && matches!(job.checksums, super::Checksums::Record(_))
             {
                 if scratch.is_none() {
-                    *scratch = Some(PinnedBuf::new(largest)?);
+                    *scratch = Some(PinnedBuf::new(ctx.ordinal(), largest)?);
                 }
                 let buf = scratch.as_ref().expect("allocated above");
                 // SAFETY: the scratch buffer is this worker's and

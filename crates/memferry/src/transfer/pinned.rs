@@ -225,7 +225,7 @@ impl Pipeline {
             }
         }
         let mut staging = match ordinals.first() {
-            Some(_) => Staging::Pinned(PinnedBuf::new(slot_size * depth)?),
+            Some(&first) => Staging::Pinned(PinnedBuf::new(first, slot_size * depth)?),
             None => Staging::Host(AlignedBuf::new(slot_size * depth)?),
         };
         let base = staging.base();
