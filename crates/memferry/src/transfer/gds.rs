@@ -28,10 +28,10 @@
 //! outside any stream); writers on the caller's non-blocking streams must
 //! have finished before the job starts.
 //!
-//! Without cuFile, without CUDA, or when a region is host memory, the job
-//! runs `pinned` and the report says why. Every file handle and device
-//! buffer registered with cuFile is deregistered before the job returns,
-//! on error paths too.
+//! Without cuFile, without CUDA, when a region is host memory, or when the
+//! filesystem refuses O_DIRECT, the job runs `pinned` and the report says
+//! why. Every file handle and device buffer registered with cuFile is
+//! deregistered before the job returns, on error paths too.
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::fs::File;
@@ -146,15 +146,33 @@ impl Backend for GdsBackend {
             Ok(lib) => lib,
             Err(reason) => return self.fallback(job, format!("gds: {reason}; ran pinned")),
         };
-        run_cufile(lib, job, &self.tuning)
+        match run_cufile(lib, job, &self.tuning)? {
+            Ok(stats) => Ok(stats),
+            Err(reason) => self.fallback(
+                job,
+                format!("gds: {reason}, and cuFile needs O_DIRECT; ran pinned"),
+            ),
+        }
     }
 }
 
-/// Runs the whole job through cuFile.
-fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<TransferStats> {
+/// Runs the whole job through cuFile. `Ok(Err(reason))`: the filesystem
+/// refuses O_DIRECT, which cuFile needs; nothing was registered or moved.
+fn run_cufile(
+    lib: &CuFile,
+    job: &TransferJob<'_>,
+    tuning: &Tuning,
+) -> Result<std::result::Result<TransferStats, String>> {
     let start = Instant::now();
     let plan = job.plan;
     let bounce = tuning.gds.bounce;
+    // Open every file first, so a filesystem that refuses O_DIRECT sends
+    // the job to `pinned` before cuFile holds anything.
+    let all: Vec<usize> = (0..plan.ops.len()).collect();
+    let opened = match super::direct::open_direct(job, &all)? {
+        Ok(files) => files,
+        Err(reason) => return Ok(Err(reason)),
+    };
     let mut used: Vec<usize> = plan.ops.iter().map(|o| o.region).collect();
     used.sort_unstable();
     used.dedup();
@@ -188,31 +206,12 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
             }
         }
     }
-    // Open and register every file; each deregisters on drop, before its
-    // fd closes.
+    // Register every file; each deregisters on drop, before its fd closes.
     let mut files: Vec<Option<RegisteredFile<'_>>> = (0..plan.files.len()).map(|_| None).collect();
-    let mut needed: Vec<usize> = plan.ops.iter().map(|o| o.file).collect();
-    needed.sort_unstable();
-    needed.dedup();
     if let Some(op) = plan.ops.first() {
         let _current = device(op.region).0.enter()?;
-        for f in needed {
-            let ops: Vec<usize> = plan
-                .ops
-                .iter()
-                .enumerate()
-                .filter(|(_, o)| o.file == f)
-                .map(|(i, _)| i)
-                .take(1)
-                .collect();
-            let file = match super::direct::open_direct(job, &ops)? {
-                Ok(mut v) => v[f].take().expect("opened"),
-                Err(reason) => {
-                    return Err(Error::Unsupported(format!(
-                        "gds: {reason}; cuFile needs O_DIRECT, use --backend pinned"
-                    )));
-                }
-            };
+        for (f, file) in opened.into_iter().enumerate() {
+            let Some(file) = file else { continue };
             let handle = lib.handle_register(&file).map_err(|e| {
                 Error::io(
                     format!(
@@ -274,7 +273,7 @@ fn run_cufile(lib: &CuFile, job: &TransferJob<'_>, tuning: &Tuning) -> Result<Tr
         }
         _ => {}
     }
-    Ok(stats)
+    Ok(Ok(stats))
 }
 
 /// A file opened with O_DIRECT and registered with cuFile; dropping it
@@ -452,8 +451,10 @@ impl CuFile {
         .map_err(Clone::clone)
     }
 
-    /// Loads the first of `candidates` that `dlopen` accepts and opens the
-    /// cuFile driver.
+    /// Loads the first of `candidates` that `dlopen` accepts, that has
+    /// every cuFile symbol memferry uses and whose `cuFileDriverOpen`
+    /// succeeds; a candidate failing any of these is skipped and named in
+    /// the error if none succeeds.
     pub fn load(candidates: &[PathBuf]) -> std::result::Result<CuFile, String> {
         let mut tried = Vec::new();
         for c in candidates {
@@ -467,12 +468,17 @@ impl CuFile {
                 tried.push(format!("{} ({})", c.display(), dl_error()));
                 continue;
             }
-            // The handle is never closed: cuFile stays loaded for the
-            // process, like the CUDA driver.
-            return Self::resolve(h, c.display().to_string());
+            // Handles are never closed: the one used keeps cuFile loaded
+            // for the process, like the CUDA driver, and a refused one may
+            // have run initialisers (cuFile's start threads) that closing
+            // would pull the code out from under.
+            match Self::resolve(h, c.display().to_string()) {
+                Ok(lib) => return Ok(lib),
+                Err(why) => tried.push(format!("{} ({why})", c.display())),
+            }
         }
         Err(format!(
-            "cuFile is not available: no libcufile could be loaded (tried {}); install the nvidia-cufile wheel or the CUDA toolkit, or set MEMFERRY_CUFILE",
+            "cuFile is not available: no usable libcufile could be loaded (tried {}); install the nvidia-cufile wheel or the CUDA toolkit, or set MEMFERRY_CUFILE",
             if tried.is_empty() {
                 "nothing".into()
             } else {
@@ -487,7 +493,7 @@ impl CuFile {
             // SAFETY: `h` is a live handle from dlopen; the name is valid.
             let p = unsafe { libc::dlsym(h, c.as_ptr()) };
             if p.is_null() {
-                Err(format!("{path} lacks {name}: not a usable libcufile"))
+                Err(format!("lacks {name}: not a usable libcufile"))
             } else {
                 Ok(p)
             }
@@ -527,10 +533,7 @@ impl CuFile {
         // SAFETY: no arguments; the caller made a CUDA context current.
         let e = unsafe { driver_open() };
         if e.err != 0 && e.err != DRIVER_ALREADY_OPEN {
-            return Err(format!(
-                "cuFileDriverOpen failed ({}) with {path}",
-                describe(e)
-            ));
+            return Err(format!("cuFileDriverOpen failed: {}", describe(e)));
         }
         let (p2p, why_compat) = match sym("cuFileDriverGetProperties") {
             Ok(p) => {
@@ -737,11 +740,16 @@ mod tests {
     }
 
     #[test]
-    fn a_library_without_cufile_symbols_is_refused() {
-        let e = CuFile::load(&[PathBuf::from("libc.so.6")])
-            .err()
-            .expect("libc is not cuFile");
-        assert!(e.contains("lacks cuFileDriverOpen"), "{e}");
+    fn a_library_without_cufile_symbols_is_refused_and_the_next_tried() {
+        let e = CuFile::load(&[
+            PathBuf::from("libc.so.6"),
+            PathBuf::from("/nonexistent/libcufile.so.0"),
+        ])
+        .err()
+        .expect("libc is not cuFile");
+        assert!(e.contains("cuFile is not available"), "{e}");
+        assert!(e.contains("libc.so.6 (lacks cuFileDriverOpen"), "{e}");
+        assert!(e.contains("/nonexistent/libcufile.so.0"), "{e}");
     }
 
     #[test]
