@@ -248,31 +248,22 @@ impl CudaRegion {
     }
 
     /// Wraps `len` bytes of device memory at `ptr` on device `ordinal`
-    /// without taking ownership (nothing is freed on drop). When the driver
-    /// can tell, a pointer that is not device memory of that device is
-    /// refused.
+    /// without taking ownership (nothing is freed on drop).
+    ///
+    /// Refused with [`Error::InvalidInput`]: a pointer the driver does not
+    /// know, memory the driver does not report as device memory (such as
+    /// pinned host memory), memory of another device, and a range running
+    /// past the end of the allocation `ptr` lies in. Other driver failures
+    /// are passed through as [`Error::Io`].
     ///
     /// # Safety
-    /// `ptr..ptr+len` must be device memory of `ordinal` that stays
-    /// allocated while the region lives, and nobody else may access a range
-    /// while memferry transfers it.
+    /// `ptr..ptr+len` must stay allocated while the region lives, and
+    /// nobody else may access a range while memferry transfers it.
     pub unsafe fn from_raw(ordinal: u32, ptr: u64, len: u64) -> Result<Self> {
         let ctx = context(ordinal)?;
         if len > 0 {
             let _current = ctx.enter()?;
-            match sys::pointer_device(ptr) {
-                Ok(Some(d)) if d == ordinal => {}
-                Ok(Some(d)) => {
-                    return Err(Error::InvalidInput(format!(
-                        "device pointer {ptr:#x} belongs to cuda:{d}, not cuda:{ordinal}"
-                    )));
-                }
-                Ok(None) | Err(_) => {
-                    return Err(Error::InvalidInput(format!(
-                        "{ptr:#x} is not CUDA device memory known to the driver"
-                    )));
-                }
-            }
+            check_device_range(ordinal, ptr, len)?;
         }
         Ok(Self {
             ctx,
@@ -305,6 +296,36 @@ impl CudaRegion {
         unsafe { sys::memset(self.ptr, value, self.len as usize)? };
         sys::legacy_sync()
     }
+}
+
+/// The checks of [`CudaRegion::from_raw`], with `ordinal`'s context current.
+fn check_device_range(ordinal: u32, ptr: u64, len: u64) -> Result<()> {
+    let Some(attrs) = sys::pointer_attributes(ptr)? else {
+        return Err(Error::InvalidInput(format!(
+            "{ptr:#x} is not memory known to the CUDA driver: pass a device pointer of cuda:{ordinal}"
+        )));
+    };
+    if !attrs.device_memory {
+        return Err(Error::InvalidInput(format!(
+            "{ptr:#x} is host memory known to the CUDA driver (e.g. pinned), not device memory of cuda:{ordinal}"
+        )));
+    }
+    if attrs.ordinal != ordinal {
+        return Err(Error::InvalidInput(format!(
+            "device pointer {ptr:#x} belongs to cuda:{}, not cuda:{ordinal}",
+            attrs.ordinal
+        )));
+    }
+    let end = attrs.range_start.saturating_add(attrs.range_len);
+    if ptr.checked_add(len).is_none_or(|e| e > end) {
+        return Err(Error::InvalidInput(format!(
+            "{} at device pointer {ptr:#x} run past the end of its allocation ({} at {:#x} on cuda:{ordinal})",
+            crate::units::format_bytes(len),
+            crate::units::format_bytes(attrs.range_len),
+            attrs.range_start
+        )));
+    }
+    Ok(())
 }
 
 impl Drop for CudaRegion {
@@ -568,6 +589,18 @@ unsafe impl Send for Event {}
 // SAFETY: as above.
 unsafe impl Sync for Event {}
 
+/// What the driver reports about the allocation a pointer lies in.
+struct PointerAttributes {
+    /// `CU_MEMORYTYPE_DEVICE` (not host, array or unified memory).
+    device_memory: bool,
+    /// `CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL` (`u32::MAX` if negative).
+    ordinal: u32,
+    /// `CU_POINTER_ATTRIBUTE_RANGE_START_ADDR`.
+    range_start: u64,
+    /// `CU_POINTER_ATTRIBUTE_RANGE_SIZE`.
+    range_len: u64,
+}
+
 /// The CUDA fence: every driver call memferry makes lives here.
 #[cfg(feature = "cuda")]
 mod sys {
@@ -576,7 +609,7 @@ mod sys {
     use cudarc::driver::sys as cu;
     use cudarc::driver::sys::CUresult;
 
-    use super::{CudaDeviceInfo, CudaInfo};
+    use super::{CudaDeviceInfo, CudaInfo, PointerAttributes};
     use crate::{Error, Result};
 
     /// A `CUcontext` kept as an address so handles are plain data.
@@ -688,6 +721,10 @@ mod sys {
         Ok(ctx as Ctx)
     }
 
+    /// `CU_STREAM_LEGACY`: the legacy default stream of the current
+    /// context, whatever the per-thread default stream setting.
+    pub const LEGACY_STREAM: Stream = 0x1;
+
     pub fn get_current() -> Result<Ctx> {
         let mut ctx: cu::CUcontext = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; the driver was initialised (a
@@ -705,10 +742,6 @@ mod sys {
             "cuCtxSetCurrent",
         )
     }
-
-    /// `CU_STREAM_LEGACY`: the legacy default stream of the current
-    /// context, whatever the per-thread default stream setting.
-    pub const LEGACY_STREAM: Stream = 0x1;
 
     /// Waits for the current context's legacy default stream.
     pub fn legacy_sync() -> Result<()> {
@@ -802,21 +835,49 @@ mod sys {
         let _ = unsafe { cu::cuMemFreeHost(p.cast()) };
     }
 
-    pub fn pointer_device(p: u64) -> Result<Option<u32>> {
+    /// What the driver knows about the allocation holding `p`; `None` when
+    /// it does not know `p` at all (`CUDA_ERROR_INVALID_VALUE`).
+    pub fn pointer_attributes(p: u64) -> Result<Option<PointerAttributes>> {
+        use cu::CUpointer_attribute as A;
+        let mut memory_type: u32 = 0;
         let mut ordinal: i32 = -1;
-        // SAFETY: the attribute is an int written to a local.
+        let mut start: u64 = 0;
+        let mut size: usize = 0;
+        let mut attrs = [
+            A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            A::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            A::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+            A::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+        ];
+        // Each out-pointer has the type the driver writes for its
+        // attribute: CUmemorytype (an unsigned int), int, CUdeviceptr,
+        // size_t.
+        let mut data: [*mut c_void; 4] = [
+            (&mut memory_type as *mut u32).cast(),
+            (&mut ordinal as *mut i32).cast(),
+            (&mut start as *mut u64).cast(),
+            (&mut size as *mut usize).cast(),
+        ];
+        // SAFETY: four attributes and four out-pointers to locals of the
+        // types listed above, which outlive the call.
         let r = unsafe {
-            cu::cuPointerGetAttribute(
-                (&mut ordinal as *mut i32).cast(),
-                cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-                p,
-            )
+            cu::cuPointerGetAttributes(attrs.len() as u32, attrs.as_mut_ptr(), data.as_mut_ptr(), p)
         };
         if r == CUresult::CUDA_ERROR_INVALID_VALUE {
             return Ok(None);
         }
-        check(r, "cuPointerGetAttribute")?;
-        Ok(u32::try_from(ordinal).ok())
+        check(r, "cuPointerGetAttributes")?;
+        // A pointer the driver does not know reads as memory type 0 from
+        // cuPointerGetAttributes (which reports success for it).
+        if memory_type == 0 {
+            return Ok(None);
+        }
+        Ok(Some(PointerAttributes {
+            device_memory: memory_type == cu::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32,
+            ordinal: u32::try_from(ordinal).unwrap_or(u32::MAX),
+            range_start: start,
+            range_len: size as u64,
+        }))
     }
 
     pub fn stream_create() -> Result<Stream> {
@@ -899,7 +960,7 @@ mod sys {
 #[cfg(not(feature = "cuda"))]
 #[allow(clippy::missing_safety_doc)]
 mod sys {
-    use super::{CudaInfo, NO_CUDA_BUILD};
+    use super::{CudaInfo, NO_CUDA_BUILD, PointerAttributes};
     use crate::{Error, Result};
 
     pub type Ctx = usize;
@@ -949,7 +1010,7 @@ mod sys {
         none()
     }
     pub unsafe fn host_free(_p: *mut u8) {}
-    pub fn pointer_device(_p: u64) -> Result<Option<u32>> {
+    pub fn pointer_attributes(_p: u64) -> Result<Option<PointerAttributes>> {
         none()
     }
     pub fn stream_create() -> Result<Stream> {
