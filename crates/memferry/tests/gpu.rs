@@ -1,5 +1,9 @@
-//! CUDA device memory through every backend. Each test prints
-//! "skipped: no CUDA driver" and returns when the machine has no GPU (CI).
+//! CUDA device memory through every backend. Without a usable CUDA device
+//! (CI) each test prints "skipped: no CUDA device (why)" and returns; with
+//! `MEMFERRY_REQUIRE_GPU=1` (set on GPU machines) a missing device fails
+//! the test instead, so a broken driver setup cannot pass as a skip.
+
+use std::path::Path;
 
 use memferry::Error;
 use memferry::memory::cuda::{self, PinnedBuf};
@@ -7,23 +11,99 @@ use memferry::memory::{CudaRegion, Device, HostRegion, OwnedRegion, Region};
 use memferry::snapshot::layout::{Allocation, Layout};
 use memferry::snapshot::source::{SnapshotSource, fill_bytes};
 use memferry::snapshot::{LoadOptions, SaveOptions, restore, save, verify};
+use memferry::transfer::gds::CuFile;
 use memferry::transfer::{BackendKind, Tuning};
 
+/// True when a CUDA device is usable; otherwise says why the test skips,
+/// or fails it when `MEMFERRY_REQUIRE_GPU=1`.
 fn gpu() -> bool {
     if cuda::available() {
         return true;
     }
-    eprintln!(
-        "skipped: no CUDA driver ({})",
-        cuda::driver()
-            .err()
-            .map_or(String::new(), |e| e.to_string())
+    let why = cuda::driver().err().map_or_else(
+        || "the driver reports no device".to_string(),
+        |e| e.to_string(),
     );
+    assert!(
+        std::env::var("MEMFERRY_REQUIRE_GPU").as_deref() != Ok("1"),
+        "MEMFERRY_REQUIRE_GPU=1 but no CUDA device is usable: {why}"
+    );
+    eprintln!("skipped: no CUDA device ({why})");
     false
 }
 
-/// A host source with allocations of `sizes` bytes on `device`.
-fn source(sizes: &[u64], device: Device) -> SnapshotSource {
+/// `None` when O_DIRECT through io_uring works under `dir`; otherwise why
+/// not (the `direct` backend's fallback reasons), which is the one thing
+/// that excuses `pinned` (and `gds`) for running `buffered` instead.
+fn direct_io_refused(dir: &Path) -> Option<String> {
+    let probe = dir.join("direct-io-probe");
+    let rep = save(
+        &source(&[1 << 20], Device::Cpu, 1),
+        &probe,
+        &SaveOptions {
+            backend: BackendKind::Direct,
+            ..SaveOptions::default()
+        },
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&probe).unwrap();
+    (rep.mode != "odirect-uring").then(|| format!("{}: {:?}", rep.mode, rep.fallbacks))
+}
+
+/// Checks that a `pinned` or `gds` job on device memory ran the mode it
+/// should: the pinned pipeline with async copies, and cuFile whenever it
+/// loads. A fallback passes only where `refused` (no O_DIRECT here) or a
+/// missing cuFile explains it, and the test says so.
+fn assert_mode(
+    label: &str,
+    kind: BackendKind,
+    mode: &str,
+    fallbacks: &[String],
+    refused: &Option<String>,
+) {
+    let pinned = |mode: &str| match refused {
+        None => assert_eq!(
+            mode, "odirect-uring-pinned-async-copy",
+            "{label}: {fallbacks:?}"
+        ),
+        Some(why) => {
+            assert_eq!(mode, "buffered-fallback", "{label}: {fallbacks:?}");
+            eprintln!(
+                "{label}: ran buffered-fallback, accepted because O_DIRECT is refused here ({why})"
+            );
+        }
+    };
+    match kind {
+        BackendKind::Pinned => pinned(mode),
+        BackendKind::Gds => match (CuFile::get(), refused) {
+            (Ok(_), None) => assert!(mode.starts_with("cufile-"), "{label}: {mode} {fallbacks:?}"),
+            (Ok(_), Some(_)) => {
+                assert!(
+                    fallbacks
+                        .iter()
+                        .any(|f| f.contains("cuFile needs O_DIRECT; ran pinned")),
+                    "{label}: {fallbacks:?}"
+                );
+                pinned(mode);
+            }
+            (Err(why), _) => {
+                assert!(
+                    fallbacks.iter().any(|f| f.contains("ran pinned")),
+                    "{label}: {fallbacks:?}"
+                );
+                eprintln!(
+                    "{label}: gds ran pinned, accepted because cuFile is unavailable ({why})"
+                );
+                pinned(mode);
+            }
+        },
+        _ => {}
+    }
+}
+
+/// A host source with allocations of `sizes` bytes filled from `seed`,
+/// moved to `device`.
+fn source(sizes: &[u64], device: Device, seed: u64) -> SnapshotSource {
     let mut layout = Layout::default();
     let mut regions: Vec<Box<dyn Region>> = Vec::new();
     for (i, &s) in sizes.iter().enumerate() {
@@ -34,7 +114,7 @@ fn source(sizes: &[u64], device: Device) -> SnapshotSource {
             tag: "t".into(),
         });
         let mut r = HostRegion::new(s).unwrap();
-        fill_bytes(11, i as u64, r.as_mut_slice());
+        fill_bytes(seed, i as u64, r.as_mut_slice());
         regions.push(Box::new(r));
     }
     SnapshotSource {
@@ -77,11 +157,38 @@ fn device_regions_copy_both_ways_from_any_thread() {
     assert!(bytes(&view) == want[4096..8192]);
     drop(view);
     assert!(bytes(&r) == want, "dropping a wrapper frees nothing");
-    // SAFETY: a host pointer is not device memory.
+    let refused = |ptr: u64, len: u64, needle: &str| {
+        // SAFETY: refused before anything could use the memory.
+        let e = unsafe { CudaRegion::from_raw(0, ptr, len) }
+            .err()
+            .unwrap_or_else(|| panic!("{ptr:#x}+{len} must be refused"));
+        assert!(matches!(e, Error::InvalidInput(_)), "{e}");
+        assert!(e.to_string().contains(needle), "{e}");
+    };
+    // A range running past the end of the allocation.
+    refused(
+        r.device_ptr() + 4096,
+        r.len(),
+        "past the end of its allocation",
+    );
+    refused(r.device_ptr(), u64::MAX, "past the end of its allocation");
+    // Host memory the driver does not know, and pinned host memory it does.
     let host = [0u8; 64];
-    assert!(unsafe { CudaRegion::from_raw(0, host.as_ptr() as u64, 64) }.is_err());
+    refused(
+        host.as_ptr() as u64,
+        64,
+        "not memory known to the CUDA driver",
+    );
     let p = PinnedBuf::new(0, 1 << 20).unwrap();
     assert!((p.as_mut_ptr() as usize).is_multiple_of(4096));
+    refused(
+        p.as_mut_ptr() as u64,
+        4096,
+        "host memory known to the CUDA driver",
+    );
+    // `fill` returns with the bytes set.
+    r.fill(0xa5).unwrap();
+    assert!(bytes(&r).iter().all(|&b| b == 0xa5));
 }
 
 #[test]
@@ -90,7 +197,9 @@ fn snapshots_round_trip_through_device_memory_with_every_backend() {
         return;
     }
     let sizes = [(5 << 20) + 7, 4096, 1, 0, 3 << 20];
-    let src = source(&sizes, Device::Cuda(0));
+    let src = source(&sizes, Device::Cuda(0), 11);
+    let scratch = tempfile::tempdir_in("/var/tmp").unwrap();
+    let refused = direct_io_refused(scratch.path());
     let tuning = Tuning {
         chunk_size: 1 << 20,
         queue_depth: 4,
@@ -121,6 +230,8 @@ fn snapshots_round_trip_through_device_memory_with_every_backend() {
         )
         .unwrap();
         eprintln!("save {save_backend}: {} {:?}", rep.mode, rep.fallbacks);
+        let label = format!("saved with {save_backend}");
+        assert_mode(&label, save_backend, &rep.mode, &rep.fallbacks, &refused);
         for load in [
             BackendKind::Buffered,
             BackendKind::Direct,
@@ -138,13 +249,7 @@ fn snapshots_round_trip_through_device_memory_with_every_backend() {
                 "{label}: {} verified={} {:?}",
                 rep.mode, rep.verified, rep.fallbacks
             );
-            if load == BackendKind::Pinned {
-                assert!(
-                    rep.mode.contains("pinned-async-copy") || rep.mode == "buffered-fallback",
-                    "{label}: {}",
-                    rep.mode
-                );
-            }
+            assert_mode(&label, load, &rep.mode, &rep.fallbacks, &refused);
             if rep.mode.starts_with("cufile") {
                 assert!(
                     !rep.verified,
@@ -174,7 +279,7 @@ fn a_flipped_bit_is_caught_before_reaching_the_device() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let snap = dir.path().join("s");
     save(
-        &source(&[3 << 20], Device::Cuda(0)),
+        &source(&[3 << 20], Device::Cuda(0), 11),
         &snap,
         &SaveOptions::default(),
     )
@@ -209,8 +314,10 @@ fn every_visible_device_gets_its_own_allocations() {
     }
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let snap = dir.path().join("s");
-    let a = source(&[1 << 20], Device::Cuda(0));
-    let b = source(&[2 << 20], Device::Cuda(1));
+    // Distinct seeds: restoring one device's bytes onto the other fails.
+    let a = source(&[1 << 20], Device::Cuda(0), 21);
+    let b = source(&[2 << 20], Device::Cuda(1), 22);
+    assert!(bytes(a.regions[0].as_ref())[..] != bytes(b.regions[0].as_ref())[..1 << 20]);
     let mut src = a;
     src.layout.allocations.push(Allocation {
         id: 1,
@@ -218,7 +325,7 @@ fn every_visible_device_gets_its_own_allocations() {
     });
     src.regions.extend(b.regions);
     save(&src, &snap, &SaveOptions::default()).unwrap();
-    let (restored, _) = restore(
+    let (restored, rep) = restore(
         &snap,
         &LoadOptions {
             backend: BackendKind::Pinned,
@@ -226,10 +333,18 @@ fn every_visible_device_gets_its_own_allocations() {
         },
     )
     .unwrap();
+    let refused = direct_io_refused(dir.path());
+    assert_mode(
+        "two devices, pinned",
+        BackendKind::Pinned,
+        &rep.mode,
+        &rep.fallbacks,
+        &refused,
+    );
     assert_eq!(restored.regions[0].device(), Device::Cuda(0));
     assert_eq!(restored.regions[1].device(), Device::Cuda(1));
-    for (x, y) in src.regions.iter().zip(&restored.regions) {
-        assert!(bytes(x.as_ref()) == bytes(y));
+    for (i, (x, y)) in src.regions.iter().zip(&restored.regions).enumerate() {
+        assert!(bytes(x.as_ref()) == bytes(y), "allocation {i} differs");
     }
 }
 
