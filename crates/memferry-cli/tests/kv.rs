@@ -113,6 +113,34 @@ fn four_processes_store_overlapping_keys_and_every_block_verifies() {
     assert_eq!(s["failed"], 0, "{s}");
 }
 
+/// A capacity smaller than what the stores in flight reserve (4 writers x
+/// 2 x 4 keys of 68 KiB against 2 MiB): every block is stored, none fails
+/// with a made-up reason and none is dropped.
+#[test]
+fn bench_with_a_small_capacity_stores_every_block() {
+    let root = tempfile::tempdir().unwrap();
+    let v = run([
+        "kv".to_string(),
+        "bench".into(),
+        "--root".into(),
+        arg(root.path()),
+        "--blocks".into(),
+        "256".into(),
+        "--block-size".into(),
+        "64KiB".into(),
+        "--seed".into(),
+        "3".into(),
+        "--capacity".into(),
+        "2MiB".into(),
+        "--json".into(),
+    ])
+    .ok()
+    .json();
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["dropped"], 0, "{v}");
+    assert_eq!(v["store"]["keys"], 256, "{v}");
+}
+
 #[test]
 fn verify_names_corrupt_blocks_and_repair_removes_them() {
     let root = tempfile::tempdir().unwrap();

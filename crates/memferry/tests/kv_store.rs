@@ -385,12 +385,46 @@ fn eviction_holds_usage_under_capacity_and_spares_protected_and_recent_blocks() 
         }
     }
     let m = refused.expect("a store beyond a fully protected capacity fails");
-    assert!(m.contains("capacity"), "{m}");
+    assert!(m.contains("capacity") && m.contains("protected"), "{m}");
     assert_eq!(
         kv_block_files(store.dir().unwrap()).len(),
         5,
         "full, nothing evicted"
     );
+}
+
+/// Every store in flight holds room for its block until it finishes: with
+/// more of them than the capacity holds, a store waits for them to finish
+/// instead of evicting what they just stored and failing for no reason.
+#[test]
+fn a_capacity_smaller_than_the_stores_in_flight_stores_every_key() {
+    let root = tempfile::tempdir().unwrap();
+    let mut c = config(root.path(), 1, BackendKind::Buffered);
+    let file = KvStore::open(c.clone(), tensors(5).0).unwrap().file_bytes();
+    // 4 workers x 2 x 4 keys: up to 32 stores in flight, room for 6.
+    c.capacity = Some(6 * file);
+    // Slow writes keep the stores in flight together.
+    c.tuning.max_bytes_per_call = Some(4096);
+    let store = KvStore::open(c, tensors(5).0).unwrap();
+    let keys: Vec<BlockKey> = (0..BLOCKS).map(key).collect();
+    let ids: Vec<u64> = (0..BLOCKS).collect();
+    // Jobs of two keys, as an engine offloads them.
+    let jobs: Vec<JobId> = keys
+        .chunks(2)
+        .zip(ids.chunks(2))
+        // SAFETY: the test leaves the pages alone while the jobs run.
+        .map(|(k, i)| unsafe { store.submit_store(k, i) }.unwrap())
+        .collect();
+    let results = store.wait(&jobs, Duration::from_secs(120));
+    assert_eq!(results.len(), jobs.len());
+    for r in &results {
+        assert!(r.succeeded(), "{r:?}");
+    }
+    let on_disk = kv_block_files(store.dir().unwrap()).len() as u64 * file;
+    assert!(on_disk <= 6 * file, "usage {on_disk} over capacity");
+    assert!(store.stats().bytes <= 6 * file);
+    let c = store.stats().counters;
+    assert_eq!((c.stores, c.failed, c.dropped), (BLOCKS, 0, 0), "{c:?}");
 }
 
 #[test]

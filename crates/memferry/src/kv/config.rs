@@ -47,7 +47,11 @@ pub struct KvConfig {
     /// exceed it is reported `dropped`.
     pub store_queue: usize,
     /// Most bytes of block files this namespace may hold; a store that would
-    /// exceed it first evicts least recently used blocks down to 90%.
+    /// exceed it first evicts least recently used blocks down to 90% (less
+    /// deep when stores in flight hold much of it: never more than it
+    /// needs). Every store in flight holds room for its block; a store
+    /// that finds the room held by them waits for them to finish, and is
+    /// reported `dropped` if it stays taken for seconds.
     pub capacity: Option<u64>,
     /// Fraction of the filesystem's space in use above which background
     /// eviction starts (filesystem roots only; on S3 use `capacity`).

@@ -48,8 +48,9 @@ pub enum KeyOutcome {
     /// The block was read, its header and checksum verified, and its pages
     /// copied into the requested block ids.
     Loaded,
-    /// The store queue was full; nothing was written. Not a failure: the
-    /// cache simply did not take the block.
+    /// The store queue was full, or the capacity stayed taken by other
+    /// stores in flight for seconds; nothing was written. Not a failure:
+    /// the cache simply did not take the block.
     Dropped,
     /// The job was cancelled before this key ran; nothing was published
     /// (store) or the destination pages are unspecified (load).

@@ -17,6 +17,11 @@
 //!   altogether;
 //! - at most `store_queue` store keys wait; a store job beyond that is
 //!   reported `dropped`, distinct from success and failure;
+//! - under a capacity, every store in flight holds room for its block; a
+//!   store that finds the room held by stores in flight waits for them
+//!   (never evicts for them, never fails for them) and is reported
+//!   `dropped` after 5 seconds; it fails only when blocks that cannot
+//!   be evicted fill the capacity, saying which;
 //! - a block protected (explicitly, or because a load job names it) is
 //!   never evicted by this process.
 
@@ -46,6 +51,12 @@ const TICK: Duration = Duration::from_millis(500);
 /// A file whose access time is this much newer than the index believed was
 /// used by someone else since: eviction skips it.
 const ACCESS_SLACK: Duration = Duration::from_secs(1);
+/// A store that finds the capacity held by other stores in flight waits at
+/// most this long for them to make room, then is reported `Dropped`.
+const ROOM_WAIT: Duration = Duration::from_secs(5);
+/// Longest single wait for a store in flight to release its room (a
+/// worker waiting for room looks for queued loads in between).
+const ROOM_POLL: Duration = Duration::from_millis(50);
 
 /// What a store holds now, and what it did.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -75,6 +86,8 @@ struct Shared {
     /// Signalled when a job finishes.
     done: Condvar,
     index: Mutex<Space>,
+    /// Signalled (with `index`) when a store in flight releases its room.
+    room_freed: Condvar,
     protected: Mutex<HashMap<BlockKey, u32>>,
     touches: Mutex<Vec<BlockKey>>,
     counters: LiveCounters,
@@ -88,6 +101,48 @@ struct Shared {
 struct Space {
     index: Index,
     reserved: u64,
+    /// Reservations released so far (a store waiting for room waits for
+    /// this to move).
+    released: u64,
+}
+
+/// What a store's request for room under the capacity found.
+enum Room {
+    /// The bytes are reserved.
+    Reserved,
+    /// Stores in flight hold the room (their reservations, or the blocks
+    /// they publish, which can be evicted once published): ask again once
+    /// one of them finished. Carries `Space::released` as it was.
+    Wait(u64),
+    /// The store cannot be taken, and why.
+    Full(String),
+}
+
+/// What a store key needs before its write.
+enum BeforeStore {
+    /// Room is reserved: write it.
+    Write,
+    /// Nothing to write: the key's outcome.
+    Done(KeyOutcome),
+    /// Stores in flight hold the room: try again once one finished
+    /// (`Space::released` as it was).
+    WaitForRoom(u64),
+}
+
+/// What one eviction pass did and what it had to leave.
+#[derive(Default)]
+struct EvictPass {
+    /// Blocks removed.
+    evicted: u64,
+    /// Blocks kept because this process protects them (or evicts them
+    /// already).
+    protected: u64,
+    /// Blocks kept because another process used them since the index
+    /// looked.
+    used_elsewhere: u64,
+    /// Blocks that could not be removed, with the first error.
+    errors: u64,
+    first_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -125,6 +180,38 @@ struct Piece {
     /// Which of the job's tasks.
     index: usize,
     cancel: Arc<AtomicBool>,
+    /// A store waiting for room under the capacity: since when.
+    room_wait: Option<Instant>,
+}
+
+impl EvictPass {
+    /// Why a store found no room under `cap` with `held` bytes of blocks
+    /// stored after this pass (and no store in flight).
+    fn full_message(&self, cap: u64, held: u64) -> String {
+        let mut why = Vec::new();
+        if self.protected > 0 {
+            why.push(format!(
+                "{} blocks are protected (being loaded, or protected by the caller)",
+                self.protected
+            ));
+        }
+        if self.used_elsewhere > 0 {
+            why.push(format!(
+                "{} blocks were just used by another process",
+                self.used_elsewhere
+            ));
+        }
+        if let Some(e) = &self.first_error {
+            why.push(format!("{} blocks could not be removed ({e})", self.errors));
+        }
+        if why.is_empty() {
+            why.push("no block could be evicted".into());
+        }
+        format!(
+            "the store is at its capacity of {cap} bytes ({held} bytes of blocks held) and {}: raise the capacity or unprotect blocks",
+            why.join(", ")
+        )
+    }
 }
 
 impl Piece {
@@ -173,7 +260,12 @@ impl KvStore {
             sched: Mutex::new(Sched::default()),
             work: Condvar::new(),
             done: Condvar::new(),
-            index: Mutex::new(Space { index, reserved: 0 }),
+            index: Mutex::new(Space {
+                index,
+                reserved: 0,
+                released: 0,
+            }),
+            room_freed: Condvar::new(),
             protected: Mutex::new(HashMap::new()),
             touches: Mutex::new(Vec::new()),
             counters: LiveCounters::default(),
@@ -544,6 +636,7 @@ impl Shared {
             tasks: state.tasks.clone(),
             index,
             cancel: state.cancel.clone(),
+            room_wait: None,
         };
         if state.next == state.tasks.len() {
             queue.pop_front();
@@ -557,6 +650,12 @@ impl Shared {
     /// Worker `n`: keeps up to `batch` keys in flight on its own engine,
     /// taking queued loads before queued stores whenever a key finishes.
     /// The first `load_reserved_workers` workers never take stores.
+    ///
+    /// A store that finds the capacity held by stores in flight is kept
+    /// aside (`deferred`) and tried again, after loads, once one of them
+    /// finished: this worker's own (it reaps first) or another worker's (it
+    /// waits for a release, a little at a time). One that waits longer than
+    /// [`ROOM_WAIT`] is reported `Dropped`.
     fn worker(&self, n: usize) {
         let may_store = n >= self.config.load_reserved_workers;
         let mut pipe = self.blocks.pipeline(self.config.batch).unwrap_or_else(|e| {
@@ -565,12 +664,16 @@ impl Shared {
         });
         let mut running: HashMap<u64, Piece> = HashMap::new();
         let mut next_tag = 0u64;
+        let mut deferred: Option<Piece> = None;
         loop {
             while pipe.room() > 0 {
                 let piece = {
                     let mut sched = lock(&self.sched);
                     loop {
                         if let Some(p) = self.take(&mut sched, JobKind::Load) {
+                            break Some(p);
+                        }
+                        if let Some(p) = deferred.take() {
                             break Some(p);
                         }
                         if may_store && let Some(p) = self.take(&mut sched, JobKind::Store) {
@@ -588,17 +691,36 @@ impl Shared {
                             .expect("KV store lock poisoned by a panic");
                     }
                 };
-                let Some(piece) = piece else { break };
+                let Some(mut piece) = piece else { break };
                 let task = piece.task().clone();
                 if piece.cancel.load(Ordering::Relaxed) {
                     self.publish(&piece, KeyOutcome::Cancelled);
                     continue;
                 }
-                if piece.kind == JobKind::Store
-                    && let Some(outcome) = self.before_store(&task)
-                {
-                    self.publish(&piece, outcome);
-                    continue;
+                if piece.kind == JobKind::Store {
+                    match self.before_store(&task) {
+                        BeforeStore::Write => {}
+                        BeforeStore::Done(outcome) => {
+                            self.publish(&piece, outcome);
+                            continue;
+                        }
+                        BeforeStore::WaitForRoom(released) => {
+                            let since = *piece.room_wait.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= ROOM_WAIT {
+                                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                                self.publish(&piece, KeyOutcome::Dropped);
+                                continue;
+                            }
+                            deferred = Some(piece);
+                            if pipe.in_flight() > 0 {
+                                // Reaping this worker's keys releases room.
+                                break;
+                            }
+                            // Only other workers' stores hold room.
+                            self.wait_for_room(released);
+                            continue;
+                        }
+                    }
                 }
                 let tag = next_tag;
                 next_tag += 1;
@@ -618,6 +740,16 @@ impl Shared {
                 self.publish(&piece, outcome);
             }
         }
+    }
+
+    /// Waits until a store in flight releases its room (`Space::released`
+    /// moves past `seen`), for at most [`ROOM_POLL`].
+    fn wait_for_room(&self, seen: u64) {
+        let space = lock(&self.index);
+        let _ = self
+            .room_freed
+            .wait_timeout_while(space, ROOM_POLL, |s| s.released == seen)
+            .expect("KV store lock poisoned by a panic");
     }
 
     /// Reports one key's outcome; finishes its job when it was the last.
@@ -665,7 +797,7 @@ impl Shared {
     /// Before a store's write: an outcome when the key needs none (a valid
     /// block is already stored) or cannot have one (no room). Otherwise
     /// the block's bytes are reserved under the capacity.
-    fn before_store(&self, task: &KeyTask) -> Option<KeyOutcome> {
+    fn before_store(&self, task: &KeyTask) -> BeforeStore {
         let file_len = self.blocks.codec().file_len;
         if !self.blocks.store_checks_existing()
             && self.blocks.valid_many(std::slice::from_ref(&task.key))[0]
@@ -675,13 +807,16 @@ impl Shared {
                 .insert(task.key.clone(), file_len, SystemTime::now());
             lock(&self.touches).push(task.key.clone());
             self.counters.already_stored.fetch_add(1, Ordering::Relaxed);
-            return Some(KeyOutcome::AlreadyStored);
+            return BeforeStore::Done(KeyOutcome::AlreadyStored);
         }
-        if let Err(reason) = self.make_room(file_len) {
-            self.counters.failed.fetch_add(1, Ordering::Relaxed);
-            return Some(KeyOutcome::Failed(reason));
+        match self.make_room(file_len) {
+            Room::Reserved => BeforeStore::Write,
+            Room::Wait(released) => BeforeStore::WaitForRoom(released),
+            Room::Full(reason) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                BeforeStore::Done(KeyOutcome::Failed(reason))
+            }
         }
-        None
     }
 
     /// Releases a store's reservation, indexes what was published and
@@ -691,12 +826,14 @@ impl Shared {
         {
             let mut space = lock(&self.index);
             space.reserved -= file_len;
+            space.released += 1;
             if matches!(outcome, KeyOutcome::Stored | KeyOutcome::AlreadyStored) {
                 space
                     .index
                     .insert(task.key.clone(), file_len, SystemTime::now());
             }
         }
+        self.room_freed.notify_all();
         let c = &self.counters;
         match &outcome {
             KeyOutcome::Stored => {
@@ -716,65 +853,76 @@ impl Shared {
     }
 
     /// Reserves `need` bytes under the capacity, evicting least recently
-    /// used blocks when they do not fit.
-    fn make_room(&self, need: u64) -> std::result::Result<(), String> {
+    /// used blocks when they do not fit: down to the low mark (hysteresis),
+    /// but never further than this store needs next to the room stores in
+    /// flight hold. When those stores are what stands in the way, it says
+    /// to wait for them (their blocks can be evicted once published)
+    /// instead of evicting for them or failing.
+    fn make_room(&self, need: u64) -> Room {
         let Some(cap) = self.config.capacity else {
             lock(&self.index).reserved += need;
-            return Ok(());
+            return Room::Reserved;
         };
         if need > cap {
-            return Err(format!(
+            return Room::Full(format!(
                 "these blocks need {need} bytes, more than the store's whole capacity of {cap}: raise the capacity"
             ));
         }
+        let low = (cap as f64 * CAPACITY_LOW_FRACTION) as u64;
         let mut stalled = 0;
         loop {
-            {
+            let (before, reserved, released) = {
                 let mut space = lock(&self.index);
                 if space.index.total_bytes() + space.reserved + need <= cap {
                     space.reserved += need;
-                    return Ok(());
+                    return Room::Reserved;
                 }
+                (space.index.total_bytes(), space.reserved, space.released)
+            };
+            if reserved + need > cap {
+                // Evicting every stored block would not make room: only
+                // stores in flight hold it.
+                return Room::Wait(released);
             }
-            // Free down to the low mark (hysteresis), counting what is
-            // reserved by stores in flight and this request.
-            let reserved = lock(&self.index).reserved;
-            let low = (cap as f64 * CAPACITY_LOW_FRACTION) as u64;
-            let target = low.saturating_sub(need + reserved);
-            let before = lock(&self.index).index.total_bytes();
-            self.evict_to(target);
+            let target = (cap - reserved - need).min(low.saturating_sub(need));
+            let pass = self.evict_pass(target);
             // Progress is bytes leaving the index: evicted files, files gone
             // meanwhile. Blocks found in use elsewhere get a new access time
             // and are retried on the next pass.
-            let after = lock(&self.index).index.total_bytes();
-            if after >= before {
-                stalled += 1;
-            } else {
+            let space = lock(&self.index);
+            let after = space.index.total_bytes();
+            if after < before {
                 stalled = 0;
+                continue;
             }
-            if stalled >= 2 {
-                let space = lock(&self.index);
-                if space.index.total_bytes() + space.reserved + need <= cap {
-                    continue;
-                }
-                return Err(format!(
-                    "the store is at its capacity of {cap} bytes and no block can be evicted (all are protected or in use): raise the capacity or unprotect blocks"
-                ));
+            stalled += 1;
+            if stalled < 2 || after + space.reserved + need <= cap {
+                continue;
             }
+            if space.reserved > 0 {
+                // What stores in flight publish can be evicted then.
+                return Room::Wait(space.released);
+            }
+            return Room::Full(pass.full_message(cap, after));
         }
     }
 
     /// Evicts least recently used unprotected blocks until the index holds
     /// at most `target` bytes. Returns how many blocks were removed.
     fn evict_to(&self, target: u64) -> u64 {
+        self.evict_pass(target).evicted
+    }
+
+    /// [`Shared::evict_to`], saying what it had to leave.
+    fn evict_pass(&self, target: u64) -> EvictPass {
+        let mut pass = EvictPass::default();
         let candidates = {
             let space = lock(&self.index);
             if space.index.total_bytes() <= target {
-                return 0;
+                return pass;
             }
             space.index.least_recently_used()
         };
-        let mut evicted = 0;
         for (key, entry) in candidates {
             if lock(&self.index).index.total_bytes() <= target {
                 break;
@@ -783,6 +931,7 @@ impl Shared {
             // protection lock, so a load protecting the key cannot slip in.
             let prot = lock(&self.protected);
             if prot.contains_key(&key) {
+                pass.protected += 1;
                 continue;
             }
             match self.blocks.last_access(&key) {
@@ -790,22 +939,27 @@ impl Shared {
                     lock(&self.index).index.remove(&key);
                 }
                 Some(t) if t > entry.accessed + ACCESS_SLACK => {
+                    pass.used_elsewhere += 1;
                     lock(&self.index).index.touch(&key, t);
                 }
                 Some(_) => match self.blocks.evict(&key) {
                     Ok(true) => {
-                        evicted += 1;
+                        pass.evicted += 1;
                         self.counters.evictions.fetch_add(1, Ordering::Relaxed);
                         lock(&self.index).index.remove(&key);
                     }
                     Ok(false) => {
                         lock(&self.index).index.remove(&key);
                     }
-                    Err(e) => tracing::warn!("cannot evict block {key}: {e}"),
+                    Err(e) => {
+                        tracing::warn!("cannot evict block {key}: {e}");
+                        pass.errors += 1;
+                        pass.first_error.get_or_insert_with(|| e.to_string());
+                    }
                 },
             }
         }
-        evicted
+        pass
     }
 
     fn protect(&self, keys: &[BlockKey]) {
