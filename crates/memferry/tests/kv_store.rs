@@ -289,11 +289,83 @@ fn corrupt_truncated_missing_and_foreign_with(pages: [u64; 2], mode: &str) {
     // the next store writes them again instead of skipping a bad block.
     assert!(reason(1).contains("removed"), "{}", reason(1));
     assert_eq!(reader.lookup(&[key(1)]), 0);
-    // A valid block of another namespace is refused but never deleted.
+    // A valid block of another namespace is refused but never deleted;
+    // lookups miss it, so the engine stores it again.
     assert!(!reason(4).contains("removed"), "{}", reason(4));
-    assert_eq!(reader.lookup(&[key(4)]), 1);
+    assert!(path(4).exists());
+    assert_eq!(reader.lookup(&[key(4)]), 0);
     assert_eq!(reader.lookup(&[key(0)]), 1);
     drop(dst_mem);
+}
+
+/// A block of the right size that loads refuse but never delete (an older
+/// format version, another namespace) is a miss from then on, also after a
+/// rescan finds its file again, until a store replaces it.
+#[test]
+fn a_block_a_load_refuses_is_a_miss_until_a_store_replaces_it() {
+    let root = tempfile::tempdir().unwrap();
+    let c = config(root.path(), 1, BackendKind::Buffered);
+    let (src, src_mem) = tensors(3);
+    let writer = KvStore::open(c.clone(), src).unwrap();
+    let keys: Vec<BlockKey> = (0..2).map(key).collect();
+    assert!(store_keys(&writer, &keys, &[0, 1]).succeeded());
+    let path = |i: u64| writer.dir().unwrap().join(key(i).rel_path());
+    // Key 0: a block of an older format version (its header rewritten as
+    // version 1, the header checksum fixed).
+    let mut bytes = std::fs::read(path(0)).unwrap();
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = memferry::integrity::crc32c(&bytes[..104]);
+    bytes[104..108].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(path(0), bytes).unwrap();
+    // Key 1: a block of another namespace, the same size.
+    let mut ns = namespace(MODEL, 1);
+    ns.tp_size = 2;
+    let other_root = tempfile::tempdir().unwrap();
+    let mut oc = KvConfig::new(other_root.path(), ns);
+    oc.backend = BackendKind::Buffered;
+    let other = KvStore::open(oc, tensors(3).0).unwrap();
+    assert!(store_keys(&other, &keys[1..], &[1]).succeeded());
+    std::fs::copy(other.dir().unwrap().join(key(1).rel_path()), path(1)).unwrap();
+
+    let (dst, dst_mem) = tensors(0);
+    let reader = KvStore::open(c, dst).unwrap();
+    assert_eq!(reader.lookup(&keys), 2, "same size: indexed by the scan");
+    let r = load_keys(&reader, &keys, &[10, 11]);
+    let o = outcomes(&r);
+    assert!(
+        matches!(&o[0], KeyOutcome::Failed(m) if m.contains("version 1")),
+        "{o:?}"
+    );
+    assert!(
+        matches!(&o[1], KeyOutcome::Failed(m) if m.contains("another namespace")),
+        "{o:?}"
+    );
+    assert!(
+        path(0).exists() && path(1).exists(),
+        "refused, never deleted"
+    );
+    assert_eq!(reader.lookup(&keys[..1]), 0);
+    assert_eq!(reader.lookup(&keys[1..]), 0);
+    assert_eq!(reader.contains(&keys), [false, false]);
+    // A rescan finds the files again, unchanged: still misses.
+    reader.rescan().unwrap();
+    assert_eq!(reader.lookup(&keys[..1]), 0);
+    assert_eq!(reader.contains(&keys), [false, false]);
+
+    // The engine stores them again: the store replaces the file (key 0,
+    // this process) ...
+    let r = store_keys(&reader, &keys[..1], &[5]);
+    assert_eq!(outcomes(&r), [KeyOutcome::Stored]);
+    // ... or another process does (key 1), which this one then sees.
+    let r = store_keys(&writer, &keys[1..], &[1]);
+    assert_eq!(outcomes(&r), [KeyOutcome::Stored]);
+    assert_eq!(reader.lookup(&keys), 2);
+    let r = load_keys(&reader, &keys, &[20, 21]);
+    assert!(r.succeeded(), "{r:?}");
+    for t in 0..2 {
+        assert!(page(&dst_mem, t, 20) == page(&dst_mem, t, 5), "tensor {t}");
+        assert!(page(&dst_mem, t, 21) == page(&src_mem, t, 1), "tensor {t}");
+    }
 }
 
 #[test]

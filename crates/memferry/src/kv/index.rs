@@ -31,6 +31,12 @@ pub(crate) struct Index {
     /// Keys this process removed, and when: a scan that began before the
     /// removal must not bring them back.
     removed: HashMap<BlockKey, Instant>,
+    /// Keys whose block a load refused (another namespace, format version
+    /// or layout, or damaged and still there), and when. Their entries stay
+    /// (the files take space and may be evicted), but they are never
+    /// `fresh`, also after a scan finds the files again: the store checks
+    /// their header on every lookup until a valid block replaces them.
+    refused: HashMap<BlockKey, Instant>,
 }
 
 impl Index {
@@ -40,14 +46,32 @@ impl Index {
             total: 0,
             ttl,
             removed: HashMap::new(),
+            refused: HashMap::new(),
         }
     }
 
-    /// True when `key` was confirmed on disk within the last `ttl`.
+    /// True when `key` was confirmed on disk within the last `ttl` (and
+    /// its block was not refused since).
     pub fn fresh(&self, key: &BlockKey, now: Instant) -> bool {
-        self.map
-            .get(key)
-            .is_some_and(|e| now.saturating_duration_since(e.confirmed) < self.ttl)
+        !self.refused.contains_key(key)
+            && self
+                .map
+                .get(key)
+                .is_some_and(|e| now.saturating_duration_since(e.confirmed) < self.ttl)
+    }
+
+    /// True when a load refused `key`'s block and no valid block was found
+    /// since.
+    pub fn is_refused(&self, key: &BlockKey) -> bool {
+        self.refused.contains_key(key)
+    }
+
+    /// Records that `key`'s file (`file_bytes`, last used at `accessed`)
+    /// is there but does not hold a block this store can load: it counts
+    /// as space, never as stored, until [`Index::insert`] says it is valid.
+    pub fn refuse(&mut self, key: BlockKey, file_bytes: u64, accessed: SystemTime) {
+        self.insert(key.clone(), file_bytes, accessed);
+        self.refused.insert(key, Instant::now());
     }
 
     #[cfg(test)]
@@ -55,11 +79,12 @@ impl Index {
         self.map.get(key)
     }
 
-    /// Records that `key` exists with `file_bytes` bytes, last used at
-    /// `accessed` (a later access already known is kept: a touch may not
-    /// have reached the disk yet).
+    /// Records that a valid block of `key` exists with `file_bytes` bytes,
+    /// last used at `accessed` (a later access already known is kept: a
+    /// touch may not have reached the disk yet).
     pub fn insert(&mut self, key: BlockKey, file_bytes: u64, accessed: SystemTime) {
         self.removed.remove(&key);
+        self.refused.remove(&key);
         let accessed = self
             .map
             .get(&key)
@@ -83,6 +108,7 @@ impl Index {
     }
 
     pub fn remove(&mut self, key: &BlockKey) -> Option<Entry> {
+        self.refused.remove(key);
         let old = self.map.remove(key)?;
         self.removed.insert(key.clone(), Instant::now());
         self.total -= old.file_bytes;
@@ -108,7 +134,8 @@ impl Index {
 
     /// Replaces the index with a scan that started at `scan_started`.
     /// Entries this process confirmed after the scan started (a store that
-    /// finished while the scan was walking) are kept.
+    /// finished while the scan was walking) are kept. Refused keys stay
+    /// refused while the scan still finds their file.
     pub fn replace_with_scan(&mut self, blocks: Vec<ScannedBlock>, scan_started: Instant) {
         let recent: Vec<(BlockKey, Entry)> = self
             .map
@@ -139,6 +166,9 @@ impl Index {
             self.total += e.file_bytes;
         }
         self.removed.retain(|_, t| *t > scan_started);
+        let map = &self.map;
+        self.refused
+            .retain(|k, t| *t > scan_started || map.contains_key(k));
     }
 }
 
@@ -171,6 +201,32 @@ mod tests {
         idx.remove(&key(3));
         assert_eq!(idx.total_bytes(), 350);
         assert_eq!(idx.len(), 2);
+    }
+
+    #[test]
+    fn refused_keys_count_as_space_never_as_stored_until_a_valid_insert() {
+        let mut idx = Index::new(Duration::from_secs(60));
+        let now = SystemTime::now();
+        idx.insert(key(1), 10, now);
+        idx.refuse(key(1), 10, now);
+        assert!(!idx.fresh(&key(1), Instant::now()));
+        assert_eq!(idx.total_bytes(), 10, "its file still takes space");
+        // A scan that finds the file again does not make it stored.
+        let scanned = |k: u8| ScannedBlock {
+            key: key(k),
+            path: "x".into(),
+            file_bytes: 10,
+            accessed: now,
+        };
+        idx.replace_with_scan(vec![scanned(1)], Instant::now());
+        assert!(idx.is_refused(&key(1)) && !idx.fresh(&key(1), Instant::now()));
+        // A valid block (a store replaced it) is stored again.
+        idx.insert(key(1), 10, now);
+        assert!(idx.fresh(&key(1), Instant::now()));
+        // A refused file a later scan no longer finds is forgotten.
+        idx.refuse(key(2), 10, now);
+        idx.replace_with_scan(vec![scanned(1)], Instant::now());
+        assert!(!idx.is_refused(&key(2)));
     }
 
     #[test]

@@ -23,7 +23,12 @@
 //!   `dropped` after 5 seconds; it fails only when blocks that cannot
 //!   be evicted fill the capacity, saying which;
 //! - a block protected (explicitly, or because a load job names it) is
-//!   never evicted by this process.
+//!   never evicted by this process;
+//! - a block a load refuses as foreign (another namespace, format version
+//!   or page layout) or damaged leaves the answers of `lookup` and
+//!   `contains` (also when a rescan finds its file again) until a valid
+//!   block is stored under its key, so the engine stores it again and the
+//!   store replaces the file.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -786,12 +791,40 @@ impl Shared {
             }
             KeyOutcome::Failed(_) => {
                 c.failed.fetch_add(1, Ordering::Relaxed);
-                // A key whose block is gone leaves the index.
-                self.confirm(std::slice::from_ref(&task.key));
+                self.after_failed_load(&task.key);
             }
             _ => {}
         }
         outcome
+    }
+
+    /// Keeps the index true to a key whose load failed: a block that is
+    /// gone leaves it; one that is there but not a valid block of this
+    /// namespace (another namespace, format version or page layout, which
+    /// loads refuse and never delete; or damaged and not removed) is
+    /// refused, so lookups miss it, also after rescans, and the engine
+    /// stores it again (the store replaces the file). A valid block (the
+    /// load failed for another reason, or a store replaced it meanwhile)
+    /// stays.
+    fn after_failed_load(&self, key: &BlockKey) {
+        let file_len = self.blocks.codec().file_len;
+        let keys = std::slice::from_ref(key);
+        let found = self.blocks.stat_many(keys)[0];
+        let valid =
+            found.is_some_and(|f| f.file_bytes == file_len) && self.blocks.valid_many(keys)[0];
+        let mut space = lock(&self.index);
+        match found {
+            Some(f) if f.file_bytes == file_len => {
+                if valid {
+                    space.index.insert(key.clone(), f.file_bytes, f.accessed);
+                } else {
+                    space.index.refuse(key.clone(), f.file_bytes, f.accessed);
+                }
+            }
+            _ => {
+                space.index.remove(key);
+            }
+        }
     }
 
     /// Before a store's write: an outcome when the key needs none (a valid
@@ -987,15 +1020,40 @@ impl Shared {
     }
 
     /// Checks `keys` in storage and updates the index; true for each key
-    /// whose block is present with this namespace's size.
+    /// whose block is present with this namespace's size. A key whose
+    /// block a load refused counts only once its header is valid again (a
+    /// store replaced the file); unchanged, it stays a miss.
     fn confirm(&self, keys: &[BlockKey]) -> Vec<bool> {
         let file_len = self.blocks.codec().file_len;
         let found = self.blocks.stat_many(keys);
+        let refused: Vec<usize> = {
+            let space = lock(&self.index);
+            (0..keys.len())
+                .filter(|&i| {
+                    found[i].is_some_and(|f| f.file_bytes == file_len)
+                        && space.index.is_refused(&keys[i])
+                })
+                .collect()
+        };
+        let mut still_refused = HashSet::new();
+        if !refused.is_empty() {
+            let probe: Vec<BlockKey> = refused.iter().map(|&i| keys[i].clone()).collect();
+            for (i, valid) in refused.into_iter().zip(self.blocks.valid_many(&probe)) {
+                if !valid {
+                    still_refused.insert(i);
+                }
+            }
+        }
         let mut space = lock(&self.index);
         keys.iter()
             .zip(found)
-            .map(|(k, f)| match f {
+            .enumerate()
+            .map(|(i, (k, f))| match f {
                 Some(f) if f.file_bytes == file_len => {
+                    if still_refused.contains(&i) {
+                        space.index.refuse(k.clone(), f.file_bytes, f.accessed);
+                        return false;
+                    }
                     space.index.insert(k.clone(), f.file_bytes, f.accessed);
                     true
                 }
