@@ -29,8 +29,9 @@ pub struct KvConfig {
     /// Test hooks (`max_bytes_per_call`); the other knobs are snapshot ones.
     pub tuning: Tuning,
     /// I/O worker threads. Whenever one of a worker's keys finishes, it
-    /// takes queued loads before queued stores, so a load waits at most for
-    /// one block transfer to finish.
+    /// takes queued loads before queued stores, and a load it took goes
+    /// ahead of the stores waiting for a transfer place, so it waits for at
+    /// most one of the worker's transfers in flight to finish.
     pub workers: usize,
     /// Workers stores may never occupy, so a load starts at once even while
     /// stores run (at the cost of store throughput). At most `workers - 1`.

@@ -8,7 +8,9 @@
 //! create and allocate files (loads open them) while the data of others
 //! moves, so the device sees `depth` transfers whenever work is queued,
 //! not fewer while keys sit in file-system steps. A key ready to transfer
-//! waits for a free transfer place, oldest first.
+//! waits for a free transfer place: loads first, so a load waits for one
+//! transfer in flight to finish, not for the stores ready before it; oldest
+//! first within loads and within stores.
 //!
 //! Where io_uring runs and the tensors are host memory the kernel can
 //! address (4096-aligned pages for O_DIRECT, any through the page cache), a
@@ -186,8 +188,9 @@ pub(crate) struct FileRing<'a> {
     /// Transfers in flight (at most `depth`).
     transferring: usize,
     depth: usize,
-    /// Slots ready to transfer, waiting for a place, oldest first. No
-    /// request of theirs is in flight.
+    /// Slots ready to transfer, waiting for a place: loads, then stores,
+    /// each oldest first ([`FileRing::wait_for_place`]). No request of
+    /// theirs is in flight.
     waiting: VecDeque<usize>,
     finished: Vec<(u64, KeyOutcome)>,
     /// Largest request (test hook for short transfers).
@@ -395,7 +398,7 @@ impl<'a> FileRing<'a> {
         }
         if !op.transferring {
             if self.transferring == self.depth {
-                self.waiting.push_back(slot);
+                self.wait_for_place(slot);
                 return None;
             }
             self.transferring += 1;
@@ -725,7 +728,23 @@ impl<'a> FileRing<'a> {
         Ok(())
     }
 
-    /// Starts waiting transfers while places are free, oldest first.
+    /// Queues `slot` for a transfer place: a load goes ahead of every
+    /// store waiting (it waits for one transfer in flight, not for them),
+    /// behind the loads waiting before it; a store goes last.
+    fn wait_for_place(&mut self, slot: usize) {
+        let kind = |s: usize| self.ops[s].as_ref().expect("waiting slots are in use").kind;
+        let at = match kind(slot) {
+            JobKind::Load => self
+                .waiting
+                .iter()
+                .position(|&s| kind(s) == JobKind::Store)
+                .unwrap_or(self.waiting.len()),
+            JobKind::Store => self.waiting.len(),
+        };
+        self.waiting.insert(at, slot);
+    }
+
+    /// Starts waiting transfers while places are free, in queue order.
     fn submit_waiting(&mut self) {
         while self.transferring < self.depth
             && let Some(slot) = self.waiting.pop_front()
@@ -1088,6 +1107,59 @@ mod tests {
         );
         assert!(engine.waiting.is_empty());
         assert_loaded_reversed(&src_mem, &dst_mem, 4, "keys ahead");
+    }
+
+    #[test]
+    fn a_load_goes_ahead_of_stores_waiting_for_a_transfer_place() {
+        let (root, config, _src_mem) = stored(6, 0x36);
+        let (mem, _mem) = layout(0);
+        let files = BlockFiles::open(&config, root.path(), mem).unwrap();
+        // A store's file-system steps run as system calls at its start, so
+        // it is ready to transfer at once; nothing moves until `reap`.
+        let mut engine = FileRing::build(&files, 4, Shape::DataOnRing).unwrap();
+        if !matches!(engine.submitter, Submitter::Ring { .. }) {
+            eprintln!("skipped: io_uring is not available here");
+            return;
+        }
+        // Four loads (into blocks 7..=4) take the four transfer places;
+        // two stores of new keys (from blocks 0, 1) wait behind them.
+        start(&mut engine, JobKind::Load, 0..4);
+        for i in 6..8 {
+            // SAFETY: nothing else touches the test's pages meanwhile, and
+            // no load writes blocks 0 and 1.
+            unsafe { engine.start(i, JobKind::Store, task(i, i - 6), Arc::default()) };
+        }
+        assert_eq!((engine.transferring, engine.waiting.len()), (4, 2));
+        // Loads that come now (into blocks 3, 2) go ahead of the stores,
+        // oldest first.
+        start(&mut engine, JobKind::Load, 4..6);
+        let order: Vec<(JobKind, u64)> = engine
+            .waiting
+            .iter()
+            .map(|&s| {
+                let op = engine.ops[s].as_ref().unwrap();
+                (op.kind, op.tag)
+            })
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (JobKind::Load, 4),
+                (JobKind::Load, 5),
+                (JobKind::Store, 6),
+                (JobKind::Store, 7)
+            ]
+        );
+        let mut outcomes = Vec::new();
+        while outcomes.len() < 8 {
+            outcomes.extend(engine.reap());
+        }
+        assert!(
+            outcomes
+                .iter()
+                .all(|(_, o)| matches!(o, KeyOutcome::Loaded | KeyOutcome::Stored)),
+            "{outcomes:?}"
+        );
     }
 
     /// A fresh namespace (its root, its config) holding keys `0..n`, stored
