@@ -368,6 +368,49 @@ fn a_block_a_load_refuses_is_a_miss_until_a_store_replaces_it() {
     }
 }
 
+/// A header whose checksum is valid but whose payload length is absurd
+/// (near `u64::MAX`, so padding it wraps) is a corrupt block for `verify`
+/// and a failed key for a load, never a panic.
+#[test]
+fn a_header_with_an_impossible_payload_length_is_corrupt() {
+    let root = tempfile::tempdir().unwrap();
+    let c = config(root.path(), 1, BackendKind::Buffered);
+    let store = KvStore::open(c.clone(), tensors(2).0).unwrap();
+    let keys: Vec<BlockKey> = (0..3).map(key).collect();
+    assert!(store_keys(&store, &keys, &[0, 1, 2]).succeeded());
+    let path = |i: u64| store.dir().unwrap().join(key(i).rel_path());
+    let craft = |i: u64, payload_len: u64, file_len: usize| {
+        let mut bytes = std::fs::read(path(i)).unwrap();
+        bytes.truncate(file_len);
+        bytes[24..32].copy_from_slice(&payload_len.to_le_bytes());
+        let crc = memferry::integrity::crc32c(&bytes[..104]);
+        bytes[104..108].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(path(i), bytes).unwrap();
+    };
+    let full = store.file_bytes() as usize;
+    // Padded, the length wraps to 0: the size check sees a header-only file.
+    craft(0, u64::MAX - 10, 4096);
+    craft(1, u64::MAX - 10, full);
+    craft(2, 1 << 63, full);
+    drop(store);
+    let report = memferry::kv::admin::verify(root.path(), false).unwrap();
+    assert_eq!((report.checked, report.ok), (3, 0), "{report:?}");
+    assert_eq!(report.corrupt.len(), 3, "{report:?}");
+    for c in &report.corrupt {
+        assert!(c.reason.contains("payload"), "{c:?}");
+    }
+    // Loads refuse them too (key by key).
+    let (dst, _dst_mem) = tensors(0);
+    let reader = KvStore::open(c, dst).unwrap();
+    let r = load_keys(&reader, &keys, &[10, 11, 12]);
+    assert!(
+        outcomes(&r)
+            .iter()
+            .all(|o| matches!(o, KeyOutcome::Failed(_))),
+        "{r:?}"
+    );
+}
+
 #[test]
 fn stores_are_idempotent_and_concurrent_stores_of_one_key_stay_valid() {
     let root = tempfile::tempdir().unwrap();

@@ -312,11 +312,20 @@ fn check_block(
     header
         .expect(header.namespace_hash, &block.key, header.payload_len)
         .map_err(|e| corrupt(e.to_string()))?;
-    let want = HEADER_BYTES as u64 + align_up(header.payload_len, IO_ALIGN);
-    if buf.len() as u64 != want {
+    // The length comes from the file: bound it by the file before any
+    // arithmetic (padding a length near u64::MAX would wrap).
+    let len = buf.len() as u64;
+    if header.payload_len > len - HEADER_BYTES as u64 {
         return Err(corrupt(format!(
-            "file is {} bytes, its header describes {want}",
-            buf.len()
+            "file is {len} bytes, too short for the {}-byte payload its header describes",
+            header.payload_len
+        )));
+    }
+    let want = HEADER_BYTES as u64 + align_up(header.payload_len, IO_ALIGN);
+    if len != want {
+        return Err(corrupt(format!(
+            "file is {len} bytes, its header describes a {}-byte payload, {want} bytes padded",
+            header.payload_len
         )));
     }
     let payload = &buf[HEADER_BYTES..HEADER_BYTES + header.payload_len as usize];
