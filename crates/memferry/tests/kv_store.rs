@@ -682,6 +682,20 @@ fn wait_returns_at_its_timeout_and_poll_never_blocks() {
         store.wait(&[job], Duration::from_secs(5)).is_empty(),
         "reported once"
     );
+    // A timeout no clock can reach waits for the job.
+    drop(store);
+    let mut c = slow(root.path());
+    c.tuning = Tuning::default();
+    let store = KvStore::open(c, big_layout()).unwrap();
+    // SAFETY: as above.
+    let job = unsafe { store.submit_store(&keys[..2], &ids[..2]) }.unwrap();
+    let got = store.wait(&[job], Duration::MAX);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].succeeded(), "{got:?}");
+    assert!(
+        store.wait(&[job], Duration::MAX).is_empty(),
+        "reported once"
+    );
 }
 
 #[test]

@@ -461,15 +461,16 @@ impl KvStore {
     /// Waits until every job in `jobs` has finished or `timeout` passed;
     /// returns (and removes from the poll queue) the results of those of
     /// `jobs` that finished. Jobs already returned earlier count as
-    /// finished and yield nothing.
+    /// finished and yield nothing. A timeout too long to reach (say
+    /// `Duration::MAX`) waits until the jobs finish.
     pub fn wait(&self, jobs: &[JobId], timeout: Duration) -> Vec<JobResult> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
         let s = &self.shared;
         let mut sched = lock(&s.sched);
         loop {
             let pending = jobs.iter().any(|j| sched.jobs.contains_key(j));
             let now = Instant::now();
-            if !pending || now >= deadline {
+            if !pending || deadline.is_some_and(|d| now >= d) {
                 let wanted: HashSet<JobId> = jobs.iter().copied().collect();
                 let (mine, rest): (Vec<JobResult>, Vec<JobResult>) = sched
                     .finished
@@ -478,11 +479,11 @@ impl KvStore {
                 sched.finished = rest.into();
                 return mine;
             }
-            sched = s
-                .done
-                .wait_timeout(sched, deadline - now)
-                .expect("KV store lock poisoned by a panic")
-                .0;
+            let poisoned = "KV store lock poisoned by a panic";
+            sched = match deadline {
+                Some(d) => s.done.wait_timeout(sched, d - now).expect(poisoned).0,
+                None => s.done.wait(sched).expect(poisoned),
+            };
         }
     }
 
