@@ -8,11 +8,13 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::access::last_access;
+use super::backing::files::remove_if_read;
 use super::format::{BlockHeader, HEADER_BYTES};
 use super::namespace::{BlockLayout, LAYOUT_FILE, Namespace};
 use super::scan::{ScannedBlock, scan};
@@ -221,8 +223,20 @@ pub struct VerifyReport {
 
 /// Reads every block file at `dir` and checks its header (magic, version,
 /// header checksum, namespace, key matching the file name, size) and payload
-/// checksum. With `repair`, corrupt files are removed.
+/// checksum. With `repair`, corrupt files are removed, each only while it
+/// is still the file that was read (a live store may republish the key
+/// meanwhile; its good block stays).
 pub fn verify(dir: &Path, repair: bool) -> Result<VerifyReport> {
+    verify_with(dir, repair, &mut |_| {})
+}
+
+/// [`verify`], calling `before_repair` with each corrupt file's path
+/// between reading and removing it (tests publish a block there).
+fn verify_with(
+    dir: &Path,
+    repair: bool,
+    before_repair: &mut dyn FnMut(&Path),
+) -> Result<VerifyReport> {
     let mut report = VerifyReport {
         checked: 0,
         ok: 0,
@@ -235,7 +249,8 @@ pub fn verify(dir: &Path, repair: bool) -> Result<VerifyReport> {
         let hash = recorded_layout(&ns.dir)?.map(|l| l.header_hash(&ns.namespace));
         for block in scan(&ns.dir)?.blocks {
             report.checked += 1;
-            match check_block(&block, hash, &mut buf) {
+            let mut inode = None;
+            match check_block(&block, hash, &mut buf, &mut inode) {
                 Ok(()) => report.ok += 1,
                 Err(Problem::Foreign(reason)) => report.foreign.push(CorruptBlock {
                     key: block.key.hex(),
@@ -243,8 +258,11 @@ pub fn verify(dir: &Path, repair: bool) -> Result<VerifyReport> {
                     reason,
                 }),
                 Err(Problem::Corrupt(reason)) => {
-                    if repair && std::fs::remove_file(&block.path).is_ok() {
-                        report.removed += 1;
+                    if repair && let Some(inode) = inode {
+                        before_repair(&block.path);
+                        if remove_if_read(&block.path, inode) {
+                            report.removed += 1;
+                        }
                     }
                     report.corrupt.push(CorruptBlock {
                         key: block.key.hex(),
@@ -293,17 +311,21 @@ enum Problem {
 /// Checks one block file; `namespace_hash` is `None` when the namespace
 /// records no page layout (then every check but that one runs). A damaged
 /// file is `Corrupt`; an intact one of another version, namespace or
-/// layout is `Foreign`.
+/// layout is `Foreign`. `inode` is set to the file's once it is open.
 fn check_block(
     block: &ScannedBlock,
     namespace_hash: Option<u64>,
     buf: &mut Vec<u8>,
+    inode: &mut Option<u64>,
 ) -> std::result::Result<(), Problem> {
     use super::format::HeaderError;
     let corrupt = |m: String| Problem::Corrupt(m);
     buf.clear();
     File::open(&block.path)
-        .and_then(|mut f| f.read_to_end(buf))
+        .and_then(|mut f| {
+            *inode = Some(f.metadata()?.ino());
+            f.read_to_end(buf)
+        })
         .map_err(|e| corrupt(format!("unreadable: {e}")))?;
     let header = BlockHeader::decode(buf).map_err(|e| match e {
         HeaderError::Version(_) => Problem::Foreign(e.to_string()),
@@ -342,4 +364,68 @@ fn check_block(
             .map_err(|e| Problem::Foreign(e.to_string()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::format::BlockHeader;
+    use crate::kv::key::BlockKey;
+    use crate::kv::namespace::testing::namespace;
+
+    /// A block file of `key` with a payload of `payload`, its checksum
+    /// recorded as `crc`.
+    fn block_bytes(key: &BlockKey, payload: &[u8], crc: u32) -> Vec<u8> {
+        let header = BlockHeader {
+            namespace_hash: 7,
+            key: key.clone(),
+            payload_len: payload.len() as u64,
+            payload_crc32c: crc,
+        };
+        let mut bytes = header.encode();
+        bytes.extend_from_slice(payload);
+        bytes.resize(
+            HEADER_BYTES + align_up(payload.len() as u64, IO_ALIGN) as usize,
+            0,
+        );
+        bytes
+    }
+
+    /// Writes `bytes` as `key`'s block file in a namespace under `root`;
+    /// its path.
+    fn block_file(root: &Path, key: &BlockKey, bytes: &[u8]) -> PathBuf {
+        let dir = namespace("test/verify", 1, 1).open(root).unwrap();
+        let path = dir.join(key.rel_path());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn repair_leaves_a_good_block_republished_after_the_read() {
+        let root = tempfile::tempdir().unwrap();
+        let key = BlockKey::new(b"k".to_vec()).unwrap();
+        let payload = vec![0x5a; 5000];
+        let good = block_bytes(&key, &payload, crc32c(&payload));
+        // Damaged: the payload does not match its recorded checksum.
+        let damaged = block_bytes(&key, &payload, crc32c(&payload) ^ 1);
+        let path = block_file(root.path(), &key, &damaged);
+        let republish = &mut |p: &Path| {
+            // A live store publishes a good copy of the key by rename.
+            let tmp = root.path().join("new.kvb");
+            std::fs::write(&tmp, &good).unwrap();
+            std::fs::rename(&tmp, p).unwrap();
+        };
+        let report = verify_with(root.path(), true, republish).unwrap();
+        assert_eq!(report.corrupt.len(), 1, "{report:?}");
+        assert_eq!(report.removed, 0, "{report:?}");
+        assert!(path.exists(), "the republished block was removed");
+        let after = verify(root.path(), false).unwrap();
+        assert_eq!((after.checked, after.ok), (1, 1), "{after:?}");
+        // Without a race, repair removes the damaged file.
+        block_file(root.path(), &key, &damaged);
+        let report = verify(root.path(), true).unwrap();
+        assert_eq!(report.removed, 1, "{report:?}");
+        assert!(!path.exists());
+    }
 }

@@ -336,20 +336,31 @@ pub(super) fn temp_path(block: &Path) -> PathBuf {
 
 /// Removes a block file that failed verification, so lookups stop
 /// reporting it and the next store of the key writes it again (a store
-/// skips keys whose header is valid). Only the file that was read is
-/// removed: the file at `path` is first moved aside (a temporary name the
-/// scan cleans up), and when it is not the inode that was read (a
-/// concurrent store republished the key) it is put back, never over a
-/// newer copy. A good block is therefore never lost to a quarantine.
+/// skips keys whose header is valid). Only the file that was read goes
+/// ([`remove_if_read`]). Returns `reason`, saying whether it was removed.
 pub(super) fn quarantine(path: &Path, inode: u64, reason: String) -> String {
+    if remove_if_read(path, inode) {
+        format!("{reason}; the file was removed")
+    } else {
+        reason
+    }
+}
+
+/// Removes the file at `path` only when it is still the one that was read
+/// (inode `inode`): it is first moved aside (a temporary name the scan
+/// cleans up), and when it is another file (a concurrent store republished
+/// the key) it is put back, never over a newer copy. A good block is
+/// therefore never lost to a removal meant for a damaged one. True when
+/// the file that was read is gone from `path`.
+pub(crate) fn remove_if_read(path: &Path, inode: u64) -> bool {
     let aside = temp_path(path);
     if std::fs::rename(path, &aside).is_err() {
-        return reason;
+        return false;
     }
     let same = std::fs::metadata(&aside).is_ok_and(|m| m.ino() == inode);
     if same {
         let _ = std::fs::remove_file(&aside);
-        return format!("{reason}; the file was removed");
+        return true;
     }
     if crate::storage::durable::rename_noreplace(&aside, path).is_err() {
         // Another copy was published meanwhile, or the move back failed:
@@ -357,7 +368,7 @@ pub(super) fn quarantine(path: &Path, inode: u64, reason: String) -> String {
         // removal fails).
         let _ = std::fs::remove_file(&aside);
     }
-    reason
+    false
 }
 
 pub(crate) fn outcome_of(e: Error) -> KeyOutcome {
