@@ -23,7 +23,11 @@
 //!   `dropped` after 5 seconds; it fails only when blocks that cannot
 //!   be evicted fill the capacity, saying which;
 //! - a block protected (explicitly, or because a load job names it) is
-//!   never evicted by this process;
+//!   never evicted by this process: an eviction checks the protection
+//!   before it reads the block's access record and again right before its
+//!   removal request (a key protected while that request runs is reported
+//!   missing by its load, never as wrong bytes); `protect`, `unprotect`
+//!   and `cancel` never wait for an eviction's I/O;
 //! - a block a load refuses as foreign (another namespace, format version
 //!   or page layout) or damaged leaves the answers of `lookup` and
 //!   `contains` (also when a rescan finds its file again) until a valid
@@ -93,13 +97,26 @@ struct Shared {
     index: Mutex<Space>,
     /// Signalled (with `index`) when a store in flight releases its room.
     room_freed: Condvar,
-    protected: Mutex<HashMap<BlockKey, u32>>,
+    /// Protections, and the removals in progress they are checked against.
+    /// Held only for bookkeeping, never across I/O, so `protect`,
+    /// `unprotect` and `cancel` never wait for an eviction's requests.
+    guards: Mutex<Guards>,
     touches: Mutex<Vec<BlockKey>>,
     counters: LiveCounters,
     flushed: Flushed,
     housekeeping: Mutex<bool>,
     wake_housekeeper: Condvar,
     next_job: AtomicU64,
+}
+
+/// Protections and removals in progress.
+#[derive(Default)]
+struct Guards {
+    /// How many times each key is protected.
+    protected: HashMap<BlockKey, u32>,
+    /// Keys whose block this process is evicting or removing now (its
+    /// requests run outside the lock); no second removal starts meanwhile.
+    removing: HashSet<BlockKey>,
 }
 
 /// The index plus bytes reserved by stores in flight.
@@ -254,6 +271,12 @@ impl KvStore {
                 Box::new(BlockObjects::open(&config, url, &s3, layout)?)
             }
         };
+        Self::start(config, blocks)
+    }
+
+    /// Runs a store over `blocks` (opened for `config`): scans them to warm
+    /// the index and starts the workers.
+    fn start(config: KvConfig, blocks: Box<dyn Backing>) -> Result<Self> {
         let started = Instant::now();
         let file_len = blocks.codec().file_len;
         let mut found = blocks.scan()?;
@@ -271,7 +294,7 @@ impl KvStore {
                 released: 0,
             }),
             room_freed: Condvar::new(),
-            protected: Mutex::new(HashMap::new()),
+            guards: Mutex::new(Guards::default()),
             touches: Mutex::new(Vec::new()),
             counters: LiveCounters::default(),
             flushed: Flushed::default(),
@@ -390,20 +413,22 @@ impl KvStore {
         lock(&self.shared.touches).extend(keys.iter().cloned());
     }
 
-    /// Removes stored blocks (protected ones are kept); returns how many
-    /// files were removed.
+    /// Removes stored blocks (protected ones are kept, and so are blocks
+    /// this process is evicting already); returns how many files were
+    /// removed. A key protected once its removal started is still removed
+    /// (a load of it then reports it missing).
     pub fn remove(&self, keys: &[BlockKey]) -> Result<usize> {
         let s = &self.shared;
         let mut removed = 0;
         for k in keys {
-            let prot = lock(&s.protected);
-            if prot.contains_key(k) {
+            if !s.start_removal(k) {
                 continue;
             }
-            if s.blocks.remove(k)? {
+            let gone = s.blocks.remove(k);
+            s.end_removal(k);
+            if gone? {
                 removed += 1;
             }
-            drop(prot);
             lock(&s.index).index.remove(k);
         }
         Ok(removed)
@@ -961,46 +986,81 @@ impl Shared {
             if lock(&self.index).index.total_bytes() <= target {
                 break;
             }
-            // Protection is checked and the block removed under the
-            // protection lock, so a load protecting the key cannot slip in.
-            let prot = lock(&self.protected);
-            if prot.contains_key(&key) {
-                pass.protected += 1;
-                continue;
-            }
-            match self.blocks.last_access(&key) {
-                None => {
-                    lock(&self.index).index.remove(&key);
+            {
+                let mut guards = lock(&self.guards);
+                if guards.protected.contains_key(&key) {
+                    pass.protected += 1;
+                    continue;
                 }
-                Some(t) if t > entry.accessed + ACCESS_SLACK => {
-                    pass.used_elsewhere += 1;
-                    lock(&self.index).index.touch(&key, t);
+                if !guards.removing.insert(key.clone()) {
+                    // Another caller is removing it.
+                    continue;
                 }
-                Some(_) => match self.blocks.evict(&key) {
-                    Ok(true) => {
-                        pass.evicted += 1;
-                        self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-                        lock(&self.index).index.remove(&key);
-                    }
-                    Ok(false) => {
-                        lock(&self.index).index.remove(&key);
-                    }
-                    Err(e) => {
-                        tracing::warn!("cannot evict block {key}: {e}");
-                        pass.errors += 1;
-                        pass.first_error.get_or_insert_with(|| e.to_string());
-                    }
-                },
             }
+            self.evict_one(&key, entry.accessed, &mut pass);
+            self.end_removal(&key);
         }
         pass
     }
 
+    /// Evicts `key`'s block, which the index last saw used at `accessed`,
+    /// unless someone used it since (another process: its access record
+    /// moved; this one: it protected the key while the record was read).
+    /// The caller holds the key's removal mark.
+    fn evict_one(&self, key: &BlockKey, accessed: SystemTime, pass: &mut EvictPass) {
+        match self.blocks.last_access(key) {
+            None => {
+                lock(&self.index).index.remove(key);
+                return;
+            }
+            Some(t) if t > accessed + ACCESS_SLACK => {
+                pass.used_elsewhere += 1;
+                lock(&self.index).index.touch(key, t);
+                return;
+            }
+            Some(_) => {}
+        }
+        // The last moment a protection can save the block: from here on,
+        // a load of the key reports it missing (never wrong bytes).
+        if lock(&self.guards).protected.contains_key(key) {
+            pass.protected += 1;
+            return;
+        }
+        match self.blocks.evict(key) {
+            Ok(true) => {
+                pass.evicted += 1;
+                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                lock(&self.index).index.remove(key);
+            }
+            Ok(false) => {
+                lock(&self.index).index.remove(key);
+            }
+            Err(e) => {
+                tracing::warn!("cannot evict block {key}: {e}");
+                pass.errors += 1;
+                pass.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
+    /// Marks `key` as being removed by this caller, unless it is protected
+    /// or another removal of it is in progress (false). The removal's
+    /// requests then run without the lock; [`Shared::end_removal`] clears
+    /// the mark.
+    fn start_removal(&self, key: &BlockKey) -> bool {
+        let mut guards = lock(&self.guards);
+        !guards.protected.contains_key(key) && guards.removing.insert(key.clone())
+    }
+
+    fn end_removal(&self, key: &BlockKey) {
+        lock(&self.guards).removing.remove(key);
+    }
+
     fn protect(&self, keys: &[BlockKey]) {
         {
-            let mut prot = lock(&self.protected);
+            let mut guards = lock(&self.guards);
             for k in keys {
-                *prot.entry(k.clone()).or_insert(0) += 1;
+                *guards.protected.entry(k.clone()).or_insert(0) += 1;
             }
         }
         // Protection is per process; recording an access tells evictors in
@@ -1009,12 +1069,12 @@ impl Shared {
     }
 
     fn unprotect(&self, keys: &[BlockKey]) {
-        let mut prot = lock(&self.protected);
+        let mut guards = lock(&self.guards);
         for k in keys {
-            if let Some(n) = prot.get_mut(k) {
+            if let Some(n) = guards.protected.get_mut(k) {
                 *n -= 1;
                 if *n == 0 {
-                    prot.remove(k);
+                    guards.protected.remove(k);
                 }
             }
         }
@@ -1182,5 +1242,131 @@ impl Shared {
                 last_flush = Instant::now();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{Receiver, Sender, channel};
+
+    use super::*;
+    use crate::kv::backing::{Found, KeyPipeline};
+    use crate::kv::codec::BlockCodec;
+    use crate::kv::scan::ScannedBlock;
+    use crate::kv::stats::Counters;
+    use crate::kv::tensors::testing::patterned_layout;
+
+    /// Block files whose first access-record read (an eviction's first
+    /// request) says it started and waits until the test lets it go.
+    struct Gated {
+        files: BlockFiles,
+        entered: Mutex<Option<Sender<()>>>,
+        release: Mutex<Option<Receiver<()>>>,
+    }
+
+    impl Backing for Gated {
+        fn codec(&self) -> &BlockCodec {
+            self.files.codec()
+        }
+        fn location(&self) -> String {
+            self.files.location()
+        }
+        fn local_dir(&self) -> Option<&Path> {
+            self.files.local_dir()
+        }
+        fn mode(&self) -> String {
+            self.files.mode()
+        }
+        fn probe_batch(&self) -> usize {
+            self.files.probe_batch()
+        }
+        fn stat_many(&self, keys: &[BlockKey]) -> Vec<Option<Found>> {
+            self.files.stat_many(keys)
+        }
+        fn valid_many(&self, keys: &[BlockKey]) -> Vec<bool> {
+            self.files.valid_many(keys)
+        }
+        fn pipeline(&self, depth: usize) -> Result<Box<dyn KeyPipeline + '_>> {
+            self.files.pipeline(depth)
+        }
+        fn remove(&self, key: &BlockKey) -> Result<bool> {
+            self.files.remove(key)
+        }
+        fn record_access(&self, keys: &[BlockKey], when: SystemTime) {
+            self.files.record_access(keys, when)
+        }
+        fn last_access(&self, key: &BlockKey) -> Option<SystemTime> {
+            if let Some(entered) = lock(&self.entered).take() {
+                entered.send(()).unwrap();
+                let release = lock(&self.release).take().unwrap();
+                let _ = release.recv();
+            }
+            self.files.last_access(key)
+        }
+        fn scan(&self) -> Result<Vec<ScannedBlock>> {
+            self.files.scan()
+        }
+        fn add_counters(&self, delta: &Counters) -> Result<()> {
+            self.files.add_counters(delta)
+        }
+        fn usage(&self) -> Option<(f64, f64)> {
+            self.files.usage()
+        }
+    }
+
+    fn key(i: u8) -> BlockKey {
+        BlockKey::new(vec![b'k', i]).unwrap()
+    }
+
+    #[test]
+    fn protect_never_waits_for_eviction_io_and_saves_the_block() {
+        let root = tempfile::tempdir().unwrap();
+        let mut config = KvConfig::new(
+            root.path(),
+            crate::kv::namespace::testing::namespace("test/gated", 1, 1),
+        );
+        config.backend = crate::transfer::BackendKind::Buffered;
+        let (layout, _mem) = patterned_layout(&[8192, 4096], 8, 0x17);
+        let (entered_tx, entered) = channel();
+        let (release, release_rx) = channel();
+        let gated = Gated {
+            files: BlockFiles::open(&config, root.path(), layout).unwrap(),
+            entered: Mutex::new(Some(entered_tx)),
+            release: Mutex::new(Some(release_rx)),
+        };
+        let store = KvStore::start(config, Box::new(gated)).unwrap();
+        for i in 0..2u8 {
+            // SAFETY: nothing writes the pages while the job runs.
+            let job = unsafe { store.submit_store(&[key(i)], &[u64::from(i)]) }.unwrap();
+            assert!(store.wait(&[job], Duration::from_secs(30))[0].succeeded());
+            // Key 0 is the least recently used.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::scope(|s| {
+            let evictor = s.spawn(|| store.evict_to(0));
+            // The eviction of key 0 is reading its access record.
+            entered.recv_timeout(Duration::from_secs(30)).unwrap();
+            let (done_tx, done) = channel();
+            let store = &store;
+            s.spawn(move || {
+                store.protect(&[key(0)]);
+                store.protect(&[key(1)]);
+                store.unprotect(&[key(1)]);
+                done_tx.send(()).unwrap();
+            });
+            let waited = done.recv_timeout(Duration::from_secs(5));
+            release.send(()).unwrap();
+            assert!(waited.is_ok(), "protect waited for the eviction's I/O");
+            // Protected while its eviction ran: kept; key 1 went instead.
+            assert_eq!(evictor.join().unwrap(), 1);
+        });
+        let dir = store.dir().unwrap();
+        assert!(
+            dir.join(key(0).rel_path()).exists(),
+            "a protected block went"
+        );
+        assert!(!dir.join(key(1).rel_path()).exists());
+        store.unprotect(&[key(0)]);
+        assert_eq!(store.remove(&[key(0)]).unwrap(), 1);
     }
 }
