@@ -78,8 +78,9 @@ pub(crate) trait Backing: Send + Sync {
     fn evict(&self, key: &BlockKey) -> Result<bool> {
         self.remove(key)
     }
-    /// Records a use of every key at `when` (best effort: a key evicted
-    /// meanwhile is skipped).
+    /// Records a use of every key now: at `when` (this process's clock), or
+    /// by the storage's own clock where it has one (files: `UTIME_NOW`).
+    /// Best effort: a key evicted meanwhile is skipped.
     fn record_access(&self, keys: &[BlockKey], when: SystemTime);
     /// The last recorded access of `key`'s block; `None` when it is gone.
     fn last_access(&self, key: &BlockKey) -> Option<SystemTime>;
