@@ -10,6 +10,11 @@
 //! An answered request never reaches the server, so a retry of it is never
 //! a second attempt of something the server already did.
 //!
+//! It can also lose a reply: forward one chosen request (the server does
+//! the work) and answer it `503` itself, or never answer it, so the client
+//! sees a failure of a request the server applied ([`Faults::LoseReply`],
+//! [`Faults::HangReply`]), as when a reply is lost on the way back.
+//!
 //! Responses are relayed raw by a pump thread per connection: HTTP/1.1
 //! clients (hyper) do not pipeline, so by the time the next request arrives
 //! the previous response has been relayed completely and an injected answer
@@ -31,16 +36,48 @@ pub enum Faults {
     EveryNth(u64),
     /// Forward the first n requests, answer every later one.
     AllFrom(u64),
+    /// Forward the `nth` (1-based, counted from when these faults were set)
+    /// request with this method whose path ends with `path_suffix`, read
+    /// the server's reply, drop it and answer `503` instead.
+    LoseReply {
+        method: &'static str,
+        path_suffix: &'static str,
+        nth: u64,
+    },
+    /// Like [`Faults::LoseReply`], but never answer that request at all:
+    /// the client times out on a request the server applied.
+    HangReply {
+        method: &'static str,
+        path_suffix: &'static str,
+        nth: u64,
+    },
+}
+
+/// What the proxy does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Forward,
+    /// Answer 503 without forwarding.
+    Throttle,
+    /// Forward, drop the reply, answer 503.
+    LoseReply,
+    /// Forward, drop the reply, answer nothing.
+    HangReply,
 }
 
 /// The S3 error body of an injected answer.
 pub const SLOW_DOWN_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate. (injected by the memferry test proxy)</Message><RequestId>memferry-fault-proxy</RequestId></Error>";
+
+/// The S3 error body that replaces a reply the proxy dropped.
+pub const LOST_REPLY_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>ServiceUnavailable</Code><Message>The server's reply was dropped (injected by the memferry test proxy)</Message><RequestId>memferry-fault-proxy</RequestId></Error>";
 
 struct Shared {
     faults: Mutex<Faults>,
     requests: AtomicU64,
     injected: AtomicU64,
     forwarded: AtomicU64,
+    /// Requests matching a LoseReply/HangReply since the faults were set.
+    matched: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -64,6 +101,7 @@ impl FaultProxy {
             requests: AtomicU64::new(0),
             injected: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
+            matched: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
         let s = shared.clone();
@@ -93,7 +131,9 @@ impl FaultProxy {
 
     /// Changes which requests fail from now on (the counters keep going).
     pub fn set_faults(&self, faults: Faults) {
-        *self.shared.faults.lock().unwrap() = faults;
+        let mut f = self.shared.faults.lock().unwrap();
+        self.shared.matched.store(0, Ordering::SeqCst);
+        *f = faults;
     }
 
     /// Requests seen so far.
@@ -126,10 +166,52 @@ impl Drop for FaultProxy {
 /// Decides for request number `n` (1-based).
 fn inject(faults: Faults, n: u64) -> bool {
     match faults {
-        Faults::None => false,
+        Faults::None | Faults::LoseReply { .. } | Faults::HangReply { .. } => false,
         Faults::EveryNth(k) => n.is_multiple_of(k),
         Faults::AllFrom(k) => n > k,
     }
+}
+
+/// Decides for request number `n` with `method` and `target`; `matched`
+/// counts the requests a LoseReply/HangReply fault matches.
+fn action(faults: Faults, n: u64, method: &str, target: &str, matched: &AtomicU64) -> Action {
+    if inject(faults, n) {
+        return Action::Throttle;
+    }
+    let (m, suffix, nth, act) = match faults {
+        Faults::LoseReply {
+            method,
+            path_suffix,
+            nth,
+        } => (method, path_suffix, nth, Action::LoseReply),
+        Faults::HangReply {
+            method,
+            path_suffix,
+            nth,
+        } => (method, path_suffix, nth, Action::HangReply),
+        _ => return Action::Forward,
+    };
+    let path = target.split('?').next().unwrap_or("");
+    if method.eq_ignore_ascii_case(m)
+        && path.ends_with(suffix)
+        && matched.fetch_add(1, Ordering::SeqCst) + 1 == nth
+    {
+        act
+    } else {
+        Action::Forward
+    }
+}
+
+/// Sends `request` to the server on a connection of its own and reads the
+/// whole reply, which is dropped.
+fn forward_and_drop_reply(upstream: u16, request: &Request) -> std::io::Result<()> {
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    up.set_read_timeout(Some(Duration::from_secs(60)))?;
+    up.write_all(&request.raw)?;
+    // A reply has the shape of a request (a first line, headers, a body by
+    // Content-Length or chunks): the same reader takes it in whole.
+    read_request(&mut BufReader::new(up.try_clone()?))?;
+    Ok(())
 }
 
 /// One client connection: requests parsed one by one, forwarded or
@@ -147,7 +229,28 @@ fn serve(client: TcpStream, upstream: u16, s: &Shared) -> std::io::Result<()> {
         };
         let n = s.requests.fetch_add(1, Ordering::SeqCst) + 1;
         let faults = *s.faults.lock().unwrap();
-        if inject(faults, n) {
+        let act = action(faults, n, &request.method, &request.target, &s.matched);
+        if matches!(act, Action::LoseReply | Action::HangReply) {
+            s.forwarded.fetch_add(1, Ordering::SeqCst);
+            s.injected.fetch_add(1, Ordering::SeqCst);
+            if let Err(e) = forward_and_drop_reply(upstream, &request) {
+                break Err(e);
+            }
+            if act == Action::HangReply {
+                // Never answer: the client gives up and closes.
+                continue;
+            }
+            let answer = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nx-amz-request-id: memferry-fault-proxy\r\n\r\n{}",
+                LOST_REPLY_BODY.len(),
+                LOST_REPLY_BODY
+            );
+            if let Err(e) = writer.lock().unwrap().write_all(answer.as_bytes()) {
+                break Err(e);
+            }
+            continue;
+        }
+        if act == Action::Throttle {
             s.injected.fetch_add(1, Ordering::SeqCst);
             let head_only = request.method.eq_ignore_ascii_case("HEAD");
             let answer = format!(
@@ -200,6 +303,8 @@ fn serve(client: TcpStream, upstream: u16, s: &Shared) -> std::io::Result<()> {
 
 struct Request {
     method: String,
+    /// The request target (path and query).
+    target: String,
     /// Head and body exactly as received.
     raw: Vec<u8>,
 }
@@ -211,6 +316,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>
     let mut length = 0usize;
     let mut chunked = false;
     let mut method = String::new();
+    let mut target = String::new();
     loop {
         line.clear();
         let k = r.read_line(&mut line)?;
@@ -225,7 +331,9 @@ fn read_request(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>
         }
         raw.extend_from_slice(line.as_bytes());
         if method.is_empty() {
-            method = line.split(' ').next().unwrap_or("").to_string();
+            let mut words = line.split(' ');
+            method = words.next().unwrap_or("").to_string();
+            target = words.next().unwrap_or("").to_string();
             continue;
         }
         let trimmed = line.trim_end();
@@ -284,7 +392,11 @@ fn read_request(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>
         raw.resize(at + length, 0);
         r.read_exact(&mut raw[at..])?;
     }
-    Ok(Some(Request { method, raw }))
+    Ok(Some(Request {
+        method,
+        target,
+        raw,
+    }))
 }
 
 #[cfg(test)]
@@ -298,5 +410,28 @@ mod tests {
         assert!((1..=4).all(|n| !inject(Faults::AllFrom(4), n)));
         assert!((5..=9).all(|n| inject(Faults::AllFrom(4), n)));
         assert!((1..=9).all(|n| !inject(Faults::None, n)));
+    }
+
+    #[test]
+    fn a_lost_reply_hits_only_the_nth_matching_request() {
+        let f = Faults::LoseReply {
+            method: "PUT",
+            path_suffix: "/manifest.json",
+            nth: 2,
+        };
+        let matched = AtomicU64::new(0);
+        let acts: Vec<Action> = [
+            ("GET", "/b/p/manifest.json"),
+            ("PUT", "/b/p/saves/x.json"),
+            ("PUT", "/b/p/manifest.json"),
+            ("PUT", "/b/p/manifest.json?x-id=PutObject"),
+            ("PUT", "/b/p/manifest.json"),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, (m, t))| action(f, i as u64 + 1, m, t, &matched))
+        .collect();
+        use Action::{Forward as F, LoseReply as L};
+        assert_eq!(acts, [F, F, F, L, F]);
     }
 }
