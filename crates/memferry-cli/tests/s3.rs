@@ -617,6 +617,11 @@ fn bad_s3_input_is_rejected_before_any_request() {
             ],
             "http://",
         ),
+        // Virtual-hosted addressing puts the bucket into the host name.
+        (
+            vec!["restore", "--s3-path-style", "false", "s3://memferry-test/x"],
+            "path-style addressing",
+        ),
     ] {
         mf(s, &args).code(2).stderr_has(&[needle]);
     }
@@ -636,5 +641,80 @@ fn bad_s3_input_is_rejected_before_any_request() {
         .code(2)
         .stderr_has(&["not part of a memferry snapshot"]);
     assert_eq!(s.keys(&url), vec![k]);
+    s.clean(&url);
+}
+
+/// A stand-in for the EKS Pod Identity agent: answers every request that
+/// carries `token` with temporary credentials (the server's keys and a
+/// session token); counts the requests it answered.
+fn credentials_agent(
+    access: String,
+    secret: String,
+    token: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1/credentials", listener.local_addr().unwrap());
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
+                head.push(b[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_lowercase();
+            let (status, body) = if head.contains(&format!("authorization: {token}")) {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (
+                    "200 OK",
+                    format!(
+                        r#"{{"AccessKeyId":"{access}","SecretAccessKey":"{secret}","Token":"AGENT-SESSION-TOKEN","Expiration":"2099-01-01T00:00:00Z"}}"#
+                    ),
+                )
+            } else {
+                ("403 Forbidden", "{}".to_string())
+            };
+            let _ = write!(
+                c,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, served)
+}
+
+#[test]
+fn container_role_credentials_from_the_environment_are_used() {
+    // s3s-fs checks signatures: requests signed with what the (stand-in)
+    // EKS Pod Identity agent hands out must pass, unsigned ones would not.
+    let s = shared(Kind::S3sFs);
+    let token = "memferry-test-pod-token";
+    let (agent, served) = credentials_agent(s.access_key(), s.secret_key(), token);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let url = s.url("pod-identity");
+    let with_role = || {
+        let mut c = s.command();
+        c.env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", &agent)
+            .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token_file);
+        c
+    };
+    let r = run_cmd(
+        with_role(),
+        ["-v", "save", "--source", "synthetic:4MiB", "--to", &url],
+    )
+    .ok();
+    assert!(r.stderr.contains("EKS pod identity"), "{}", r.stderr);
+    run_cmd(with_role(), ["verify", &url]).ok();
+    assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(!all.contains(&s.secret_key()) && !all.contains("AGENT-SESSION-TOKEN"));
     s.clean(&url);
 }

@@ -16,7 +16,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
+use object_store::aws::{
+    AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer, S3ConditionalPut,
+};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpRequest, HttpRequestBody, ReqwestConnector,
+};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
 use object_store::{
@@ -24,7 +29,7 @@ use object_store::{
     RetryConfig, UpdateVersion,
 };
 
-use super::config::S3Config;
+use super::config::{S3Config, endpoint_parts};
 use crate::{Error, Result};
 
 /// What a HEAD or LIST says about an object.
@@ -57,6 +62,31 @@ pub struct ObjectClient {
     store: Arc<AmazonS3>,
     bucket: String,
     config: S3Config,
+    /// `scheme://host[/path]` of the bucket itself (path style: the
+    /// endpoint and the bucket; virtual-hosted: the bucket in the host).
+    bucket_endpoint: String,
+    /// For the one request object_store has no call for
+    /// (ListMultipartUploads).
+    http: HttpClient,
+}
+
+/// The URL of `bucket` itself: what object_store calls the bucket endpoint
+/// (it puts the bucket into a custom endpoint only for path-style requests;
+/// virtual-hosted requests need `scheme://BUCKET.host`, built here).
+pub(crate) fn bucket_endpoint(config: &S3Config, bucket: &str) -> String {
+    match &config.endpoint {
+        Some(e) if config.path_style => format!("{}/{bucket}", e.trim_end_matches('/')),
+        Some(e) => {
+            let p = endpoint_parts(e);
+            let userinfo = p.userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+            format!(
+                "{}://{userinfo}{bucket}.{}{}{}",
+                p.scheme, p.host, p.port, p.path
+            )
+        }
+        None if config.path_style => format!("https://s3.{}.amazonaws.com/{bucket}", config.region),
+        None => format!("https://{bucket}.s3.{}.amazonaws.com", config.region),
+    }
 }
 
 impl std::fmt::Debug for ObjectClient {
@@ -93,6 +123,10 @@ impl ObjectClient {
                 options = options.with_root_certificate(c);
             }
         }
+        let bucket_endpoint = bucket_endpoint(config, bucket);
+        let http = ReqwestConnector::default()
+            .connect(&options)
+            .map_err(|e| Error::InvalidInput(format!("invalid S3 client options: {e}")))?;
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(&config.region)
@@ -112,7 +146,13 @@ impl ObjectClient {
             b = b.with_conditional_put(S3ConditionalPut::Disabled);
         }
         if let Some(e) = &config.endpoint {
-            b = b.with_endpoint(e.trim_end_matches('/'));
+            // Virtual-hosted: object_store takes a custom endpoint as the
+            // bucket's own, so it gets the bucket in its host.
+            b = b.with_endpoint(if config.path_style {
+                e.trim_end_matches('/').to_string()
+            } else {
+                bucket_endpoint.clone()
+            });
         }
         match (&config.access_key_id, &config.secret_access_key) {
             (Some(id), Some(secret)) => {
@@ -123,11 +163,44 @@ impl ObjectClient {
                     b = b.with_token(t.expose());
                 }
             }
-            // A custom endpoint without credentials: anonymous requests
-            // (public buckets, test servers). On AWS the default credential
-            // chain (web identity, container, instance metadata) applies.
-            _ if config.endpoint.is_some() => b = b.with_skip_signature(true),
-            _ => {}
+            // No access key: the role settings of the environment (web
+            // identity, ECS or EKS container credentials), handed to
+            // object_store, which then fetches and refreshes credentials
+            // itself; without any, a custom endpoint gets anonymous
+            // requests (public buckets, test servers) and AWS the instance
+            // metadata credentials.
+            _ => {
+                let r = &config.role;
+                for (key, value) in [
+                    (
+                        AmazonS3ConfigKey::WebIdentityTokenFile,
+                        &r.web_identity_token_file,
+                    ),
+                    (AmazonS3ConfigKey::RoleArn, &r.role_arn),
+                    (AmazonS3ConfigKey::RoleSessionName, &r.role_session_name),
+                    (AmazonS3ConfigKey::StsEndpoint, &r.sts_endpoint),
+                    (
+                        AmazonS3ConfigKey::ContainerCredentialsRelativeUri,
+                        &r.container_relative_uri,
+                    ),
+                    (
+                        AmazonS3ConfigKey::ContainerCredentialsFullUri,
+                        &r.container_full_uri,
+                    ),
+                    (
+                        AmazonS3ConfigKey::ContainerAuthorizationTokenFile,
+                        &r.container_token_file,
+                    ),
+                    (AmazonS3ConfigKey::MetadataEndpoint, &r.metadata_endpoint),
+                ] {
+                    if let Some(v) = value {
+                        b = b.with_config(key, v);
+                    }
+                }
+                if config.endpoint.is_some() && r.source().is_none() {
+                    b = b.with_skip_signature(true);
+                }
+            }
         }
         let store = b.build().map_err(|e| {
             Error::InvalidInput(format!("invalid S3 configuration for bucket {bucket}: {e}"))
@@ -143,6 +216,8 @@ impl ObjectClient {
             store: Arc::new(store),
             bucket: bucket.to_string(),
             config: config.clone(),
+            bucket_endpoint,
+            http,
         })
     }
 
@@ -231,6 +306,12 @@ impl ObjectClient {
     pub fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<ObjectInfo> {
         let path = ObjectPath::from(key);
         let size = body.len() as u64;
+        if cond != PutCondition::Overwrite && !self.config.conditional_put {
+            return Err(Error::InvalidInput(format!(
+                "a conditional PUT of {} was asked for, but conditional PUTs are off (MEMFERRY_S3_CONDITIONAL_PUT=false)",
+                self.url(key)
+            )));
+        }
         let mode = match &cond {
             PutCondition::Overwrite => PutMode::Overwrite,
             PutCondition::Create => PutMode::Create,
@@ -344,6 +425,132 @@ impl ObjectClient {
             .map_err(|e| self.error("CompleteMultipartUpload", key, e))
     }
 
+    /// The multipart uploads in progress under `prefix`, as `(key, upload
+    /// id)`; `Ok(None)` when the server does not implement
+    /// ListMultipartUploads (it answers 501 or 405).
+    pub fn list_multipart_uploads(&self, prefix: &str) -> Result<Option<Vec<(String, String)>>> {
+        self.run(self.list_multipart_uploads_async(prefix))
+    }
+
+    async fn list_multipart_uploads_async(
+        &self,
+        prefix: &str,
+    ) -> Result<Option<Vec<(String, String)>>> {
+        let fail = |message: String| Error::ObjectStore {
+            context: format!("S3 ListMultipartUploads {} failed", self.url(prefix)),
+            message,
+            hint: String::new(),
+        };
+        let mut out = Vec::new();
+        let mut markers: Option<(String, String)> = None;
+        loop {
+            let mut query = format!("uploads=&prefix={}", query_escape(prefix));
+            if let Some((key, id)) = &markers {
+                query.push_str(&format!(
+                    "&key-marker={}&upload-id-marker={}",
+                    query_escape(key),
+                    query_escape(id)
+                ));
+            }
+            let url = format!("{}/?{query}", self.bucket_endpoint);
+            let (status, body) = self
+                .signed_get(&url)
+                .await
+                .map_err(|e| map_error("ListMultipartUploads", &self.url(prefix), e))?;
+            if status == 501 || status == 405 {
+                return Ok(None);
+            }
+            let text = String::from_utf8_lossy(&body);
+            if !(200..300).contains(&status) {
+                return Err(map_error(
+                    "ListMultipartUploads",
+                    &self.url(prefix),
+                    object_store::Error::Generic {
+                        store: "S3",
+                        source: format!("Server returned non-2xx status code: {status}: {text}")
+                            .into(),
+                    },
+                ));
+            }
+            for upload in xml_elements(&text, "Upload") {
+                match (xml_text(upload, "Key"), xml_text(upload, "UploadId")) {
+                    (Some(k), Some(id)) if k.starts_with(prefix) => out.push((k, id)),
+                    (Some(_), Some(_)) => {}
+                    _ => return Err(fail(format!("unexpected answer: {text}"))),
+                }
+            }
+            let truncated = xml_text(&text, "IsTruncated").is_some_and(|t| t == "true");
+            match (
+                truncated,
+                xml_text(&text, "NextKeyMarker"),
+                xml_text(&text, "NextUploadIdMarker"),
+            ) {
+                (true, Some(k), Some(id)) if markers.as_ref() != Some(&(k.clone(), id.clone())) => {
+                    markers = Some((k, id));
+                }
+                _ => return Ok(Some(out)),
+            }
+        }
+    }
+
+    /// A GET signed like object_store's own requests, retried within the
+    /// retry bound on 5xx, 429 and broken connections: (status, body).
+    async fn signed_get(&self, url: &str) -> object_store::Result<(u16, Bytes)> {
+        let r = &self.config.retry;
+        let started = std::time::Instant::now();
+        let mut backoff = r.initial_backoff;
+        let mut attempt = 0;
+        loop {
+            let mut req = HttpRequest::new(HttpRequestBody::empty());
+            *req.uri_mut() = url.parse().map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: format!("invalid request URL: {e}").into(),
+            })?;
+            if !self.skips_signature() {
+                let credential = self.store.credentials().get_credential().await?;
+                AwsAuthorizer::new(&credential, "s3", &self.config.region)
+                    .try_authorize(&mut req, None)?;
+            }
+            let result = match self.http.execute(req).await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    match resp.into_body().bytes().await {
+                        Ok(body) => Ok((status, body)),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            let retry = match &result {
+                Ok((status, _)) => *status >= 500 && *status != 501 || *status == 429,
+                Err(_) => true,
+            };
+            attempt += 1;
+            if !retry || attempt > r.max_retries || started.elapsed() + backoff > r.total {
+                return match result {
+                    Ok(answer) => Ok(answer),
+                    Err(e) => Err(object_store::Error::Generic {
+                        store: "S3",
+                        source: format!(
+                            "Error performing GET {url}, after {} retries: {e}",
+                            attempt - 1
+                        )
+                        .into(),
+                    }),
+                };
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(r.total / 4);
+        }
+    }
+
+    /// True when requests go out unsigned (see [`Self::new`]).
+    fn skips_signature(&self) -> bool {
+        self.config.access_key_id.is_none()
+            && self.config.endpoint.is_some()
+            && self.config.role.source().is_none()
+    }
+
     /// Aborts an upload, freeing its parts (an unknown upload succeeds).
     pub fn abort_multipart(&self, key: &str, upload: &str) -> Result<()> {
         self.run(self.abort_multipart_async(key, upload))
@@ -359,6 +566,44 @@ impl ObjectClient {
             Err(e) => Err(self.error("AbortMultipartUpload", key, e)),
         }
     }
+}
+
+/// Percent-encodes a query value (everything but RFC 3986 unreserved).
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The contents of every `<name>...</name>` element of `xml`, in order.
+fn xml_elements<'a>(xml: &'a str, name: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(i) = rest.find(&open) {
+        let after = &rest[i + open.len()..];
+        let Some(j) = after.find(&close) else { break };
+        out.push(&after[..j]);
+        rest = &after[j + close.len()..];
+    }
+    out
+}
+
+/// The unescaped text of the first `<name>` element of `xml`.
+fn xml_text(xml: &str, name: &str) -> Option<String> {
+    xml_elements(xml, name).first().map(|t| {
+        t.replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&")
+    })
 }
 
 fn info(m: &object_store::ObjectMeta) -> ObjectInfo {
@@ -383,8 +628,31 @@ fn has_status(message: &str, code: &str) -> bool {
 }
 
 /// Our error for a failed request, with a hint for the usual causes.
+/// `message` with the `user:password@` of every URL in it replaced by
+/// `***@` (an endpoint may carry credentials; errors name request URLs).
+fn redact_userinfo(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 pub(crate) fn map_error(op: &str, url: &str, e: object_store::Error) -> Error {
-    let message = e.to_string();
+    let message = redact_userinfo(&e.to_string());
     let low = message.to_ascii_lowercase();
     let hint = if matches!(
         e,
@@ -434,6 +702,61 @@ mod tests {
         // A duration that happens to hold the digits is not a status.
         assert!(!has_status("error performing get in 350.844037ms", "403"));
         assert!(!has_status("request 14035 failed", "403"));
+    }
+
+    #[test]
+    fn the_bucket_goes_into_the_host_of_a_virtual_hosted_custom_endpoint() {
+        let cfg = |endpoint: Option<&str>, path_style: bool| S3Config {
+            endpoint: endpoint.map(String::from),
+            path_style,
+            region: "eu-west-1".into(),
+            ..S3Config::default()
+        };
+        assert_eq!(
+            bucket_endpoint(&cfg(Some("https://minio.example.com:9000/"), false), "b"),
+            "https://b.minio.example.com:9000"
+        );
+        assert_eq!(
+            bucket_endpoint(&cfg(Some("https://minio.example.com/base"), false), "b"),
+            "https://b.minio.example.com/base"
+        );
+        assert_eq!(
+            bucket_endpoint(&cfg(Some("http://127.0.0.1:9000/"), true), "b"),
+            "http://127.0.0.1:9000/b"
+        );
+        assert_eq!(
+            bucket_endpoint(&cfg(None, false), "b"),
+            "https://b.s3.eu-west-1.amazonaws.com"
+        );
+        // And object_store sends its requests there.
+        let c = ObjectClient::new(&cfg(Some("https://minio.example.com"), false), "b").unwrap();
+        assert_eq!(c.bucket_endpoint, "https://b.minio.example.com");
+    }
+
+    #[test]
+    fn userinfo_in_error_messages_is_redacted() {
+        assert_eq!(
+            redact_userinfo("Error performing GET https://u:SECRET@h:9/b/k in 1s; see http://x/y"),
+            "Error performing GET https://***@h:9/b/k in 1s; see http://x/y"
+        );
+        assert_eq!(redact_userinfo("no urls here"), "no urls here");
+    }
+
+    #[test]
+    fn multipart_upload_listings_are_parsed() {
+        let xml = "<ListMultipartUploadsResult><Bucket>b</Bucket><IsTruncated>false</IsTruncated><Upload><Key>p/shards/a&amp;b</Key><UploadId>id-1</UploadId></Upload><Upload><Key>p/x</Key><UploadId>id-2</UploadId></Upload></ListMultipartUploadsResult>";
+        let ups: Vec<(Option<String>, Option<String>)> = xml_elements(xml, "Upload")
+            .into_iter()
+            .map(|u| (xml_text(u, "Key"), xml_text(u, "UploadId")))
+            .collect();
+        assert_eq!(
+            ups,
+            vec![
+                (Some("p/shards/a&b".into()), Some("id-1".into())),
+                (Some("p/x".into()), Some("id-2".into()))
+            ]
+        );
+        assert_eq!(query_escape("p/shards/a b"), "p%2Fshards%2Fa%20b");
     }
 
     #[test]

@@ -69,6 +69,58 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The AWS environment settings of role credentials, used when no access
+/// key is given (none of them is a secret: they name files and endpoints
+/// that hold or hand out the credentials).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoleCredentials {
+    /// `AWS_WEB_IDENTITY_TOKEN_FILE` (EKS IRSA: AssumeRoleWithWebIdentity).
+    pub web_identity_token_file: Option<String>,
+    /// `AWS_ROLE_ARN`, the role the web identity assumes.
+    pub role_arn: Option<String>,
+    /// `AWS_ROLE_SESSION_NAME`.
+    pub role_session_name: Option<String>,
+    /// `AWS_ENDPOINT_URL_STS`, a custom STS endpoint for the web identity.
+    pub sts_endpoint: Option<String>,
+    /// `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` (ECS task roles).
+    pub container_relative_uri: Option<String>,
+    /// `AWS_CONTAINER_CREDENTIALS_FULL_URI` (EKS Pod Identity).
+    pub container_full_uri: Option<String>,
+    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`, the token for the full URI.
+    pub container_token_file: Option<String>,
+    /// `AWS_EC2_METADATA_SERVICE_ENDPOINT`, the instance metadata endpoint.
+    pub metadata_endpoint: Option<String>,
+}
+
+impl RoleCredentials {
+    fn from_env() -> Self {
+        Self {
+            web_identity_token_file: env("AWS_WEB_IDENTITY_TOKEN_FILE"),
+            role_arn: env("AWS_ROLE_ARN"),
+            role_session_name: env("AWS_ROLE_SESSION_NAME"),
+            sts_endpoint: env("AWS_ENDPOINT_URL_STS"),
+            container_relative_uri: env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
+            container_full_uri: env("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+            container_token_file: env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"),
+            metadata_endpoint: env("AWS_EC2_METADATA_SERVICE_ENDPOINT"),
+        }
+    }
+
+    /// The source these settings select, in the order object_store tries
+    /// them; `None` when none is configured.
+    pub fn source(&self) -> Option<&'static str> {
+        if self.web_identity_token_file.is_some() && self.role_arn.is_some() {
+            Some("web identity")
+        } else if self.container_relative_uri.is_some() {
+            Some("ECS container role")
+        } else if self.container_full_uri.is_some() && self.container_token_file.is_some() {
+            Some("EKS pod identity")
+        } else {
+            None
+        }
+    }
+}
+
 /// Everything needed to talk to an S3-compatible server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Config {
@@ -82,6 +134,10 @@ pub struct S3Config {
     pub secret_access_key: Option<Secret>,
     /// `AWS_SESSION_TOKEN`.
     pub session_token: Option<Secret>,
+    /// Where credentials come from when no access key is given: the AWS
+    /// role settings of the environment (web identity, ECS/EKS container
+    /// credentials, instance metadata).
+    pub role: RoleCredentials,
     /// PEM bundle of extra trusted CA certificates (`AWS_CA_BUNDLE`).
     pub ca_bundle: Option<PathBuf>,
     /// Path-style addressing (`endpoint/bucket/key`) instead of
@@ -110,6 +166,7 @@ impl Default for S3Config {
             access_key_id: None,
             secret_access_key: None,
             session_token: None,
+            role: RoleCredentials::default(),
             ca_bundle: None,
             path_style: false,
             allow_http: false,
@@ -170,6 +227,7 @@ impl S3Config {
             access_key_id: env("AWS_ACCESS_KEY_ID"),
             secret_access_key: env("AWS_SECRET_ACCESS_KEY").map(Secret),
             session_token: env("AWS_SESSION_TOKEN").map(Secret),
+            role: RoleCredentials::from_env(),
             ca_bundle: env("AWS_CA_BUNDLE").map(PathBuf::from),
             ..S3Config::default()
         };
@@ -226,8 +284,20 @@ impl S3Config {
             }
             if lower.starts_with("http://") && !self.allow_http {
                 return Err(Error::InvalidInput(format!(
-                    "S3 endpoint {e} is plain http and not on this machine: pass --s3-allow-http (or AWS_ALLOW_HTTP=true) to allow unencrypted requests"
+                    "S3 endpoint {} is plain http and not on this machine: pass --s3-allow-http (or AWS_ALLOW_HTTP=true) to allow unencrypted requests",
+                    redact_endpoint(e)
                 )));
+            }
+            if !self.path_style {
+                // Virtual-hosted requests go to BUCKET.HOST: a name the
+                // bucket can be put in front of.
+                let host = endpoint_parts(e).host;
+                if host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok() {
+                    return Err(Error::InvalidInput(format!(
+                        "S3 endpoint {} is an IP address, so virtual-hosted addressing (bucket.{host}) cannot work: use path-style addressing (--s3-path-style true, or AWS_S3_ADDRESSING_STYLE=path) or an endpoint with a DNS name",
+                        redact_endpoint(e)
+                    )));
+                }
             }
         }
         if self.concurrency == 0 || self.concurrency > 1024 {
@@ -256,15 +326,76 @@ impl S3Config {
     pub fn describe(&self) -> String {
         format!(
             "endpoint={} region={} addressing={} credentials={}",
-            self.endpoint.as_deref().unwrap_or("aws"),
+            self.endpoint
+                .as_deref()
+                .map_or_else(|| "aws".to_string(), redact_endpoint),
             self.region,
             if self.path_style { "path" } else { "virtual" },
             match (&self.access_key_id, &self.session_token) {
                 (Some(_), Some(_)) => "env (with session token)",
                 (Some(_), None) => "env",
-                _ => "none",
+                _ => match self.role.source() {
+                    Some(s) => s,
+                    None if self.endpoint.is_some() => "none (anonymous)",
+                    None => "instance metadata",
+                },
             }
         )
+    }
+}
+
+/// The pieces of an endpoint URL `scheme://[userinfo@]host[:port][/path]`.
+pub(crate) struct EndpointParts<'a> {
+    pub scheme: &'a str,
+    pub userinfo: Option<&'a str>,
+    /// The host, with the brackets of an IPv6 address.
+    pub host: &'a str,
+    /// `:port` or empty.
+    pub port: &'a str,
+    /// `/path...` or empty (never just `/`).
+    pub path: &'a str,
+}
+
+pub(crate) fn endpoint_parts(endpoint: &str) -> EndpointParts<'_> {
+    let (scheme, rest) = endpoint.split_once("://").unwrap_or(("", endpoint));
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let path = path.trim_end_matches('/');
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (host, port) = if hostport.starts_with('[') {
+        match hostport.find(']') {
+            Some(i) => hostport.split_at(i + 1),
+            None => (hostport, ""),
+        }
+    } else {
+        match hostport.rfind(':') {
+            Some(i) => hostport.split_at(i),
+            None => (hostport, ""),
+        }
+    };
+    EndpointParts {
+        scheme,
+        userinfo,
+        host,
+        port,
+        path,
+    }
+}
+
+/// The endpoint with any `user:password@` replaced by `***@`, for messages.
+pub fn redact_endpoint(endpoint: &str) -> String {
+    let p = endpoint_parts(endpoint);
+    match p.userinfo {
+        None => endpoint.to_string(),
+        Some(_) => {
+            let rest = &endpoint[endpoint.find('@').map_or(0, |i| i + 1)..];
+            format!("{}://***@{rest}", p.scheme)
+        }
     }
 }
 
@@ -327,6 +458,69 @@ mod tests {
         };
         let shown = format!("{c:?} {}", c.describe());
         assert!(!shown.contains("TOPSECRET") && !shown.contains("TOKENSECRET"));
+    }
+
+    #[test]
+    fn endpoint_userinfo_is_never_described() {
+        let c = S3Config {
+            endpoint: Some("https://user:PASSWORD@minio.example.com:9000/base".into()),
+            path_style: true,
+            ..S3Config::default()
+        };
+        let shown = c.describe();
+        assert!(
+            !shown.contains("PASSWORD") && !shown.contains("user:"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("https://***@minio.example.com:9000/base"),
+            "{shown}"
+        );
+        assert_eq!(redact_endpoint("http://127.0.0.1:9"), "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn endpoints_split_into_their_parts() {
+        let p = endpoint_parts("https://u:p@host.example:8443/a/b/");
+        assert_eq!(
+            (p.scheme, p.userinfo, p.host, p.port, p.path),
+            ("https", Some("u:p"), "host.example", ":8443", "/a/b")
+        );
+        let p = endpoint_parts("http://[::1]:9000");
+        assert_eq!((p.host, p.port, p.path), ("[::1]", ":9000", ""));
+        let p = endpoint_parts("https://minio.local/");
+        assert_eq!((p.host, p.port, p.path), ("minio.local", "", ""));
+    }
+
+    #[test]
+    fn virtual_hosted_addressing_needs_a_dns_name() {
+        let with = |endpoint: &str| S3Config {
+            endpoint: Some(endpoint.into()),
+            allow_http: true,
+            path_style: false,
+            ..S3Config::default()
+        };
+        for ip in ["http://127.0.0.1:9000", "http://[::1]:9000"] {
+            let e = with(ip).validate().unwrap_err().to_string();
+            assert!(e.contains("path-style"), "{e}");
+        }
+        with("https://minio.example.com").validate().unwrap();
+    }
+
+    #[test]
+    fn role_credentials_come_from_the_environment_settings() {
+        let r = RoleCredentials {
+            web_identity_token_file: Some("/var/run/token".into()),
+            role_arn: Some("arn:aws:iam::1:role/r".into()),
+            ..RoleCredentials::default()
+        };
+        assert_eq!(r.source(), Some("web identity"));
+        let r = RoleCredentials {
+            container_relative_uri: Some("/v2/credentials/x".into()),
+            ..RoleCredentials::default()
+        };
+        assert_eq!(r.source(), Some("ECS container role"));
+        assert_eq!(RoleCredentials::default().source(), None);
     }
 
     #[test]

@@ -9,7 +9,10 @@ mod client;
 mod config;
 
 pub use client::{ObjectClient, ObjectInfo, PutCondition};
-pub use config::{RetryPolicy, S3Config, S3Overrides, Secret, parse_bool, parse_duration};
+pub use config::{
+    RetryPolicy, RoleCredentials, S3Config, S3Overrides, Secret, parse_bool, parse_duration,
+    redact_endpoint,
+};
 
 /// Named fault points for the S3 tests (never set in production):
 /// - `MEMFERRY_TEST_PAUSE_AT=<point>` sleeps `MEMFERRY_TEST_PAUSE_SECS`
