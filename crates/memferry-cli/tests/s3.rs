@@ -718,3 +718,84 @@ fn container_role_credentials_from_the_environment_are_used() {
     assert!(!all.contains(&s.secret_key()) && !all.contains("AGENT-SESSION-TOKEN"));
     s.clean(&url);
 }
+
+/// The save id of the snapshot committed at `url`.
+fn committed_save_id(s: &Server, url: &str) -> String {
+    let m = common::single_json_object(&mf(s, &["inspect", "--json", url]).ok().stdout).unwrap();
+    m["identity"]["save_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_manifest_put_whose_reply_is_lost_still_commits_and_keeps_its_shards() {
+    each_server(|s| {
+        let url = s.url("lost-reply");
+        let proxy = FaultProxy::start(s.port, Faults::None);
+        // The server writes the manifest, but the client sees 503 (then a
+        // timeout): object_store retries, the retry's condition fails
+        // (412), and only reading the manifest back tells that it was ours.
+        for (i, fault) in [
+            Faults::LoseReply {
+                method: "PUT",
+                path_suffix: "/manifest.json",
+                nth: 1,
+            },
+            // A re-save (If-Match) whose reply never comes.
+            Faults::HangReply {
+                method: "PUT",
+                path_suffix: "/manifest.json",
+                nth: 1,
+            },
+            Faults::LoseReply {
+                method: "PUT",
+                path_suffix: "/manifest.json",
+                nth: 1,
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            proxy.set_faults(fault);
+            let old = s.keys(&url);
+            let r = through(
+                s,
+                &proxy,
+                &[
+                    "save",
+                    "--json",
+                    "--source",
+                    "synthetic:20MiB",
+                    "--to",
+                    &url,
+                    "--shard-size",
+                    "8MiB",
+                    "--s3-request-timeout",
+                    "3s",
+                ],
+            );
+            let r = r.ok();
+            assert!(r.stderr.contains("the save committed"), "{i}: {}", r.stderr);
+            assert_eq!(proxy.injected(), i as u64 + 1, "{i}: no reply was lost");
+            // Every shard of the committed manifest is there, and only its
+            // objects are left (the previous save's shards are gone).
+            mf(s, &["verify", &url]).ok();
+            let id = committed_save_id(s, &url);
+            let keys = s.keys(&url);
+            assert_eq!(
+                keys.iter().filter(|k| k.contains("/shards/")).count(),
+                3,
+                "{keys:?}"
+            );
+            for k in &keys {
+                assert!(
+                    k.ends_with("/manifest.json") || k.contains(&id),
+                    "{i}: {k} left over ({keys:?})"
+                );
+            }
+            assert!(
+                old.iter()
+                    .all(|k| k.ends_with("/manifest.json") || !keys.contains(k))
+            );
+        }
+        s.clean(&url);
+    });
+}

@@ -230,18 +230,16 @@ pub fn save(
             None => PutCondition::Overwrite,
         },
     };
-    match client.put(
+    let put = client.put(
         &url.key(MANIFEST_NAME),
         Bytes::from(manifest.to_json()),
-        condition,
-    ) {
-        Ok(_) => {}
-        Err(Error::Conflict(_)) => {
-            return Err(Error::Conflict(format!(
-                "another save committed a snapshot at {url} while this one ran: this save committed nothing and its objects were removed; the other snapshot is intact"
-            )));
-        }
-        Err(e) => return Err(e),
+        condition.clone(),
+    );
+    if let Err(e) = put {
+        // The request may have been applied even though it failed: a 5xx
+        // or a timeout after the server wrote the manifest, then a retry
+        // that the condition refuses. Only the manifest itself can tell.
+        resolve_failed_commit(client, url, &identity.save_id, &condition, e, &mut pending)?;
     }
     pending.armed = false; // committed: the shards belong to the manifest now
     if let Err(e) = client.delete(&marker_key) {
@@ -266,6 +264,83 @@ pub fn save(
     report.verified = true;
     report.finish(&stats);
     Ok(report)
+}
+
+/// Decides what a failed manifest PUT means by reading the manifest back:
+/// `Ok(())` when it is this save's (the PUT was applied, its answer lost);
+/// otherwise the error to return, with `pending` disarmed whenever the PUT
+/// might still be applied (so the shards stay for gc, which re-reads the
+/// manifest before it deletes anything).
+fn resolve_failed_commit(
+    client: &ObjectClient,
+    url: &S3Url,
+    save_id: &str,
+    condition: &PutCondition,
+    e: Error,
+    pending: &mut Pending<'_>,
+) -> Result<()> {
+    let conflict = matches!(e, Error::Conflict(_));
+    let observed = match read_manifest(client, url) {
+        Ok(m) => m,
+        Err(re) => {
+            pending.armed = false;
+            return Err(Error::ObjectStore {
+                context: format!("S3 PUT of the manifest of {url} failed"),
+                message: e.to_string(),
+                hint: format!(
+                    "; reading the manifest back to tell whether the PUT was applied failed too ({re}), so this save's shards were left in place: run `memferry inspect {url}` to see which save is committed, and `memferry gc {url}` once the server is back removes this one's objects if it is not"
+                ),
+            });
+        }
+    };
+    if observed
+        .as_ref()
+        .is_some_and(|m| m.manifest.identity.save_id == save_id)
+    {
+        tracing::warn!(
+            "the manifest PUT of {url} answered with an error ({e}), but the manifest there now is this save's: the save committed"
+        );
+        return Ok(());
+    }
+    // A refusal of the condition is final; any other error may come from a
+    // request the server still applies, unless what is there now makes the
+    // condition fail.
+    let could_still_land = !conflict
+        && match condition {
+            PutCondition::Create => observed.is_none(),
+            PutCondition::IfMatch(tag) => observed
+                .as_ref()
+                .is_some_and(|m| same_etag(m.manifest_object.e_tag.as_deref(), Some(tag))),
+            PutCondition::Overwrite => true,
+        };
+    if could_still_land {
+        pending.armed = false;
+        return Err(Error::ObjectStore {
+            context: format!("S3 PUT of the manifest of {url} failed"),
+            message: e.to_string(),
+            hint: format!(
+                "; the server may still apply the request, so this save's shards were left in place: run `memferry inspect {url}` to see which save is committed, and `memferry gc {url}` removes this one's objects if it is not"
+            ),
+        });
+    }
+    if conflict {
+        return Err(Error::Conflict(format!(
+            "another save committed a snapshot at {url} while this one ran: this save committed nothing and its objects were removed; the other snapshot is intact"
+        )));
+    }
+    Err(e)
+}
+
+/// True when two ETags name the same version (quotes and a weak prefix
+/// aside); `None` on either side never matches.
+fn same_etag(a: Option<&str>, b: Option<&str>) -> bool {
+    let norm = |t: &str| {
+        t.trim()
+            .trim_start_matches("W/")
+            .trim_matches('"')
+            .to_string()
+    };
+    matches!((a, b), (Some(a), Some(b)) if norm(a) == norm(b))
 }
 
 fn validate_save(source: &SnapshotSource, opts: &SaveOptions) -> Result<()> {
