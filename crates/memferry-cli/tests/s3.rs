@@ -799,3 +799,34 @@ fn a_manifest_put_whose_reply_is_lost_still_commits_and_keeps_its_shards() {
         s.clean(&url);
     });
 }
+
+#[test]
+fn saves_work_with_conditional_puts_turned_off() {
+    each_server(|s| {
+        let url = s.url("unconditional");
+        for mib in [12, 20] {
+            let mut c = s.command();
+            c.env("MEMFERRY_S3_CONDITIONAL_PUT", "false")
+                .env("MEMFERRY_TEST_S3_HEARTBEAT_MS", "50");
+            let r = run_cmd(
+                c,
+                [
+                    "save",
+                    "--json",
+                    "--source",
+                    &format!("synthetic:{mib}MiB"),
+                    "--to",
+                    &url,
+                ],
+            )
+            .ok()
+            .stderr_has(&["lost-update detection is off"]);
+            assert_eq!(r.json()["bytes"], mib * MIB);
+            let r = mf(s, &["restore", "--json", &url]).ok().json();
+            assert_eq!(r["bytes"], mib * MIB);
+        }
+        let keys = s.keys(&url);
+        assert_eq!(keys.len(), 2, "one shard and the manifest: {keys:?}");
+        s.clean(&url);
+    });
+}

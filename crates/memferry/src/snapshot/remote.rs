@@ -138,6 +138,12 @@ pub fn save(
     let t = Instant::now();
     let mut phases = Phases::default();
     validate_save(source, opts)?;
+    let conditional = client.config().conditional_put;
+    if !conditional {
+        tracing::warn!(
+            "conditional PUTs are off (MEMFERRY_S3_CONDITIONAL_PUT=false): a save that runs concurrently with this one can replace its snapshot unseen (lost-update detection is off); the last manifest wins and is still complete"
+        );
+    }
     let previous = read_manifest(client, url)?;
     if previous.is_none() {
         refuse_foreign(client, url)?;
@@ -223,12 +229,16 @@ pub fn save(
     let roots = vec![RootEntry::here()];
     let manifest = new_manifest(source, &identity, &placement, recorded, roots, shards)?;
     crate::storage::s3::fault::pause("s3-before-commit");
-    let condition = match &previous {
-        None => PutCondition::Create,
-        Some(p) => match &p.manifest_object.e_tag {
-            Some(tag) => PutCondition::IfMatch(tag.clone()),
-            None => PutCondition::Overwrite,
-        },
+    let condition = if !conditional {
+        PutCondition::Overwrite
+    } else {
+        match &previous {
+            None => PutCondition::Create,
+            Some(p) => match &p.manifest_object.e_tag {
+                Some(tag) => PutCondition::IfMatch(tag.clone()),
+                None => PutCondition::Overwrite,
+            },
+        }
     };
     let put = client.put(
         &url.key(MANIFEST_NAME),
