@@ -830,3 +830,45 @@ fn saves_work_with_conditional_puts_turned_off() {
         s.clean(&url);
     });
 }
+
+#[test]
+fn cleanup_after_a_failed_save_is_bounded_by_one_deadline() {
+    let s = shared(Kind::Moto);
+    let url = s.url("cleanup-deadline");
+    let proxy = FaultProxy::start(s.port, Faults::None);
+    // 20 shards: manifest read, LIST, 20 uploads created, marker; then
+    // every request is throttled, cleanup included. Each request alone may
+    // take its whole retry bound (3 s): one after the other that was a
+    // minute of cleanup.
+    proxy.set_faults(Faults::AllFrom(proxy.requests() + 23));
+    let t = Instant::now();
+    let r = through(
+        s,
+        &proxy,
+        &[
+            "save",
+            "--source",
+            "synthetic:160MiB",
+            "--to",
+            &url,
+            "--shard-size",
+            "8MiB",
+            "--s3-max-retries",
+            "20",
+            "--s3-retry-timeout",
+            "3s",
+        ],
+    );
+    let took = t.elapsed();
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let r = r.stderr_has(&["memferry gc", "removes the rest"]);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?}: {}",
+        r.stderr
+    );
+    assert_no_snapshot(s, &url);
+    mf(s, &["gc", "--grace", "0s", &url]).ok();
+    assert!(s.keys(&url).is_empty(), "left: {:?}", s.keys(&url));
+}

@@ -402,23 +402,71 @@ struct Pending<'c> {
     armed: bool,
 }
 
+/// The most time a failed save spends removing what it wrote: cleanup
+/// requests run concurrently under this one deadline (bounded by the retry
+/// bound of one request), and gc removes whatever is left.
+const CLEANUP_DEADLINE: Duration = Duration::from_secs(30);
+
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
-        for (k, id) in &self.uploads {
-            if let Err(e) = self.client.abort_multipart(k, id) {
-                tracing::warn!("could not abort the upload of {k} (gc will): {e}");
+        let c = self.client;
+        let deadline = c.config().retry.total.min(CLEANUP_DEADLINE);
+        let n = c.config().concurrency;
+        let aborts = futures::stream::iter(
+            self.uploads
+                .iter()
+                .map(|(k, id)| async move { c.abort_multipart_async(k, id).await }),
+        )
+        .buffer_unordered(n)
+        .collect::<Vec<Result<()>>>();
+        let deletes = futures::stream::iter(self.keys.iter().map(|k| c.delete_async(k)))
+            .buffer_unordered(n)
+            .collect::<Vec<Result<()>>>();
+        let marker = self.marker.as_deref();
+        let work = async {
+            let (aborted, deleted) = futures::future::join(aborts, deletes).await;
+            let mut failed: Vec<Error> = deleted.into_iter().filter_map(|r| r.err()).collect();
+            // An upload the save completed is gone, and some servers refuse
+            // to abort it (403) rather than answer NoSuchUpload: only a
+            // failed deletion keeps the marker (and its upload ids) for gc.
+            if failed.is_empty()
+                && let Some(m) = marker
+                && let Err(e) = c.delete_async(m).await
+            {
+                failed.push(e);
             }
-        }
-        if let Err(e) = self.client.delete_many(&self.keys) {
-            tracing::warn!("could not remove the shards of a failed save (gc will): {e}");
-        }
-        if let Some(m) = &self.marker
-            && let Err(e) = self.client.delete(m)
-        {
-            tracing::warn!("could not remove the save marker {m} (gc will): {e}");
+            let not_aborted: Vec<Error> = aborted.into_iter().filter_map(|r| r.err()).collect();
+            (failed, not_aborted)
+        };
+        let gc_hint = format!(
+            "`memferry gc` removes the rest (save marker {})",
+            self.marker.as_deref().map(|m| c.url(m)).unwrap_or_default()
+        );
+        match c.run(async { tokio::time::timeout(deadline, work).await }) {
+            Ok((failed, not_aborted)) => {
+                if let Some(first) = not_aborted.first() {
+                    tracing::warn!(
+                        "{} of {} multipart upload(s) of the failed save were not aborted (the first: {first}); harmless for uploads it had completed, otherwise {gc_hint}",
+                        not_aborted.len(),
+                        self.uploads.len()
+                    );
+                }
+                if let Some(first) = failed.first() {
+                    tracing::warn!(
+                        "could not remove every object of the failed save ({} request(s) failed, the first: {first}); {gc_hint}",
+                        failed.len()
+                    );
+                }
+            }
+            Err(_) => tracing::warn!(
+                "removing the {} upload(s), {} object(s) and the marker of the failed save did not finish within {}s; {gc_hint}",
+                self.uploads.len(),
+                self.keys.len(),
+                deadline.as_secs_f64()
+            ),
         }
     }
 }
