@@ -197,9 +197,25 @@ fn paused_save_at(
     secs: u64,
     point: &str,
 ) -> (Child, std::thread::JoinHandle<String>) {
+    paused_save_with(s, url, mib, secs, point, &[], &[])
+}
+
+/// [`paused_save_at`] with extra arguments and environment.
+fn paused_save_with(
+    s: &Server,
+    url: &str,
+    mib: u64,
+    secs: u64,
+    point: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, std::thread::JoinHandle<String>) {
     let size = format!("synthetic:{mib}MiB");
     let mut c = s.command();
-    c.args(["save", "--source", &size, "--to", url]);
+    c.args(["save", "--source", &size, "--to", url]).args(extra);
+    for (k, v) in env {
+        c.env(k, v);
+    }
     let (child, mut err) = spawn_paused(c, "save", point, secs);
     // Keep draining stderr so the child never blocks on it.
     let rest = std::thread::spawn(move || {
@@ -368,11 +384,11 @@ fn a_server_that_always_throttles_fails_within_the_retry_bound() {
         assert_eq!(proxy.injected(), 4);
         assert_eq!(proxy.forwarded(), 0);
 
-        // A save throttled from its fifth request on (after it read the
-        // prefix, started its upload and wrote its marker) fails within
-        // the bound and commits nothing.
+        // A save throttled from its sixth request on (after it read the
+        // prefix, wrote its marker, started its upload and recorded it in
+        // the marker) fails within the bound and commits nothing.
         let url2 = s.url("throttled-save");
-        proxy.set_faults(Faults::AllFrom(proxy.requests() + 4));
+        proxy.set_faults(Faults::AllFrom(proxy.requests() + 5));
         let t = Instant::now();
         let mut args = vec!["save", "--source", "synthetic:24MiB", "--to", &url2];
         args.extend(bound);
@@ -382,7 +398,7 @@ fn a_server_that_always_throttles_fails_within_the_retry_bound() {
         let r = r.stderr_has(&["503", "retry bound", "--s3-retry-timeout"]);
         assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
         assert!(took < Duration::from_secs(60), "took {took:?}");
-        assert_eq!(proxy.forwarded(), 4);
+        assert_eq!(proxy.forwarded(), 5);
         let left = s.keys(&url2);
         assert!(
             !left.iter().any(|k| k.ends_with("manifest.json")),
@@ -619,7 +635,12 @@ fn bad_s3_input_is_rejected_before_any_request() {
         ),
         // Virtual-hosted addressing puts the bucket into the host name.
         (
-            vec!["restore", "--s3-path-style", "false", "s3://memferry-test/x"],
+            vec![
+                "restore",
+                "--s3-path-style",
+                "false",
+                "s3://memferry-test/x",
+            ],
             "path-style addressing",
         ),
     ] {
@@ -641,81 +662,6 @@ fn bad_s3_input_is_rejected_before_any_request() {
         .code(2)
         .stderr_has(&["not part of a memferry snapshot"]);
     assert_eq!(s.keys(&url), vec![k]);
-    s.clean(&url);
-}
-
-/// A stand-in for the EKS Pod Identity agent: answers every request that
-/// carries `token` with temporary credentials (the server's keys and a
-/// session token); counts the requests it answered.
-fn credentials_agent(
-    access: String,
-    secret: String,
-    token: &'static str,
-) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1/credentials", listener.local_addr().unwrap());
-    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let count = served.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
-                head.push(b[0]);
-            }
-            let head = String::from_utf8_lossy(&head).to_lowercase();
-            let (status, body) = if head.contains(&format!("authorization: {token}")) {
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                (
-                    "200 OK",
-                    format!(
-                        r#"{{"AccessKeyId":"{access}","SecretAccessKey":"{secret}","Token":"AGENT-SESSION-TOKEN","Expiration":"2099-01-01T00:00:00Z"}}"#
-                    ),
-                )
-            } else {
-                ("403 Forbidden", "{}".to_string())
-            };
-            let _ = write!(
-                c,
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    (url, served)
-}
-
-#[test]
-fn container_role_credentials_from_the_environment_are_used() {
-    // s3s-fs checks signatures: requests signed with what the (stand-in)
-    // EKS Pod Identity agent hands out must pass, unsigned ones would not.
-    let s = shared(Kind::S3sFs);
-    let token = "memferry-test-pod-token";
-    let (agent, served) = credentials_agent(s.access_key(), s.secret_key(), token);
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token).unwrap();
-    let url = s.url("pod-identity");
-    let with_role = || {
-        let mut c = s.command();
-        c.env_remove("AWS_ACCESS_KEY_ID")
-            .env_remove("AWS_SECRET_ACCESS_KEY")
-            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", &agent)
-            .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token_file);
-        c
-    };
-    let r = run_cmd(
-        with_role(),
-        ["-v", "save", "--source", "synthetic:4MiB", "--to", &url],
-    )
-    .ok();
-    assert!(r.stderr.contains("EKS pod identity"), "{}", r.stderr);
-    run_cmd(with_role(), ["verify", &url]).ok();
-    assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
-    let all = format!("{}{}", r.stdout, r.stderr);
-    assert!(!all.contains(&s.secret_key()) && !all.contains("AGENT-SESSION-TOKEN"));
     s.clean(&url);
 }
 
@@ -801,6 +747,112 @@ fn a_manifest_put_whose_reply_is_lost_still_commits_and_keeps_its_shards() {
 }
 
 #[test]
+fn gc_while_a_save_is_stalled_makes_the_save_fail_instead_of_committing_without_shards() {
+    each_server(|s| {
+        let url = s.url("gc-race");
+        // The save stalls right before its commit for longer than gc's
+        // grace, with no heartbeat in that time (it beats once a minute).
+        let (a, a_err) = paused_save(s, &url, 12, 8);
+        std::thread::sleep(Duration::from_secs(3));
+        let g = mf(s, &["gc", "--json", "--grace", "2s", &url]).ok().json();
+        assert!(
+            !g["removed"].as_array().unwrap().is_empty(),
+            "gc judged nothing abandoned: {g}"
+        );
+        let out = a.wait_with_output().unwrap();
+        let a_err = a_err.join().unwrap();
+        assert_eq!(out.status.code(), Some(1), "the save must fail: {a_err}");
+        assert!(
+            a_err.contains("memferry gc") && a_err.contains("committed nothing"),
+            "{a_err}"
+        );
+        assert!(!a_err.contains("panicked"), "{a_err}");
+        assert_no_snapshot(s, &url);
+        assert!(s.keys(&url).is_empty(), "left: {:?}", s.keys(&url));
+    });
+}
+
+#[test]
+fn a_running_save_keeps_its_marker_fresh_so_gc_leaves_it_alone() {
+    each_server(|s| {
+        let url = s.url("heartbeat");
+        let (a, a_err) = paused_save_with(
+            s,
+            &url,
+            12,
+            6,
+            "s3-before-commit",
+            &[],
+            &[("MEMFERRY_TEST_S3_HEARTBEAT_MS", "300")],
+        );
+        // Older than gc's grace by its start, but its marker is fresh.
+        std::thread::sleep(Duration::from_secs(3));
+        let g = mf(s, &["gc", "--json", "--grace", "2s", &url]).ok().json();
+        assert!(g["removed"].as_array().unwrap().is_empty(), "{g}");
+        assert!(!g["kept"].as_array().unwrap().is_empty(), "{g}");
+        let out = a.wait_with_output().unwrap();
+        let a_err = a_err.join().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{a_err}");
+        mf(s, &["verify", &url]).ok();
+        let g = mf(s, &["gc", "--json", "--grace", "0s", &url]).ok().json();
+        assert!(g["removed"].as_array().unwrap().is_empty(), "{g}");
+        s.clean(&url);
+    });
+}
+
+#[test]
+fn gc_aborts_the_uploads_of_a_save_killed_before_it_recorded_them() {
+    each_server(|s| {
+        let url = s.url("killed-create");
+        let (mut a, a_err) = paused_save_with(
+            s,
+            &url,
+            40,
+            60,
+            "s3-after-create",
+            &["--shard-size", "8MiB"],
+            &[],
+        );
+        a.kill().unwrap();
+        a.wait().unwrap();
+        a_err.join().unwrap();
+        // The marker written before the uploads names the save.
+        let left = s.keys(&url);
+        assert!(left.iter().any(|k| k.contains("/saves/")), "{left:?}");
+        let c = s.client();
+        let shards = format!("{}/", key(&url, "shards"));
+        let before = c.list_multipart_uploads(&shards).unwrap();
+        let g = mf(s, &["gc", "--json", "--grace", "0s", &url]).ok().json();
+        let removed: Vec<&str> = g["removed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap())
+            .collect();
+        match c.list_multipart_uploads(&shards).unwrap() {
+            // moto lists uploads: gc found and aborted every one.
+            Some(uploads) => {
+                assert!(uploads.is_empty(), "uploads left: {uploads:?}");
+                let before = before.unwrap();
+                assert!(before.len() > 1, "{before:?}");
+                for (k, id) in &before {
+                    assert!(
+                        removed.contains(&format!("s3://{BUCKET}/{k} (upload {id})").as_str()),
+                        "upload {id} of {k} not aborted: {g}"
+                    );
+                }
+            }
+            // s3s-fs cannot list them: gc says so and what to do.
+            None => {
+                let kept = g["kept"].to_string();
+                assert!(kept.contains("lifecycle rule"), "{g}");
+            }
+        }
+        assert!(s.keys(&url).is_empty(), "left: {:?}", s.keys(&url));
+    });
+}
+
+#[test]
 fn saves_work_with_conditional_puts_turned_off() {
     each_server(|s| {
         let url = s.url("unconditional");
@@ -836,11 +888,11 @@ fn cleanup_after_a_failed_save_is_bounded_by_one_deadline() {
     let s = shared(Kind::Moto);
     let url = s.url("cleanup-deadline");
     let proxy = FaultProxy::start(s.port, Faults::None);
-    // 20 shards: manifest read, LIST, 20 uploads created, marker; then
-    // every request is throttled, cleanup included. Each request alone may
-    // take its whole retry bound (3 s): one after the other that was a
-    // minute of cleanup.
-    proxy.set_faults(Faults::AllFrom(proxy.requests() + 23));
+    // 20 shards: manifest read, LIST, marker, 20 uploads created, marker
+    // updated; then every request is throttled, cleanup included. Each
+    // request alone may take its whole retry bound (3 s): one after the
+    // other that was a minute of cleanup.
+    proxy.set_faults(Faults::AllFrom(proxy.requests() + 24));
     let t = Instant::now();
     let r = through(
         s,
@@ -871,4 +923,79 @@ fn cleanup_after_a_failed_save_is_bounded_by_one_deadline() {
     assert_no_snapshot(s, &url);
     mf(s, &["gc", "--grace", "0s", &url]).ok();
     assert!(s.keys(&url).is_empty(), "left: {:?}", s.keys(&url));
+}
+
+/// A stand-in for the EKS Pod Identity agent: answers every request that
+/// carries `token` with temporary credentials (the server's keys and a
+/// session token); counts the requests it answered.
+fn credentials_agent(
+    access: String,
+    secret: String,
+    token: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1/credentials", listener.local_addr().unwrap());
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
+                head.push(b[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_lowercase();
+            let (status, body) = if head.contains(&format!("authorization: {token}")) {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (
+                    "200 OK",
+                    format!(
+                        r#"{{"AccessKeyId":"{access}","SecretAccessKey":"{secret}","Token":"AGENT-SESSION-TOKEN","Expiration":"2099-01-01T00:00:00Z"}}"#
+                    ),
+                )
+            } else {
+                ("403 Forbidden", "{}".to_string())
+            };
+            let _ = write!(
+                c,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, served)
+}
+
+#[test]
+fn container_role_credentials_from_the_environment_are_used() {
+    // s3s-fs checks signatures: requests signed with what the (stand-in)
+    // EKS Pod Identity agent hands out must pass, unsigned ones would not.
+    let s = shared(Kind::S3sFs);
+    let token = "memferry-test-pod-token";
+    let (agent, served) = credentials_agent(s.access_key(), s.secret_key(), token);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let url = s.url("pod-identity");
+    let with_role = || {
+        let mut c = s.command();
+        c.env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", &agent)
+            .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token_file);
+        c
+    };
+    let r = run_cmd(
+        with_role(),
+        ["-v", "save", "--source", "synthetic:4MiB", "--to", &url],
+    )
+    .ok();
+    assert!(r.stderr.contains("EKS pod identity"), "{}", r.stderr);
+    run_cmd(with_role(), ["verify", &url]).ok();
+    assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(!all.contains(&s.secret_key()) && !all.contains("AGENT-SESSION-TOKEN"));
+    s.clean(&url);
 }

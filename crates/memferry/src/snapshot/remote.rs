@@ -8,21 +8,25 @@
 //!   the local shard files (4096-aligned extents, zero padding). Names are
 //!   unique per save, so two saves never write the same shard object;
 //! - `PREFIX/saves/<save_id>.json`: the marker of a save in progress (its
-//!   multipart upload ids), removed when the save commits or fails; what a
-//!   killed save leaves is found by `gc` through it.
+//!   multipart upload ids and a heartbeat), removed when the save commits
+//!   or fails; what a killed save leaves is found by `gc` through it.
 //!
-//! Commit protocol: (1) validate everything, write nothing; (2) create the
-//! multipart uploads and record them in the marker; (3) upload every part,
-//! checksumming the bytes as they are assembled; (4) complete the uploads;
-//! (5) PUT the manifest last, create-only (`If-None-Match: *`) for a new
-//! snapshot or `If-Match: <etag of the manifest read in (1)>` for a re-save,
-//! so a concurrent save that committed meanwhile makes this one fail with
-//! [`Error::Conflict`] instead of replacing it unseen; (6) only then delete
-//! the marker and the previous save's shards. Any failure before (5) aborts
-//! the uploads and deletes this save's objects: no manifest appears, and the
-//! previous snapshot is untouched. A reader therefore sees a manifest only
-//! once all its shards exist, and never a manifest naming another save's
-//! shards.
+//! Commit protocol: (1) validate everything, write nothing; (2) write the
+//! marker, then create the multipart uploads and record them in it; (3)
+//! upload every part, checksumming the bytes as they are assembled, while a
+//! heartbeat rewrites the marker every [`HEARTBEAT`]; (4) complete the
+//! uploads; (5) check that the marker is still the version this save wrote
+//! (gc takes over the marker of a save it judges abandoned) and PUT the
+//! manifest last, create-only (`If-None-Match: *`) for a new snapshot or
+//! `If-Match: <etag of the manifest read in (1)>` for a re-save, so a
+//! concurrent save that committed meanwhile makes this one fail with
+//! [`Error::Conflict`] instead of replacing it unseen; a failed PUT is
+//! resolved by reading the manifest back (the request may have been
+//! applied); (6) only then delete the marker and the previous save's
+//! shards. Any failure before (5) aborts the uploads and deletes this
+//! save's objects: no manifest appears, and the previous snapshot is
+//! untouched. A reader therefore sees a manifest only once all its shards
+//! exist, and never a manifest naming another save's shards.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -70,6 +74,14 @@ pub struct SaveMarker {
     pub lineage: String,
     /// When it started, milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
+    /// When the save last refreshed the marker (its heartbeat; the
+    /// object's modification time is what gc goes by).
+    #[serde(default)]
+    pub heartbeat_unix_ms: u64,
+    /// Set when `memferry gc` took the marker over to remove the save (the
+    /// save then fails before it commits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collected_unix_ms: Option<u64>,
     /// `(key, upload id)` of every multipart upload it started.
     pub uploads: Vec<(String, String)>,
 }
@@ -180,14 +192,29 @@ pub fn save(
     let plan = builder.build();
     phases.plan = t.elapsed().as_secs_f64();
 
-    // Uploads: from here on, `pending` cleans up unless the commit happens.
+    // The marker goes first, before any upload exists, so whatever this save
+    // leaves behind carries its save id where gc looks. From here on,
+    // `pending` cleans up unless the commit happens.
     let t = Instant::now();
-    let marker_key = url.key(&format!("{SAVES_DIR}/{}.json", identity.save_id));
+    let mut marker = MarkerWriter::new(
+        client,
+        url.key(&format!("{SAVES_DIR}/{}.json", identity.save_id)),
+        SaveMarker {
+            kind: "memferry-s3-save".into(),
+            save_id: identity.save_id.clone(),
+            lineage: identity.lineage.clone(),
+            created_unix_ms: now_ms(),
+            heartbeat_unix_ms: now_ms(),
+            collected_unix_ms: None,
+            uploads: Vec::new(),
+        },
+    );
+    marker.create()?;
     let mut pending = Pending {
         client,
         keys: keys.clone(),
         uploads: Vec::new(),
-        marker: Some(marker_key.clone()),
+        marker: Some(marker.key.clone()),
         armed: true,
     };
     let created: Vec<Result<String>> = client.run(
@@ -201,23 +228,27 @@ pub fn save(
         }
     }
     let uploads: Vec<String> = created.into_iter().collect::<Result<_>>()?;
-    let marker = SaveMarker {
-        kind: "memferry-s3-save".into(),
-        save_id: identity.save_id.clone(),
-        lineage: identity.lineage.clone(),
-        created_unix_ms: now_ms(),
-        uploads: pending.uploads.clone(),
-    };
-    client.put(
-        &marker_key,
-        Bytes::from(serde_json::to_vec_pretty(&marker).expect("marker serialises")),
-        PutCondition::Overwrite,
-    )?;
+    crate::storage::s3::fault::pause("s3-after-create");
+    marker.marker.uploads = pending.uploads.clone();
+    marker.refresh()?;
     phases.allocate = t.elapsed().as_secs_f64();
 
+    // Upload, while a heartbeat keeps the marker fresh: gc judges a save
+    // abandoned only once its marker has gone unrefreshed for --grace.
     let t = Instant::now();
     let backend = ObjectBackend::for_store(client, keys, uploads, request);
-    let (sums, stats) = write_recording(&plan, source, opts, &backend)?;
+    let (sums, stats) = std::thread::scope(|sc| {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let marker = &mut marker;
+        let beat = sc.spawn(move || marker.heartbeat(&stopped, heartbeat_interval()));
+        let written = write_recording(&plan, source, opts, &backend);
+        if written.is_ok() {
+            crate::storage::s3::fault::pause("s3-before-commit");
+        }
+        drop(stop);
+        beat.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        written
+    })?;
     phases.transfer = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
@@ -228,7 +259,9 @@ pub fn save(
     };
     let roots = vec![RootEntry::here()];
     let manifest = new_manifest(source, &identity, &placement, recorded, roots, shards)?;
-    crate::storage::s3::fault::pause("s3-before-commit");
+    // gc may have judged this save abandoned (a save stalled for longer than
+    // its --grace) and removed the marker and shards: then commit nothing.
+    marker.check(url)?;
     let condition = if !conditional {
         PutCondition::Overwrite
     } else {
@@ -252,9 +285,7 @@ pub fn save(
         resolve_failed_commit(client, url, &identity.save_id, &condition, e, &mut pending)?;
     }
     pending.armed = false; // committed: the shards belong to the manifest now
-    if let Err(e) = client.delete(&marker_key) {
-        tracing::warn!("could not remove the save marker {marker_key}: {e}");
-    }
+    marker.after_commit(url)?;
     if let Some(prev) = &previous
         && prev.manifest.identity.save_id != identity.save_id
     {
@@ -353,6 +384,171 @@ fn same_etag(a: Option<&str>, b: Option<&str>) -> bool {
     matches!((a, b), (Some(a), Some(b)) if norm(a) == norm(b))
 }
 
+/// How often a running save rewrites its marker. `memferry gc` removes a
+/// save only once its marker is older than `--grace` (1h by default), so
+/// any grace well above this interval never touches a running save.
+pub const HEARTBEAT: Duration = Duration::from_secs(60);
+
+fn heartbeat_interval() -> Duration {
+    crate::storage::s3::fault::heartbeat().unwrap_or(HEARTBEAT)
+}
+
+/// The marker of this save and the ETag of the version last written, so
+/// that the save notices when gc removed it (and never writes it back).
+struct MarkerWriter<'c> {
+    client: &'c ObjectClient,
+    key: String,
+    marker: SaveMarker,
+    /// The marker's ETag after our last write (`None`: not known).
+    e_tag: Option<String>,
+    /// Set once the marker was found removed or replaced.
+    lost: bool,
+}
+
+impl<'c> MarkerWriter<'c> {
+    fn new(client: &'c ObjectClient, key: String, marker: SaveMarker) -> Self {
+        Self {
+            client,
+            key,
+            marker,
+            e_tag: None,
+            lost: false,
+        }
+    }
+
+    fn body(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec_pretty(&self.marker).expect("marker serialises"))
+    }
+
+    /// Writes the first version of the marker.
+    fn create(&mut self) -> Result<()> {
+        let info = self
+            .client
+            .put(&self.key, self.body(), PutCondition::Overwrite)?;
+        self.e_tag = info.e_tag;
+        Ok(())
+    }
+
+    /// Rewrites the marker (its uploads, its heartbeat), only over the
+    /// version we wrote last: a marker gc removed stays removed.
+    fn refresh(&mut self) -> Result<()> {
+        if self.lost {
+            return Err(self.gone_error());
+        }
+        self.marker.heartbeat_unix_ms = now_ms();
+        let body = self.body();
+        let conditional = self.client.config().conditional_put;
+        let cond = match (&self.e_tag, conditional) {
+            (Some(tag), true) => PutCondition::IfMatch(tag.clone()),
+            _ => {
+                // No conditional write: look first (a short race remains).
+                if !self.still_ours()? {
+                    self.lost = true;
+                    return Err(self.gone_error());
+                }
+                PutCondition::Overwrite
+            }
+        };
+        match self.client.put(&self.key, body.clone(), cond) {
+            Ok(info) => {
+                self.e_tag = info.e_tag;
+                Ok(())
+            }
+            Err(e) => match self.client.get(&self.key) {
+                // The write landed and its answer was lost.
+                Ok(Some((now, info))) if now == body => {
+                    self.e_tag = info.e_tag;
+                    Ok(())
+                }
+                Ok(_) if matches!(e, Error::Conflict(_)) => {
+                    self.lost = true;
+                    Err(self.gone_error())
+                }
+                Ok(None) => {
+                    self.lost = true;
+                    Err(self.gone_error())
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// True while the marker is the version we wrote last.
+    fn still_ours(&self) -> Result<bool> {
+        Ok(match self.client.head(&self.key)? {
+            None => false,
+            Some(info) => {
+                self.e_tag.is_none() || same_etag(info.e_tag.as_deref(), self.e_tag.as_deref())
+            }
+        })
+    }
+
+    /// Refreshes the marker every `every` until `stop` is dropped; errors
+    /// other than a lost marker are only logged (the check before the
+    /// commit decides).
+    fn heartbeat(&mut self, stop: &std::sync::mpsc::Receiver<()>, every: Duration) {
+        use std::sync::mpsc::RecvTimeoutError;
+        while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+            if self.lost {
+                continue;
+            }
+            if let Err(e) = self.refresh() {
+                tracing::warn!(
+                    "could not refresh the save marker {}: {e}",
+                    self.client.url(&self.key)
+                );
+            }
+        }
+    }
+
+    /// Fails unless the marker is still the version this save wrote last.
+    fn check(&mut self, url: &S3Url) -> Result<()> {
+        if self.lost || !self.still_ours()? {
+            self.lost = true;
+            return Err(Error::Conflict(format!(
+                "{} while this save ran; this save committed nothing at {url} and its remaining objects were removed: run the save again, and run gc with a --grace well above {}s (the default is 1h)",
+                self.gone_reason(),
+                HEARTBEAT.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// After the commit: removes the marker. A marker already gone means a
+    /// gc ran right at the commit and may have removed shards the manifest
+    /// now names.
+    fn after_commit(&self, url: &S3Url) -> Result<()> {
+        match self.still_ours() {
+            Ok(false) => {
+                return Err(Error::Conflict(format!(
+                    "{} right as this save committed at {url}: that gc may have removed shards the new manifest names; run `memferry verify {url}` and save again if it fails",
+                    self.gone_reason()
+                )));
+            }
+            Ok(true) => {}
+            Err(e) => tracing::warn!("could not check the save marker after the commit: {e}"),
+        }
+        if let Err(e) = self.client.delete(&self.key) {
+            tracing::warn!(
+                "could not remove the save marker {} (gc will): {e}",
+                self.client.url(&self.key)
+            );
+        }
+        Ok(())
+    }
+
+    fn gone_reason(&self) -> String {
+        format!(
+            "the save marker {} was removed or taken over by `memferry gc` (it judged the save abandoned: no heartbeat within its --grace)",
+            self.client.url(&self.key)
+        )
+    }
+
+    fn gone_error(&self) -> Error {
+        Error::Conflict(format!("{}; this save cannot commit", self.gone_reason()))
+    }
+}
+
 fn validate_save(source: &SnapshotSource, opts: &SaveOptions) -> Result<()> {
     source.validate()?;
     opts.tuning.validate()?;
@@ -381,8 +577,14 @@ fn refuse_foreign(client: &ObjectClient, url: &S3Url) -> Result<()> {
     for o in client.list(&base)? {
         let rel = o.key.strip_prefix(&base).unwrap_or(&o.key);
         let ours = rel == MANIFEST_NAME
-            || rel.starts_with(&format!("{SHARDS_DIR}/"))
-            || rel.starts_with(&format!("{SAVES_DIR}/"));
+            || rel
+                .strip_prefix(&format!("{SHARDS_DIR}/"))
+                .and_then(shard_save)
+                .is_some()
+            || rel
+                .strip_prefix(&format!("{SAVES_DIR}/"))
+                .and_then(marker_save)
+                .is_some();
         if !ours {
             return Err(Error::InvalidInput(format!(
                 "{url} holds objects that are not part of a memferry snapshot (e.g. {}): refusing to save there; choose another prefix",
@@ -696,94 +898,178 @@ fn report(
     }
 }
 
+/// True for the ids [`unique_id`] makes: 16 lowercase hex digits.
+fn is_save_id(s: &str) -> bool {
+    s.len() == 16
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The save of a key under `shards/` (`<save id>/shard-NNNNN.bin`), or
+/// `None` for anything a save does not write there.
+fn shard_save(rel: &str) -> Option<&str> {
+    let (save, name) = rel.split_once('/')?;
+    let digits = name.strip_prefix("shard-")?.strip_suffix(".bin")?;
+    (is_save_id(save) && digits.len() >= 5 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(save)
+}
+
+/// The save of a key under `saves/` (`<save id>.json`).
+fn marker_save(rel: &str) -> Option<&str> {
+    rel.strip_suffix(".json").filter(|s| is_save_id(s))
+}
+
 /// Removes what failed or killed saves left under `url`: shard objects of
 /// saves that are not the committed one, markers of saves that are not in
-/// progress, and the multipart uploads those markers name. A save younger
-/// than `grace` (by its marker, or by its newest shard) may still be
-/// running and is kept. The committed snapshot is never touched.
+/// progress, and the multipart uploads those markers name.
+///
+/// A running save refreshes its marker every [`HEARTBEAT`]; a save whose
+/// marker is younger than `grace` may be running and is kept (shard objects
+/// without a marker never belong to a running save: a save writes its
+/// marker before anything else, and checks it is still there right before
+/// it commits). The objects are listed first and the manifest read after
+/// that, and again right before a save's objects are deleted (once its
+/// marker is gone, so the save can no longer commit), so a save that
+/// committed meanwhile is never touched.
 pub fn gc(client: &ObjectClient, url: &S3Url, grace: Duration) -> Result<GcReport> {
-    let committed = read_manifest(client, url)?;
-    let current = committed
-        .as_ref()
-        .map(|c| c.manifest.identity.save_id.clone());
+    if grace < 2 * HEARTBEAT {
+        tracing::warn!(
+            "--grace {}s is shorter than twice the heartbeat of a running save ({}s): a save in progress may be judged abandoned; it then fails before committing",
+            grace.as_secs_f64(),
+            HEARTBEAT.as_secs()
+        );
+    }
     let base = format!("{}/", url.prefix);
     let shards_base = format!("{base}{SHARDS_DIR}/");
     let saves_base = format!("{base}{SAVES_DIR}/");
+    // Uploads first: a save writes its marker before it creates any upload,
+    // so the marker of every upload listed here is in the listing below.
+    let mut listed_uploads: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let unlisted = match client.list_multipart_uploads(&shards_base) {
+        Ok(Some(uploads)) => {
+            for (k, id) in uploads {
+                if let Some(save) = k.strip_prefix(&shards_base).and_then(shard_save) {
+                    listed_uploads
+                        .entry(save.to_string())
+                        .or_default()
+                        .push((k.clone(), id));
+                }
+            }
+            None
+        }
+        Ok(None) => Some("the server does not implement ListMultipartUploads".to_string()),
+        Err(e) => Some(format!("listing them failed ({e})")),
+    };
     let mut by_save: BTreeMap<String, Vec<ObjectInfo>> = BTreeMap::new();
     let mut markers: BTreeMap<String, ObjectInfo> = BTreeMap::new();
     for o in client.list(&base)? {
-        if let Some(rest) = o.key.strip_prefix(&shards_base) {
-            if let Some((save, _)) = rest.split_once('/') {
-                by_save.entry(save.to_string()).or_default().push(o);
-            }
-        } else if let Some(name) = o.key.strip_prefix(&saves_base)
-            && let Some(save) = name.strip_suffix(".json")
-        {
+        if let Some(save) = o.key.strip_prefix(&shards_base).and_then(shard_save) {
+            by_save.entry(save.to_string()).or_default().push(o);
+        } else if let Some(save) = o.key.strip_prefix(&saves_base).and_then(marker_save) {
             markers.insert(save.to_string(), o);
         }
     }
+    // Read after the listing: a save that committed before it is current.
+    let committed_id = |client: &ObjectClient| -> Result<Option<String>> {
+        Ok(read_manifest(client, url)?.map(|c| c.manifest.identity.save_id))
+    };
+    let current = committed_id(client)?;
     let now = now_ms();
     let grace_ms = grace.as_millis() as u64;
     let young = |t: u64| now.saturating_sub(t) < grace_ms;
+    let kept_young = |save: &str| {
+        format!(
+            "{url}: save {save} refreshed its marker less than the grace period ({}s) ago and may still be running; run gc again later",
+            grace.as_secs()
+        )
+    };
     let mut report = GcReport::default();
-    let saves: BTreeSet<String> = by_save.keys().chain(markers.keys()).cloned().collect();
+    let saves: BTreeSet<String> = by_save
+        .keys()
+        .chain(markers.keys())
+        .chain(listed_uploads.keys())
+        .cloned()
+        .collect();
+    let mut collected_any = false;
     for save in saves {
+        let marker = markers.get(&save);
+        if let Some(m) = marker
+            && young(m.modified_unix_ms)
+        {
+            report.kept.push(kept_young(&save));
+            continue;
+        }
         if Some(&save) == current.as_ref() {
             // The committed save: only a stale marker can be left over.
-            if let Some(m) = markers.get(&save) {
+            if let Some(m) = marker {
                 client.delete(&m.key)?;
                 report.removed.push(PathBuf::from(client.url(&m.key)));
             }
             continue;
         }
-        let marker = markers.get(&save);
-        let newest = marker
-            .map(|m| m.modified_unix_ms)
-            .into_iter()
-            .chain(
-                by_save
-                    .get(&save)
-                    .into_iter()
-                    .flatten()
-                    .map(|o| o.modified_unix_ms),
-            )
-            .max()
-            .unwrap_or(0);
-        if young(newest) {
-            report.kept.push(format!(
-                "{}: save {save} is younger than the grace period ({}s) and may still be running; run gc again later or pass --grace 0s",
-                url,
-                grace.as_secs()
-            ));
-            continue;
-        }
-        if let Some(m) = marker
-            && let Some((bytes, _)) = client.get(&m.key)?
-        {
-            match serde_json::from_slice::<SaveMarker>(&bytes) {
-                Ok(sm) => {
-                    for (k, id) in &sm.uploads {
-                        if !k.starts_with(&shards_base) {
-                            continue;
+        // Read the uploads, then take the marker over (rewrite it) before
+        // anything else: from then on the save cannot commit (it checks
+        // that its marker is still the version it wrote), while the marker
+        // itself stays until its uploads and shards are gone.
+        let mut uploads = Vec::new();
+        if let Some(m) = marker {
+            match client.get(&m.key)? {
+                Some((bytes, info)) if !young(info.modified_unix_ms) => {
+                    match serde_json::from_slice::<SaveMarker>(&bytes) {
+                        Ok(mut sm) => {
+                            uploads = std::mem::take(&mut sm.uploads);
+                            sm.collected_unix_ms = Some(now_ms());
+                            sm.uploads = uploads.clone();
+                            let body = serde_json::to_vec_pretty(&sm).expect("marker serialises");
+                            client.put(&m.key, Bytes::from(body), PutCondition::Overwrite)?;
                         }
-                        // An upload the save completed before it died is
-                        // gone already (AWS: NoSuchUpload; some servers
-                        // answer 403): note it and go on, the shard object
-                        // itself is deleted below.
-                        match client.abort_multipart(k, id) {
-                            Ok(()) => report
-                                .removed
-                                .push(PathBuf::from(format!("{} (upload {id})", client.url(k)))),
-                            Err(e) => report.kept.push(format!(
-                                "upload {id} of {}: not aborted ({e}); harmless if the save had completed it",
-                                client.url(k)
-                            )),
+                        Err(e) => {
+                            report.kept.push(format!(
+                                "{}: unreadable save marker ({e}); its uploads were not aborted",
+                                client.url(&m.key)
+                            ));
+                            client.delete(&m.key)?;
+                            report.removed.push(PathBuf::from(client.url(&m.key)));
                         }
                     }
                 }
+                // Refreshed since the listing: running after all.
+                Some(_) => {
+                    report.kept.push(kept_young(&save));
+                    continue;
+                }
+                None => {}
+            }
+        }
+        if committed_id(client)?.as_ref() == Some(&save) {
+            report.kept.push(format!(
+                "{url}: save {save} committed while gc ran; its shards are the snapshot's"
+            ));
+            if let Some(m) = marker {
+                client.delete(&m.key)?;
+            }
+            continue;
+        }
+        collected_any = true;
+        for listed in listed_uploads.remove(&save).unwrap_or_default() {
+            if !uploads.contains(&listed) {
+                uploads.push(listed);
+            }
+        }
+        for (k, id) in &uploads {
+            if !k.starts_with(&shards_base) {
+                continue;
+            }
+            // An upload the save completed before it died is gone already
+            // (AWS: NoSuchUpload; some servers answer 403): note it and go
+            // on, the shard object itself is deleted below.
+            match client.abort_multipart(k, id) {
+                Ok(()) => report
+                    .removed
+                    .push(PathBuf::from(format!("{} (upload {id})", client.url(k)))),
                 Err(e) => report.kept.push(format!(
-                    "{}: unreadable save marker ({e}); its uploads were not aborted",
-                    client.url(&m.key)
+                    "upload {id} of {}: not aborted ({e}); harmless if the save had completed it",
+                    client.url(k)
                 )),
             }
         }
@@ -797,10 +1083,19 @@ pub fn gc(client: &ObjectClient, url: &S3Url, grace: Duration) -> Result<GcRepor
         report
             .removed
             .extend(objects.iter().map(|k| PathBuf::from(client.url(k))));
-        if let Some(m) = marker {
+        // Last, once what it lists is gone (a gc stopped before this finds
+        // the marker again next time).
+        if let Some(m) = marker
+            && !report.removed.contains(&PathBuf::from(client.url(&m.key)))
+        {
             client.delete(&m.key)?;
             report.removed.push(PathBuf::from(client.url(&m.key)));
         }
+    }
+    if collected_any && let Some(why) = unlisted {
+        report.kept.push(format!(
+            "{url}: multipart uploads were aborted only as save markers list them ({why}); an upload a killed save started but had not recorded yet is not found: give the bucket a lifecycle rule (AbortIncompleteMultipartUpload) as a backstop"
+        ));
     }
     Ok(report)
 }

@@ -17,11 +17,14 @@ pub use config::{
 /// Named fault points for the S3 tests (never set in production):
 /// - `MEMFERRY_TEST_PAUSE_AT=<point>` sleeps `MEMFERRY_TEST_PAUSE_SECS`
 ///   (default 30) at that point, after saying so on stderr, so a test can
-///   kill a process or a server exactly there (`s3-before-commit`,
-///   `s3-save-mid` after the first part, `s3-restore-mid` after the first
-///   ranged GET);
+///   kill a process or a server exactly there (`s3-after-create` once the
+///   multipart uploads exist but before the marker lists them,
+///   `s3-before-commit`, `s3-save-mid` after the first part,
+///   `s3-restore-mid` after the first ranged GET);
 /// - `MEMFERRY_TEST_S3_FAIL_PART=<n>` makes the upload of the n-th part
-///   (0-based, counted over the save) fail.
+///   (0-based, counted over the save) fail;
+/// - `MEMFERRY_TEST_S3_HEARTBEAT_MS=<ms>` makes a running save refresh its
+///   marker that often instead of every minute.
 pub(crate) mod fault {
     use std::time::Duration;
 
@@ -35,6 +38,14 @@ pub(crate) mod fault {
             eprintln!("memferry: test pause at {point} for {secs}s");
             std::thread::sleep(Duration::from_secs(secs));
         }
+    }
+
+    /// The heartbeat interval a test asks for.
+    pub(crate) fn heartbeat() -> Option<Duration> {
+        std::env::var("MEMFERRY_TEST_S3_HEARTBEAT_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_millis)
     }
 
     /// True when part `n` of a save must fail.
