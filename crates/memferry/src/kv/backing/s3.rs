@@ -351,16 +351,32 @@ impl Backing for BlockObjects {
 
     fn stat_many(&self, keys: &[BlockKey]) -> Vec<Option<Found>> {
         let names: Vec<String> = keys.iter().map(|k| self.block_key(k)).collect();
-        self.client
+        let mut failed: Option<(usize, Error)> = None;
+        let found = self
+            .client
             .head_many(&names)
             .into_iter()
-            .map(|r| {
-                r.ok().flatten().map(|info| Found {
+            .map(|r| match r {
+                Ok(found) => found.map(|info| Found {
                     file_bytes: info.size,
                     accessed: to_time(info.modified_unix_ms),
-                })
+                }),
+                Err(e) => {
+                    let n = failed.as_ref().map_or(0, |(n, _)| *n);
+                    failed = Some((n + 1, failed.take().map_or(e, |(_, first)| first)));
+                    None
+                }
             })
-            .collect()
+            .collect();
+        // A failed HEAD answers "absent" (a miss costs a store, never wrong
+        // bytes), but not silently.
+        if let Some((n, first)) = failed {
+            tracing::warn!(
+                "KV lookup: {n} of {} HEAD request(s) failed and those keys count as absent; the first: {first}",
+                names.len()
+            );
+        }
+        found
     }
 
     fn valid_many(&self, keys: &[BlockKey]) -> Vec<bool> {
