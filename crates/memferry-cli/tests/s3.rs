@@ -138,9 +138,14 @@ fn copy_both_ways_keeps_every_byte() {
             std::fs::read(&ea).unwrap() == std::fs::read(&eb).unwrap(),
             "copies differ"
         );
-        // And S3 -> S3.
+        // And S3 -> S3, with several source GETs at once (parts of the
+        // destination are assembled in parallel, not one blocking read at a
+        // time on the thread that drives the uploads): more than one
+        // 8 MiB piece staged at once, never more than the window.
         let url2 = s.url("copy2");
-        mf(s, &["copy", &url, &url2]).ok();
+        let r = mf(s, &["copy", "--json", &url, &url2]).ok().json();
+        let peak = r["read"]["peak_staging_bytes"].as_u64().unwrap();
+        assert!(peak > 8 * MIB && peak <= 32 * MIB, "source staging {peak}");
         mf(s, &["verify", &url2]).ok();
         s.clean(&url);
         s.clean(&url2);

@@ -14,8 +14,11 @@
 //! created (so it can record the upload ids before any byte moves). Parts
 //! are equal-sized (at least 8 MiB, at most 10,000 parts per object, the last
 //! part shorter), assembled from the regions with zero padding exactly as
-//! the local shard files hold them, checksummed while assembled, and
-//! uploaded `concurrency` at a time, objects in order. Each object is
+//! the local shard files hold them, checksummed while assembled (on up to
+//! 8 threads of their own, so a source that blocks, such as a copy reading
+//! another bucket, is read several pieces at a time), and uploaded
+//! `concurrency` at a time, objects in order; at most `concurrency` parts
+//! are held at once, from assembly to the end of their upload. Each object is
 //! completed as soon as its last part is in, while later objects' parts
 //! still move (a server's work on completion overlaps the upload instead of
 //! following it). A completed object is not yet part of any snapshot: only
@@ -235,14 +238,19 @@ impl<'c> ObjectBackend<'c> {
         for ops in &mut by_file {
             ops.sort_by_key(|o| o.file_offset);
         }
-        let mut parts = Vec::new();
+        let mut parts: Vec<Part> = Vec::new();
         for (f, file) in plan.files.iter().enumerate() {
             let p = part_size(file.size, self.part_size);
             let count = file.size.div_ceil(p).max(1);
             for i in 0..count {
                 let start = i * p;
-                let n = parts.len();
-                parts.push((n, f, i as usize, start, (start + p).min(file.size)));
+                parts.push(Part {
+                    n: parts.len(),
+                    file: f,
+                    idx: i as usize,
+                    start,
+                    end: (start + p).min(file.size),
+                });
             }
         }
         let part_ids: Vec<Mutex<Vec<Option<object_store::multipart::PartId>>>> = plan
@@ -262,40 +270,46 @@ impl<'c> ObjectBackend<'c> {
         let in_flight = AtomicU64::new(0);
         let peak = AtomicU64::new(0);
         let paused = std::sync::atomic::AtomicBool::new(false);
-        let one = |(n, f, idx, start, end): (usize, usize, usize, u64, u64)| {
-            let by_file = &by_file;
+        // A part holds a permit from the start of its assembly to the end
+        // of its upload: at most `n` parts are in host memory at once.
+        let permits = Permits::new(n);
+        let next = AtomicUsize::new(0);
+        // Parts are assembled on threads of their own, not on the thread
+        // that drives the uploads: assembling may block (a copy's source
+        // is read with blocking GETs), and on that thread it stalled every
+        // upload and let only one source read run at a time.
+        let assemble_part = |part: &Part| -> Result<Bytes> {
+            if job.cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let len = part.end - part.start;
+            let now = in_flight.fetch_add(len, Ordering::Relaxed) + len;
+            peak.fetch_max(now, Ordering::Relaxed);
+            if crate::storage::s3::fault::fail_part(part.n) {
+                return Err(Error::ObjectStore {
+                    context: format!(
+                        "S3 UploadPart {} {} failed",
+                        part.idx + 1,
+                        self.client.url(&self.keys[part.file])
+                    ),
+                    message: "injected failure (MEMFERRY_TEST_S3_FAIL_PART)".into(),
+                    hint: String::new(),
+                });
+            }
+            assemble(job, &by_file[part.file], part.start, part.end)
+        };
+        let upload = |(part, body): (Part, Result<Bytes>)| {
             let (part_ids, remaining) = (&part_ids, &remaining);
-            let (in_flight, peak, paused) = (&in_flight, &peak, &paused);
+            let (in_flight, paused, permits) = (&in_flight, &paused, &permits);
             async move {
-                if job.cancelled() {
-                    return Err(Error::Cancelled);
-                }
-                let len = end - start;
-                let now = in_flight.fetch_add(len, Ordering::Relaxed) + len;
-                peak.fetch_max(now, Ordering::Relaxed);
-                let body = if crate::storage::s3::fault::fail_part(n) {
-                    Err(Error::ObjectStore {
-                        context: format!(
-                            "S3 UploadPart {} {} failed",
-                            idx + 1,
-                            self.client.url(&self.keys[f])
-                        ),
-                        message: "injected failure (MEMFERRY_TEST_S3_FAIL_PART)".into(),
-                        hint: String::new(),
-                    })
-                } else {
-                    assemble(job, &by_file[f], start, end)
-                };
-                let r = match body {
-                    Ok(b) => {
-                        self.client
-                            .put_part_async(&self.keys[f], &self.uploads[f], idx, b)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                in_flight.fetch_sub(len, Ordering::Relaxed);
-                part_ids[f].lock().expect("part ids")[idx] = Some(r?);
+                let _permit = PermitGuard(permits);
+                let _counted = Counted(in_flight, part.end - part.start);
+                let f = part.file;
+                let id = self
+                    .client
+                    .put_part_async(&self.keys[f], &self.uploads[f], part.idx, body?)
+                    .await?;
+                part_ids[f].lock().expect("part ids")[part.idx] = Some(id);
                 if remaining[f].fetch_sub(1, Ordering::AcqRel) == 1 {
                     let ids: Vec<_> = part_ids[f]
                         .lock()
@@ -313,12 +327,44 @@ impl<'c> ObjectBackend<'c> {
                 Ok(())
             }
         };
-        let client = self.client;
-        client.run(
-            futures::stream::iter(parts.into_iter().map(one))
-                .buffer_unordered(n)
-                .try_collect::<Vec<()>>(),
-        )?;
+        let assemblers = n.clamp(1, MAX_ASSEMBLERS).min(parts.len().max(1));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(Part, Result<Bytes>)>();
+        let result =
+            std::thread::scope(|sc| {
+                for _ in 0..assemblers {
+                    let tx = tx.clone();
+                    let (parts, permits, next) = (&parts, &permits, &next);
+                    let assemble_part = &assemble_part;
+                    sc.spawn(move || {
+                        while permits.acquire() {
+                            let Some(part) = parts.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                                permits.release();
+                                return;
+                            };
+                            let body = assemble_part(part);
+                            let failed = body.is_err();
+                            // The receiver is gone once the uploads failed.
+                            if tx.send((*part, body)).is_err() || failed {
+                                return;
+                            }
+                        }
+                    });
+                }
+                drop(tx);
+                let parts_in = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|x| (x, rx))
+                });
+                let r = self.client.run(
+                    parts_in
+                        .map(upload)
+                        .buffer_unordered(n)
+                        .try_collect::<Vec<()>>(),
+                );
+                // Wake and stop assemblers waiting for a permit (after a failure).
+                permits.close();
+                r
+            });
+        result?;
         Ok(TransferStats {
             mode: format!("s3-multipart x{n}"),
             bytes: plan.bytes(),
@@ -328,6 +374,79 @@ impl<'c> ObjectBackend<'c> {
             checksum_cpu_seconds: job.checksum_seconds(),
             unverified: false,
         })
+    }
+}
+
+/// Threads assembling parts at most (more wait on permits anyway).
+const MAX_ASSEMBLERS: usize = 8;
+
+/// One part of one object: `start..end` of file `file`, part `idx` of it,
+/// `n` over the whole save.
+#[derive(Debug, Clone, Copy)]
+struct Part {
+    n: usize,
+    file: usize,
+    idx: usize,
+    start: u64,
+    end: u64,
+}
+
+/// A counting semaphore for threads, closable: once closed, waiters and
+/// later callers get `false`.
+struct Permits {
+    state: Mutex<(usize, bool)>,
+    freed: std::sync::Condvar,
+}
+
+impl Permits {
+    fn new(n: usize) -> Self {
+        Self {
+            state: Mutex::new((n, false)),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Takes a permit, waiting for one; `false` once closed.
+    fn acquire(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if s.1 {
+                return false;
+            }
+            if s.0 > 0 {
+                s.0 -= 1;
+                return true;
+            }
+            s = self.freed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn release(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+        self.freed.notify_one();
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.freed.notify_all();
+    }
+}
+
+/// Gives its permit back when dropped (an upload done, failed or dropped).
+struct PermitGuard<'a>(&'a Permits);
+
+impl Drop for PermitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// Takes `.1` bytes off the staging count when dropped.
+struct Counted<'a>(&'a AtomicU64, u64);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
