@@ -1004,3 +1004,22 @@ fn container_role_credentials_from_the_environment_are_used() {
     assert!(!all.contains(&s.secret_key()) && !all.contains("AGENT-SESSION-TOKEN"));
     s.clean(&url);
 }
+
+#[test]
+fn gc_never_takes_a_snapshot_nested_under_shards_for_leftovers() {
+    each_server(|s| {
+        let url = s.url("nested");
+        let nested = format!("{url}/shards");
+        save(s, &nested, 4, &[]);
+        let before = s.keys(&url);
+        let g = mf(s, &["gc", "--json", "--grace", "0s", &url]).ok().json();
+        assert!(g["removed"].as_array().unwrap().is_empty(), "{g}");
+        assert_eq!(s.keys(&url), before);
+        mf(s, &["verify", &nested]).ok();
+        // Nor is the prefix above it taken for an empty snapshot's.
+        mf(s, &["save", "--source", "synthetic:1MiB", "--to", &url])
+            .code(2)
+            .stderr_has(&["not part of a memferry snapshot"]);
+        s.clean(&url);
+    });
+}
