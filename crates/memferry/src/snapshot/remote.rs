@@ -1099,3 +1099,37 @@ pub fn gc(client: &ObjectClient, url: &S3Url, grace: Duration) -> Result<GcRepor
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_a_save_writes_counts_as_its_objects() {
+        let id = "0123456789abcdef";
+        assert_eq!(shard_save(&format!("{id}/shard-00000.bin")), Some(id));
+        assert_eq!(shard_save(&format!("{id}/shard-123456.bin")), Some(id));
+        for other in [
+            "shards/0123456789abcdef/shard-00000.bin",
+            "0123456789ABCDEF/shard-00000.bin",
+            "0123456789abcde/shard-00000.bin",
+            "0123456789abcdef/shard-0000.bin",
+            "0123456789abcdef/manifest.json",
+            "manifest.json",
+        ] {
+            assert_eq!(shard_save(other), None, "{other}");
+        }
+        assert_eq!(marker_save(&format!("{id}.json")), Some(id));
+        assert_eq!(marker_save("manifest.json"), None);
+        assert_eq!(marker_save(&format!("x/{id}.json")), None);
+    }
+
+    #[test]
+    fn etags_compare_without_quotes_and_weak_prefixes() {
+        assert!(same_etag(Some("\"abc\""), Some("abc")));
+        assert!(same_etag(Some("W/\"abc\""), Some("\"abc\"")));
+        assert!(!same_etag(Some("\"abc\""), Some("\"abd\"")));
+        assert!(!same_etag(None, Some("abc")));
+        assert!(!same_etag(None, None));
+    }
+}
