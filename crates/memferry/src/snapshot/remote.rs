@@ -1021,7 +1021,22 @@ pub fn gc(client: &ObjectClient, url: &S3Url, grace: Duration) -> Result<GcRepor
                             sm.collected_unix_ms = Some(now_ms());
                             sm.uploads = uploads.clone();
                             let body = serde_json::to_vec_pretty(&sm).expect("marker serialises");
-                            client.put(&m.key, Bytes::from(body), PutCondition::Overwrite)?;
+                            // Only over the version read: a heartbeat that
+                            // came in between means the save is alive.
+                            let cond = match &info.e_tag {
+                                Some(tag) if client.config().conditional_put => {
+                                    PutCondition::IfMatch(tag.clone())
+                                }
+                                _ => PutCondition::Overwrite,
+                            };
+                            match client.put(&m.key, Bytes::from(body), cond) {
+                                Ok(_) => {}
+                                Err(Error::Conflict(_)) => {
+                                    report.kept.push(kept_young(&save));
+                                    continue;
+                                }
+                                Err(e) => return Err(e),
+                            }
                         }
                         Err(e) => {
                             report.kept.push(format!(
