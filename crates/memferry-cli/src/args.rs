@@ -127,7 +127,7 @@ pub struct TransferArgs {
     #[arg(long, env = "MEMFERRY_WORKERS", default_value_t = 4)]
     pub workers: usize,
     /// Requests in flight per root (direct backend).
-    #[arg(long, env = "MEMFERRY_QUEUE_DEPTH", default_value_t = 16)]
+    #[arg(long, env = "MEMFERRY_QUEUE_DEPTH", default_value_t = 32)]
     pub queue_depth: usize,
     /// Largest single I/O request, e.g. 4MiB.
     #[arg(long, env = "MEMFERRY_CHUNK_SIZE", default_value = "4MiB", value_parser = size)]

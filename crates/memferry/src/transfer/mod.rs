@@ -116,7 +116,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Self {
             workers: 4,
-            queue_depth: 16,
+            queue_depth: 32,
             chunk_size: 4 << 20,
             max_bytes_per_call: None,
             gds: GdsMode::default(),
