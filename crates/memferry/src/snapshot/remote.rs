@@ -992,7 +992,15 @@ pub fn gc(client: &ObjectClient, url: &S3Url, grace: Duration) -> Result<GcRepor
         .collect();
     let mut collected_any = false;
     for save in saves {
-        let marker = markers.get(&save);
+        // The listing reaches `saves/` before `shards/`: a save that started
+        // after it passed `saves/` can show shards (each object completes
+        // as soon as its parts are in) but no listed marker. Look the
+        // marker up, so such a save is judged by its marker like any other.
+        let late_marker = match markers.get(&save) {
+            Some(_) => None,
+            None => client.head(&format!("{saves_base}{save}.json"))?,
+        };
+        let marker = markers.get(&save).or(late_marker.as_ref());
         if let Some(m) = marker
             && young(m.modified_unix_ms)
         {
