@@ -321,17 +321,28 @@ fn resolve_failed_commit(
     pending: &mut Pending<'_>,
 ) -> Result<()> {
     let conflict = matches!(e, Error::Conflict(_));
+    // The outcome is unknown: keep the shards (a committed manifest may name
+    // them) and say how to find out.
+    let left_in_place = |pending: &mut Pending<'_>, why: String, gc_when: &str| {
+        pending.armed = false;
+        Error::ObjectStore {
+            context: format!("S3 PUT of the manifest of {url} failed"),
+            message: e.to_string(),
+            hint: format!(
+                "; {why}, so this save's shards were left in place: run `memferry inspect {url}` to see which save is committed, and `memferry gc {url}`{gc_when} removes this one's objects if it is not"
+            ),
+        }
+    };
     let observed = match read_manifest(client, url) {
         Ok(m) => m,
         Err(re) => {
-            pending.armed = false;
-            return Err(Error::ObjectStore {
-                context: format!("S3 PUT of the manifest of {url} failed"),
-                message: e.to_string(),
-                hint: format!(
-                    "; reading the manifest back to tell whether the PUT was applied failed too ({re}), so this save's shards were left in place: run `memferry inspect {url}` to see which save is committed, and `memferry gc {url}` once the server is back removes this one's objects if it is not"
+            return Err(left_in_place(
+                pending,
+                format!(
+                    "reading the manifest back to tell whether the PUT was applied failed too ({re})"
                 ),
-            });
+                " once the server is back",
+            ));
         }
     };
     if observed
@@ -355,14 +366,11 @@ fn resolve_failed_commit(
             PutCondition::Overwrite => true,
         };
     if could_still_land {
-        pending.armed = false;
-        return Err(Error::ObjectStore {
-            context: format!("S3 PUT of the manifest of {url} failed"),
-            message: e.to_string(),
-            hint: format!(
-                "; the server may still apply the request, so this save's shards were left in place: run `memferry inspect {url}` to see which save is committed, and `memferry gc {url}` removes this one's objects if it is not"
-            ),
-        });
+        return Err(left_in_place(
+            pending,
+            "the server may still apply the request".into(),
+            "",
+        ));
     }
     if conflict {
         return Err(Error::Conflict(format!(
