@@ -1085,11 +1085,9 @@ mod tests {
         let (root, config, src_mem) = stored(6, 0x33);
         let (dst, dst_mem) = layout(0);
         let files = BlockFiles::open(&config, root.path(), dst).unwrap();
-        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
-        if !matches!(engine.submitter, Submitter::Ring { .. }) {
-            eprintln!("skipped: io_uring is not available here");
+        let Some(mut engine) = ring_engine(&files, 2, Shape::Best) else {
             return;
-        }
+        };
         // Depth 2 holds four keys: two transfer, two more go ahead.
         assert_eq!(engine.room(), 4);
         start(&mut engine, JobKind::Load, 0..4);
@@ -1116,11 +1114,9 @@ mod tests {
         let files = BlockFiles::open(&config, root.path(), mem).unwrap();
         // A store's file-system steps run as system calls at its start, so
         // it is ready to transfer at once; nothing moves until `reap`.
-        let mut engine = FileRing::build(&files, 4, Shape::DataOnRing).unwrap();
-        if !matches!(engine.submitter, Submitter::Ring { .. }) {
-            eprintln!("skipped: io_uring is not available here");
+        let Some(mut engine) = ring_engine(&files, 4, Shape::DataOnRing) else {
             return;
-        }
+        };
         // Four loads (into blocks 7..=4) take the four transfer places;
         // two stores of new keys (from blocks 0, 1) wait behind them.
         start(&mut engine, JobKind::Load, 0..4);
@@ -1183,6 +1179,17 @@ mod tests {
         (root, config, src_mem)
     }
 
+    /// An engine running on an io_uring ring; `None` (the test says it
+    /// skips) where io_uring is not available.
+    fn ring_engine(files: &BlockFiles, depth: usize, shape: Shape) -> Option<FileRing<'_>> {
+        let engine = FileRing::build(files, depth, shape).unwrap();
+        if !matches!(engine.submitter, Submitter::Ring { .. }) {
+            eprintln!("skipped: io_uring is not available here");
+            return None;
+        }
+        Some(engine)
+    }
+
     /// Where the fd `fd` of this process points, if it is open.
     fn fd_target(fd: i32) -> Option<PathBuf> {
         std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
@@ -1193,11 +1200,9 @@ mod tests {
         let (root, config, _src_mem) = stored(4, 0x44);
         let (dst, _dst_mem) = layout(0);
         let files = BlockFiles::open(&config, root.path(), dst).unwrap();
-        let mut engine = FileRing::build(&files, 2, Shape::Best).unwrap();
-        if !matches!(engine.submitter, Submitter::Ring { .. }) {
-            eprintln!("skipped: io_uring is not available here");
+        let Some(mut engine) = ring_engine(&files, 2, Shape::Best) else {
             return;
-        }
+        };
         start(&mut engine, JobKind::Load, 0..4);
         assert_eq!(engine.waiting.len(), 2);
         let waiting: Vec<(u64, i32, PathBuf)> = engine
