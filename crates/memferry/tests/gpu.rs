@@ -400,6 +400,12 @@ fn kv_blocks_round_trip_through_device_tensors() {
     let job = unsafe { store.submit_store(&keys, &(0..8).collect::<Vec<_>>()) }.unwrap();
     let r = store.wait(&[job], Duration::from_secs(60));
     assert!(r[0].succeeded(), "{r:?}");
+    // Device pages move through page-locked staging on memferry's streams.
+    let mode = store.mode();
+    assert!(
+        mode.contains("staged through pinned memory"),
+        "device tensors are staged through pinned memory: {mode}"
+    );
     drop(store);
     let store = KvStore::open(KvConfig::new(root.path(), ns), layout(&dst_k, &dst_v)).unwrap();
     // SAFETY: the destination tensors are read only after the job.

@@ -14,6 +14,7 @@ use super::key::BlockKey;
 use super::tensors::KvLayout;
 use crate::Result;
 use crate::integrity::crc32c;
+use crate::memory::StreamCopies;
 use crate::transfer::IO_ALIGN;
 use crate::units::align_up;
 
@@ -58,16 +59,22 @@ impl BlockCodec {
     }
 
     /// Fills `image` (exactly `file_len` bytes) with the block file of
-    /// `task`: gathered pages, header, zero padding.
+    /// `task`: gathered pages, header, zero padding. `copies`: see
+    /// [`KvLayout::gather`].
     ///
     /// # Safety
     /// Nobody may write the pages of `task.ids` during the call.
-    pub unsafe fn encode(&self, task: &KeyTask, image: &mut [u8]) -> Result<()> {
+    pub unsafe fn encode(
+        &self,
+        task: &KeyTask,
+        image: &mut [u8],
+        copies: Option<&mut StreamCopies>,
+    ) -> Result<()> {
         debug_assert_eq!(image.len() as u64, self.file_len);
         let (head, body) = image.split_at_mut(HEADER_BYTES);
         let (payload, padding) = body.split_at_mut(self.payload_len as usize);
         // SAFETY: the caller rules out writers of these pages.
-        unsafe { self.layout.gather(&task.ids, payload) }?;
+        unsafe { self.layout.gather(&task.ids, payload, copies) }?;
         padding.fill(0);
         head.copy_from_slice(&self.header(&task.key, crc32c(payload)));
         Ok(())
@@ -155,6 +162,7 @@ impl BlockCodec {
     }
 
     /// Checks `image` and scatters its payload into `task`'s block ids.
+    /// `copies`: see [`KvLayout::scatter`].
     ///
     /// # Safety
     /// Nobody may access the pages of `task.ids` during the call.
@@ -163,12 +171,13 @@ impl BlockCodec {
         image: &[u8],
         task: &KeyTask,
         origin: &str,
+        copies: Option<&mut StreamCopies>,
     ) -> std::result::Result<(), Refused> {
         let payload = self.check(image, &task.key, origin)?;
         // SAFETY: the caller guarantees exclusive access to the pages.
         unsafe {
             self.layout
-                .scatter(payload, task.file_blocks.clone(), &task.ids)
+                .scatter(payload, task.file_blocks.clone(), &task.ids, copies)
         }
         .map_err(|e| Refused {
             reason: e.to_string(),

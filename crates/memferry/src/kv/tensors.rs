@@ -9,7 +9,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::memory::Region;
+use crate::memory::{Region, StreamCopies};
 use crate::{Error, Result};
 
 /// One registered KV tensor.
@@ -134,33 +134,54 @@ impl KvLayout {
     }
 
     /// Copies the pages of `ids` into `dst` in block-major order
-    /// (`dst.len() == ids.len() * block_bytes`).
+    /// (`dst.len() == ids.len() * block_bytes`). With `copies`, pages on a
+    /// device are queued on its streams and awaited together (fastest into
+    /// pinned `dst`); without, each is a synchronous copy.
     ///
     /// # Safety
     /// Nobody may write the pages of `ids` during the call.
-    pub unsafe fn gather(&self, ids: &[u64], dst: &mut [u8]) -> Result<()> {
+    pub unsafe fn gather(
+        &self,
+        ids: &[u64],
+        dst: &mut [u8],
+        mut copies: Option<&mut StreamCopies>,
+    ) -> Result<()> {
         self.check_ids(ids)?;
         self.check_len(ids.len(), dst.len())?;
+        let mut queued = Ok(());
         let mut pos = 0;
-        for &id in ids {
+        'all: for &id in ids {
             for t in &self.tensors {
                 let n = t.page_bytes as usize;
+                let page = &mut dst[pos..pos + n];
+                let offset = id * t.page_bytes;
                 // SAFETY: in range (ids checked, region sized at
-                // registration); the caller rules out writers.
-                unsafe {
-                    t.region
-                        .copy_out(id * t.page_bytes, &mut dst[pos..pos + n])?
+                // registration); the caller rules out writers; `dst` stays
+                // borrowed until the queued copies finish below.
+                let r = unsafe {
+                    match copies.as_deref_mut() {
+                        Some(c) => c.copy_out(&*t.region, offset, page),
+                        None => t.region.copy_out(offset, page),
+                    }
                 };
+                if r.is_err() {
+                    queued = r;
+                    break 'all;
+                }
                 pos += n;
             }
         }
-        Ok(())
+        // Queued copies land (or fail) before `dst` is handed back.
+        let finished = copies.map_or(Ok(()), |c| c.finish());
+        queued.and(finished)
     }
 
     /// Copies blocks `file_blocks` of a block-major `payload` into the pages
     /// of `ids` (`ids.len() == file_blocks.len()`); a partial first group
     /// loads only the tail of its file. Returns once the pages hold the
-    /// bytes, also on devices (waiting once per device for the copies).
+    /// bytes, also on devices: with `copies`, device pages are queued on
+    /// its streams and awaited together; without, each is a synchronous
+    /// copy and the call waits for each device's legacy stream.
     ///
     /// # Safety
     /// Nobody may read or write the pages of `ids` during the call.
@@ -169,6 +190,7 @@ impl KvLayout {
         payload: &[u8],
         file_blocks: Range<usize>,
         ids: &[u64],
+        mut copies: Option<&mut StreamCopies>,
     ) -> Result<()> {
         self.check_ids(ids)?;
         if file_blocks.len() != ids.len()
@@ -180,20 +202,52 @@ impl KvLayout {
                 ids.len()
             )));
         }
+        let mut queued = Ok(());
         let mut pos = file_blocks.start * self.block_bytes as usize;
-        for &id in ids {
+        'all: for &id in ids {
             for t in &self.tensors {
                 let n = t.page_bytes as usize;
-                // SAFETY: in range; the caller guarantees exclusive access.
-                unsafe {
-                    t.region
-                        .copy_in(id * t.page_bytes, &payload[pos..pos + n])?
+                let page = &payload[pos..pos + n];
+                let offset = id * t.page_bytes;
+                // SAFETY: in range; the caller guarantees exclusive access
+                // to the pages, and `payload` stays borrowed until the
+                // queued copies finish below.
+                let r = unsafe {
+                    match copies.as_deref_mut() {
+                        Some(c) => c.copy_in(&*t.region, offset, page),
+                        None => t.region.copy_in(offset, page),
+                    }
                 };
+                if r.is_err() {
+                    queued = r;
+                    break 'all;
+                }
                 pos += n;
             }
         }
-        // Copies into device memory may return before their bytes land.
-        crate::memory::cuda::synchronize_regions(self.tensors.iter().map(|t| &*t.region))
+        match copies {
+            Some(c) => queued.and(c.finish()),
+            None => {
+                queued?;
+                // Synchronous copies into device memory may return before
+                // their bytes land.
+                crate::memory::cuda::synchronize_regions(self.tensors.iter().map(|t| &*t.region))
+            }
+        }
+    }
+
+    /// Streams for the devices among the tensors, to pass to
+    /// [`KvLayout::gather`] and [`KvLayout::scatter`]; `None` when every
+    /// tensor is host memory.
+    pub fn stream_copies(&self) -> Result<Option<StreamCopies>> {
+        StreamCopies::for_regions(self.tensors.iter().map(|t| &*t.region))
+    }
+
+    /// The CUDA device of the first tensor in device memory, if any.
+    pub fn first_device(&self) -> Option<u32> {
+        self.tensors
+            .iter()
+            .find_map(|t| t.region.cuda().map(|(ctx, _)| ctx.ordinal()))
     }
 
     fn check_len(&self, blocks: usize, len: usize) -> Result<()> {
@@ -264,7 +318,7 @@ mod tests {
         assert_eq!(layout.block_bytes(), 130);
         let mut payload = vec![0u8; 2 * 130];
         // SAFETY: no concurrent access in this test.
-        unsafe { layout.gather(&[5, 2], &mut payload).unwrap() };
+        unsafe { layout.gather(&[5, 2], &mut payload, None).unwrap() };
         assert!(payload[..100].iter().all(|&b| b == 5), "block 5, tensor 0");
         assert!(
             payload[100..130].iter().all(|&b| b == 105),
@@ -277,10 +331,10 @@ mod tests {
         // Load only the second block of the file into block 7 (partial group).
         let target = KvLayout::new(vec![tensor(8, 100, 50), tensor(8, 30, 200)]).unwrap();
         // SAFETY: no concurrent access.
-        unsafe { target.scatter(&payload, 1..2, &[7]).unwrap() };
+        unsafe { target.scatter(&payload, 1..2, &[7], None).unwrap() };
         let mut back = vec![0u8; 130];
         // SAFETY: no concurrent access.
-        unsafe { target.gather(&[7], &mut back).unwrap() };
+        unsafe { target.gather(&[7], &mut back, None).unwrap() };
         assert_eq!(&back[..], &payload[130..260]);
     }
 
@@ -319,8 +373,8 @@ mod tests {
         assert!(layout.check_ids(&[8]).is_err());
         let mut small = vec![0u8; 99];
         // SAFETY: no concurrent access.
-        assert!(unsafe { layout.gather(&[1], &mut small) }.is_err());
+        assert!(unsafe { layout.gather(&[1], &mut small, None) }.is_err());
         // SAFETY: no concurrent access.
-        assert!(unsafe { layout.scatter(&[0u8; 100], 0..2, &[0, 1]) }.is_err());
+        assert!(unsafe { layout.scatter(&[0u8; 100], 0..2, &[0, 1], None) }.is_err());
     }
 }

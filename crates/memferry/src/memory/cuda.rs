@@ -459,6 +459,49 @@ impl Drop for PinnedBuf {
     }
 }
 
+/// Host memory the CUDA driver has page-locked (`cuMemHostRegister`,
+/// portable), so asynchronous copies from and to it run at full DMA speed
+/// and overlap the caller's work. Unregistered on drop; the memory itself
+/// stays the owner's.
+pub struct HostRegistration {
+    ptr: *mut u8,
+    ctx: Arc<Context>,
+}
+
+// SAFETY: the registration is a driver-side handle to memory its owner
+// keeps alive; unregistering may happen on any thread.
+unsafe impl Send for HostRegistration {}
+// SAFETY: shared references expose nothing.
+unsafe impl Sync for HostRegistration {}
+
+impl HostRegistration {
+    /// Page-locks `len` bytes at `ptr` for device `ordinal`'s context (and,
+    /// being portable, every other context).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be mapped host memory that stays mapped until
+    /// the registration drops, and be registered with CUDA only once.
+    pub unsafe fn new(ordinal: u32, ptr: *mut u8, len: usize) -> Result<Self> {
+        let ctx = context(ordinal)?;
+        {
+            let _current = ctx.enter()?;
+            // SAFETY: forwarded to the caller.
+            unsafe { sys::host_register(ptr, len)? };
+        }
+        Ok(Self { ptr, ctx })
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        if let Ok(_current) = self.ctx.enter() {
+            // SAFETY: registered once in `new`; owners wait for every copy
+            // from or to the memory before dropping the registration.
+            unsafe { sys::host_unregister(self.ptr) };
+        }
+    }
+}
+
 /// A non-blocking stream on one device.
 pub struct Stream {
     ctx: Arc<Context>,
@@ -835,6 +878,24 @@ mod sys {
         let _ = unsafe { cu::cuMemFreeHost(p.cast()) };
     }
 
+    /// # Safety
+    /// `p..p+len` is mapped host memory, registered once, that stays
+    /// mapped until `host_unregister`.
+    pub unsafe fn host_register(p: *mut u8, len: usize) -> Result<()> {
+        // SAFETY: forwarded to the caller.
+        check(
+            unsafe { cu::cuMemHostRegister_v2(p.cast(), len, cu::CU_MEMHOSTREGISTER_PORTABLE) },
+            "cuMemHostRegister",
+        )
+    }
+
+    /// # Safety
+    /// `p` was registered by `host_register` and no copy uses it any more.
+    pub unsafe fn host_unregister(p: *mut u8) {
+        // SAFETY: forwarded to the caller.
+        let _ = unsafe { cu::cuMemHostUnregister(p.cast()) };
+    }
+
     /// What the driver knows about the allocation holding `p`; `None` when
     /// it does not know `p` at all (`CUDA_ERROR_INVALID_VALUE`).
     pub fn pointer_attributes(p: u64) -> Result<Option<PointerAttributes>> {
@@ -1010,6 +1071,10 @@ mod sys {
         none()
     }
     pub unsafe fn host_free(_p: *mut u8) {}
+    pub unsafe fn host_register(_p: *mut u8, _len: usize) -> Result<()> {
+        none()
+    }
+    pub unsafe fn host_unregister(_p: *mut u8) {}
     pub fn pointer_attributes(_p: u64) -> Result<Option<PointerAttributes>> {
         none()
     }

@@ -14,13 +14,15 @@ mod discard;
 mod host;
 mod mapped;
 mod staging;
+mod stream_copies;
 
-pub use cuda::{CudaRegion, PinnedBuf};
+pub use cuda::{CudaRegion, HostRegistration, PinnedBuf};
 pub use device::Device;
 pub use discard::DiscardRegion;
 pub use host::HostRegion;
 pub use mapped::MappedRegion;
 pub use staging::AlignedBuf;
+pub use stream_copies::StreamCopies;
 
 use crate::Result;
 

@@ -18,7 +18,9 @@
 //! a vectored read or write ([`super::placement`]): no staging copy, and
 //! the checksum is computed on the pages themselves. Otherwise (device
 //! memory, pages O_DIRECT cannot address, no io_uring) the whole file goes
-//! through the key's staging slot and is gathered or scattered there.
+//! through the key's staging slot and is gathered or scattered there. For
+//! device tensors the staging is page-locked and a key's pages are queued
+//! on the engine's own streams and awaited once ([`StreamCopies`]).
 //!
 //! A store's file-system steps run on the same ring as the data, one
 //! request each: create the temporary file (and its directories when they
@@ -66,7 +68,7 @@ use crate::kv::format::HEADER_BYTES;
 use crate::kv::job::{JobKind, KeyOutcome, KeyTask};
 use std::mem::ManuallyDrop;
 
-use crate::memory::{HostRegion, Region};
+use crate::memory::{HostRegion, HostRegistration, Region, StreamCopies};
 use crate::storage::durable::settle_allocation;
 use crate::transfer::IO_ALIGN;
 use crate::transfer::uring::{Meta, Ring};
@@ -171,6 +173,17 @@ struct Op {
     transferring: bool,
 }
 
+/// Staged copies to and from device tensors: streams of the engine's own
+/// (each key's pages are queued together and awaited once, never on the
+/// device's legacy stream alone), and the staging page-locked for them.
+struct DeviceStaging {
+    copies: StreamCopies,
+    /// Held for its drop. `None` when the driver would not page-lock the
+    /// staging: copies then go through the driver's own bounce buffers
+    /// (slower, same bytes).
+    _pinned: Option<HostRegistration>,
+}
+
 /// Keys held per transfer place: one transferring, one preparing.
 const KEYS_PER_TRANSFER: usize = 2;
 
@@ -204,6 +217,8 @@ pub(crate) struct FileRing<'a> {
     zero_copy: bool,
     /// A store's file-system steps run on the ring (else as system calls).
     meta_on_ring: bool,
+    /// Set when tensors live in device memory (staged keys only).
+    device: Option<DeviceStaging>,
 }
 
 impl<'a> FileRing<'a> {
@@ -259,6 +274,11 @@ impl<'a> FileRing<'a> {
             Submitter::Ring { ring, .. } => shape == Shape::Best && ring.supports_meta(),
             Submitter::Sync => false,
         };
+        let device = if zero_copy {
+            None
+        } else {
+            device_staging(files, &staging)
+        };
         let cap = files
             .max_bytes_per_call()
             .unwrap_or(1 << 30)
@@ -279,6 +299,7 @@ impl<'a> FileRing<'a> {
             stray_creates: Vec::new(),
             zero_copy,
             meta_on_ring,
+            device,
         })
     }
 
@@ -371,9 +392,14 @@ impl<'a> FileRing<'a> {
             image[end..].fill(0);
             Ok(Some(p))
         } else {
-            // SAFETY: forwarded from the caller; `slot` was just taken from
-            // the free list, so the kernel does not own it.
-            unsafe { codec.encode(task, self.slot_bytes(slot)) }.map_err(failed)?;
+            // SAFETY: `slot` was just taken from the free list, so the
+            // kernel does not own it; slots do not overlap.
+            let image =
+                unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(slot), self.slot_len) };
+            let copies = self.device.as_mut().map(|d| &mut d.copies);
+            // SAFETY: forwarded from the caller; the copies into `image`
+            // finish before `encode` returns.
+            unsafe { codec.encode(task, image, copies) }.map_err(failed)?;
             Ok(None)
         }
     }
@@ -669,8 +695,10 @@ impl<'a> FileRing<'a> {
                 let origin = op.path.display().to_string();
                 // SAFETY: the slot's request completed, so the kernel no
                 // longer writes it; it is freed only below.
-                let image: &[u8] = unsafe { self.slot_bytes(slot) };
+                let image: &[u8] =
+                    unsafe { std::slice::from_raw_parts(self.slot_ptr(slot), self.slot_len) };
                 let codec = &self.files.codec;
+                let copies = self.device.as_mut().map(|d| &mut d.copies);
                 let checked = match &op.placement {
                     Some(p) => codec
                         .check_header(image, &op.task.key, &origin)
@@ -685,7 +713,8 @@ impl<'a> FileRing<'a> {
                         }),
                     // SAFETY: `start`'s caller gave us exclusive access to
                     // the pages of the task's ids until the outcome is reaped.
-                    None => unsafe { codec.decode_into(image, &op.task, &origin) },
+                    // The copies from `image` finish before it returns.
+                    None => unsafe { codec.decode_into(image, &op.task, &origin, copies) },
                 };
                 match checked {
                     Ok(()) => KeyOutcome::Loaded,
@@ -941,13 +970,50 @@ impl Drop for FileRing<'_> {
             self.reap_broken();
         }
         if self.broken.is_none() {
-            // The ring (and its registration of the staging) goes first.
+            // The ring and the device's page-locking of the staging (its
+            // copies all finished) go first.
             self.submitter = Submitter::Sync;
+            self.device = None;
             // SAFETY: nothing is in flight, the ring is gone, and the
             // staging is not used after this.
             unsafe { ManuallyDrop::drop(&mut self.staging) };
         }
     }
+}
+
+/// Streams for the device tensors of `files`' layout and the staging
+/// page-locked for their copies; `None` when every tensor is host memory.
+/// A device that refuses either leaves the synchronous copies (noted).
+fn device_staging(files: &BlockFiles, staging: &HostRegion) -> Option<DeviceStaging> {
+    let layout = &files.codec.layout;
+    let copies = match layout.stream_copies() {
+        Ok(Some(c)) => c,
+        Ok(None) => return None,
+        Err(e) => {
+            files.note_fallback(format!(
+                "no copy stream on the device ({e}): synchronous copies"
+            ));
+            return None;
+        }
+    };
+    let ordinal = layout.first_device().expect("device tensors have a device");
+    let base = staging.host_ptr_mut().expect("host memory");
+    // SAFETY: the staging is mapped for the engine's life, registered only
+    // here, and the registration is dropped before the staging (`Drop`).
+    let pinned = match unsafe { HostRegistration::new(ordinal, base, staging.len() as usize) } {
+        Ok(r) => {
+            files.note_pinned();
+            Some(r)
+        }
+        Err(e) => {
+            tracing::debug!("KV staging not page-locked for cuda:{ordinal} ({e}); pageable copies");
+            None
+        }
+    };
+    Some(DeviceStaging {
+        copies,
+        _pinned: pinned,
+    })
 }
 
 fn cannot_read(path: &std::path::Path, e: std::io::Error) -> KeyOutcome {

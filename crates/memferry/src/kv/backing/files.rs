@@ -65,6 +65,8 @@ pub(crate) struct BlockFiles {
     /// What ran: zero-copy requests, requests through staging.
     ran_zero_copy: AtomicBool,
     ran_staged: AtomicBool,
+    /// A staging slot was page-locked for copies to and from a device.
+    ran_pinned: AtomicBool,
     /// Why something ran otherwise than asked (first reason).
     fallback: Mutex<Option<String>>,
 }
@@ -114,6 +116,7 @@ impl BlockFiles {
             ran_buffered: AtomicBool::new(false),
             ran_zero_copy: AtomicBool::new(false),
             ran_staged: AtomicBool::new(false),
+            ran_pinned: AtomicBool::new(false),
             fallback: Mutex::new(None),
         })
     }
@@ -162,6 +165,11 @@ impl BlockFiles {
             &self.ran_staged
         };
         flag.store(true, Ordering::Relaxed);
+    }
+
+    /// Records that staging was page-locked for device copies.
+    pub(super) fn note_pinned(&self) {
+        self.ran_pinned.store(true, Ordering::Relaxed);
     }
 
     /// Records why something ran otherwise than asked (the first reason is
@@ -240,6 +248,9 @@ impl Backing for BlockFiles {
                 _ => ", staged",
             },
         );
+        if self.ran_pinned.load(Ordering::Relaxed) {
+            mode.push_str(" through pinned memory");
+        }
         if let Some(why) = fallback {
             mode.push_str(&format!(" ({why})"));
         }

@@ -170,7 +170,7 @@ mod tests {
         };
         let mut image = vec![0u8; codec.file_len as usize];
         // SAFETY: no concurrent access.
-        unsafe { codec.encode(&task, &mut image).unwrap() };
+        unsafe { codec.encode(&task, &mut image, None).unwrap() };
         let mut slot = vec![0u8; codec.file_len as usize];
         let end = HEADER_BYTES + codec.payload_len as usize;
         slot[..HEADER_BYTES].copy_from_slice(&image[..HEADER_BYTES]);

@@ -206,7 +206,7 @@ impl BlockObjects {
             });
         }
         // SAFETY: forwarded from the caller.
-        match unsafe { self.codec.decode_into(&image, task, &url) } {
+        match unsafe { self.codec.decode_into(&image, task, &url, None) } {
             Ok(()) => KeyOutcome::Loaded,
             Err(r) if r.damaged => KeyOutcome::Failed(self.quarantine(&key, e_tag, r.reason).await),
             Err(r) => KeyOutcome::Failed(r.reason),
@@ -237,7 +237,7 @@ impl BlockObjects {
         }
         let mut image = vec![0u8; self.codec.file_len as usize];
         // SAFETY: forwarded from the caller.
-        if let Err(e) = unsafe { self.codec.encode(task, &mut image) } {
+        if let Err(e) = unsafe { self.codec.encode(task, &mut image, None) } {
             return KeyOutcome::Failed(e.to_string());
         }
         let key = self.block_key(&task.key);
