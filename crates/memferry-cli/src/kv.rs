@@ -72,6 +72,14 @@ pub struct KvBenchArgs {
     /// direct (ignored on S3).
     #[arg(long, env = "MEMFERRY_BACKEND", default_value = "auto")]
     pub backend: BackendKind,
+    /// Where the KV tensors live: cpu, or cuda:N (pages then move through
+    /// pinned staging).
+    #[arg(long, env = "MEMFERRY_KV_DEVICE", default_value = "cpu")]
+    pub device: memferry::memory::Device,
+    /// Tensors sharing each block (an engine has two per layer); the block
+    /// is split evenly between their pages.
+    #[arg(long, env = "MEMFERRY_KV_TENSORS", default_value_t = 2)]
+    pub tensors: usize,
 }
 
 #[derive(Args, Debug)]
@@ -221,6 +229,8 @@ fn bench(b: KvBenchArgs, s3: &crate::args::S3Args, json: bool) -> Result<()> {
         keep: b.keep,
         capacity: b.capacity,
         backend: b.backend,
+        device: b.device,
+        tensors: b.tensors,
     };
     let r = memferry::bench::kv::run(&o)?;
     let message = format!(
@@ -252,9 +262,11 @@ fn print_bench(r: &KvBenchReport, seed: u64) {
         _ => "limit not measured".into(),
     };
     println!(
-        "kv bench: {} blocks of {} ({} per file, files of {}) under {}, backend {} ({}), seed {seed}",
+        "kv bench: {} blocks of {} in {} tensors on {} ({} per file, files of {}) under {}, backend {} ({}), seed {seed}",
         r.blocks,
         format_bytes(r.block_size),
+        r.tensors,
+        r.device,
         r.blocks_per_file,
         format_bytes(r.file_bytes),
         r.root,

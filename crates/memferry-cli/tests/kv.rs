@@ -56,6 +56,47 @@ fn bench_reports_every_figure_and_cleans_up_without_keep() {
     assert!(left.is_empty(), "without --keep nothing stays: {left:?}");
 }
 
+/// Blocks split over several tensors whose pages O_DIRECT cannot address
+/// go through staging and still load the bytes the seed stored (the bench
+/// compares every page).
+#[test]
+fn bench_splits_blocks_over_any_number_of_tensors() {
+    let root = tempfile::tempdir().unwrap();
+    let v = bench(root.path(), &["--seed", "4", "--tensors", "3"]);
+    assert_eq!(v["tensors"], 3, "{v}");
+    assert_eq!(v["device"], "cpu", "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["load"]["keys"], 32, "{v}");
+    let mode = v["mode"].as_str().unwrap();
+    assert!(
+        mode.contains("staged"),
+        "64 KiB over 3 tensors is not 4096-aligned: {mode}"
+    );
+}
+
+#[test]
+fn bench_on_a_missing_gpu_says_so() {
+    if memferry::memory::cuda::available() {
+        eprintln!("skipped: a CUDA device is present (tests/gpu.rs covers it)");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let r = run([
+        "kv",
+        "bench",
+        "--root",
+        &arg(root.path()),
+        "--blocks",
+        "4",
+        "--device",
+        "cuda:0",
+    ]);
+    let r = r.fails_with(&["no CUDA", "use --device cpu"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+    assert!(left.is_empty(), "nothing is created: {left:?}");
+}
+
 #[test]
 fn four_processes_store_overlapping_keys_and_every_block_verifies() {
     let root = tempfile::tempdir().unwrap();

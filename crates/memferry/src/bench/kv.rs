@@ -21,7 +21,7 @@ use super::object::{get_objects, put_objects};
 use crate::kv::{
     BlockKey, JobId, JobResult, KeyOutcome, KvConfig, KvLayout, KvStore, KvTensor, Namespace,
 };
-use crate::memory::{HostRegion, Region as _};
+use crate::memory::{Device, OwnedRegion, Region as _};
 use crate::storage::location::Location;
 use crate::storage::s3::{ObjectClient, S3Config, S3Overrides};
 use crate::transfer::BackendKind;
@@ -55,6 +55,11 @@ pub struct KvBenchOptions {
     pub capacity: Option<u64>,
     /// Backend for the block bytes.
     pub backend: BackendKind,
+    /// Where the KV tensors live (host memory or a CUDA device).
+    pub device: Device,
+    /// Tensors sharing each block (e.g. 2 x layers); a block's bytes are
+    /// split evenly between their pages.
+    pub tensors: usize,
 }
 
 /// One direction's figures.
@@ -112,6 +117,10 @@ pub struct KvBenchReport {
     pub blocks: u64,
     /// Blocks per file.
     pub blocks_per_file: u32,
+    /// Where the KV tensors lived (`cpu` or `cuda:N`).
+    pub device: String,
+    /// Tensors sharing each block.
+    pub tensors: usize,
     /// Keys (files) stored.
     pub keys: u64,
     /// Store phase; `keys` counts files written (not those already there).
@@ -151,12 +160,17 @@ pub struct LoadPhase {
 /// Runs the benchmark.
 pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
     let per_file = o.blocks_per_file.max(1) as u64;
-    if o.block_size < 2 || o.blocks == 0 || !o.blocks.is_multiple_of(per_file) {
+    if o.tensors == 0
+        || o.block_size < o.tensors as u64
+        || o.blocks == 0
+        || !o.blocks.is_multiple_of(per_file)
+    {
         return Err(Error::InvalidInput(format!(
-            "--blocks {} must be a positive multiple of --blocks-per-file {per_file}, and --block-size at least 2 bytes",
+            "--blocks {} must be a positive multiple of --blocks-per-file {per_file}, --tensors at least 1, and --block-size at least one byte per tensor",
             o.blocks
         )));
     }
+    crate::memory::cuda::check_device(o.device)?;
     let groups = o.blocks / per_file;
     let namespace = Namespace {
         model: format!("memferry-kv-bench/{}B", o.block_size),
@@ -270,11 +284,12 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
     failed += count(&loaded_results, &|o| matches!(o, KeyOutcome::Failed(_)));
     note_failures(&loaded_results, &mut failures);
     // Every loaded block must hold exactly what its key was stored with.
-    let page_sizes = pages(o.block_size);
+    let page_sizes = pages(o.block_size, o.tensors);
+    let (src, dst) = (contents(&src)?, contents(&dst)?);
     let same_page = |t: usize, b: u64| {
         let p = page_sizes[t] as usize;
         let range = b as usize * p..(b as usize + 1) * p;
-        dst[t].as_slice()[range.clone()] == src[t].as_slice()[range]
+        dst[t][range.clone()] == src[t][range]
     };
     for r in &loaded_results {
         for k in &r.keys {
@@ -282,8 +297,8 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
                 continue;
             }
             let g = keys.iter().position(|x| *x == k.key).expect("our key") as u64;
-            let wrong =
-                (g * per_file..(g + 1) * per_file).any(|b| (0..2).any(|t| !same_page(t, b)));
+            let wrong = (g * per_file..(g + 1) * per_file)
+                .any(|b| (0..page_sizes.len()).any(|t| !same_page(t, b)));
             if wrong {
                 failed += 1;
                 if failures.len() < 10 {
@@ -362,6 +377,8 @@ pub fn run(o: &KvBenchOptions) -> Result<KvBenchReport> {
         file_bytes,
         blocks: o.blocks,
         blocks_per_file: per_file as u32,
+        device: o.device.to_string(),
+        tensors: o.tensors,
         keys: groups,
         store: phase(written, store_secs, limit_write, store_qd),
         already_stored: already,
@@ -500,28 +517,45 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Page sizes of the two tensors (K and V) of one block.
-fn pages(block_size: u64) -> [u64; 2] {
-    [block_size / 2, block_size - block_size / 2]
+/// Page sizes of the `n` tensors of one block (the last takes the rest).
+fn pages(block_size: u64, n: usize) -> Vec<u64> {
+    let each = block_size / n as u64;
+    let mut v = vec![each; n];
+    v[n - 1] = block_size - each * (n as u64 - 1);
+    v
 }
 
-/// Two tensors of `blocks` pages; `fill` writes the seed's contents.
-fn layout(o: &KvBenchOptions, fill: bool) -> Result<(KvLayout, Vec<Arc<HostRegion>>)> {
+/// The bench's tensors on `o.device`, `blocks` pages each; `fill` writes
+/// the seed's contents.
+fn layout(o: &KvBenchOptions, fill: bool) -> Result<(KvLayout, Vec<Arc<OwnedRegion>>)> {
     let mut regions = Vec::new();
     let mut tensors = Vec::new();
-    for (t, page) in pages(o.block_size).into_iter().enumerate() {
-        let mut r = HostRegion::new(o.blocks * page)?;
-        if fill {
+    for (t, page) in pages(o.block_size, o.tensors).into_iter().enumerate() {
+        let mut r = OwnedRegion::allocate(o.device, o.blocks * page)?;
+        let seeded = |s: &mut [u8]| {
             for b in 0..o.blocks {
-                let s = &mut r.as_mut_slice()[(b * page) as usize..((b + 1) * page) as usize];
-                let mut x = splitmix(o.seed ^ splitmix(b * 2 + t as u64 + 1));
-                for chunk in s.chunks_mut(8) {
+                let page_bytes = &mut s[(b * page) as usize..((b + 1) * page) as usize];
+                let mut x = splitmix(o.seed ^ splitmix(b * o.tensors as u64 + t as u64 + 1));
+                for chunk in page_bytes.chunks_mut(8) {
                     x = splitmix(x);
                     chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
                 }
             }
-        } else {
-            r.populate(0, r.len());
+        };
+        match (&mut r, fill) {
+            (OwnedRegion::Host(h), true) => seeded(h.as_mut_slice()),
+            (OwnedRegion::Host(h), false) => {
+                h.populate(0, h.len());
+            }
+            (OwnedRegion::Cuda(c), true) => {
+                let mut bytes = vec![0u8; c.len() as usize];
+                seeded(&mut bytes);
+                // SAFETY: the region was just allocated and is not shared.
+                unsafe { c.copy_in(0, &bytes) }?;
+                c.context().synchronize()?;
+            }
+            // Device memory is the device's: nothing to fault in.
+            (OwnedRegion::Cuda(_), false) => {}
         }
         let r = Arc::new(r);
         regions.push(r.clone());
@@ -532,6 +566,17 @@ fn layout(o: &KvBenchOptions, fill: bool) -> Result<(KvLayout, Vec<Arc<HostRegio
         });
     }
     Ok((KvLayout::new(tensors)?, regions))
+}
+
+/// The bytes of each region, copied back to the host for device memory.
+fn contents(regions: &[Arc<OwnedRegion>]) -> Result<Vec<std::borrow::Cow<'_, [u8]>>> {
+    regions
+        .iter()
+        .map(|r| match r.host() {
+            Some(h) => Ok(std::borrow::Cow::Borrowed(h.as_slice())),
+            None => r.to_vec().map(std::borrow::Cow::Owned),
+        })
+        .collect()
 }
 
 fn wait_all(store: &KvStore, jobs: &[JobId]) -> Result<Vec<JobResult>> {

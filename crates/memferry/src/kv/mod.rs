@@ -3,7 +3,7 @@
 //! - [`namespace`]: which model/parallelism/dtype a block belongs to, and
 //!   the directory that keeps namespaces apart;
 //! - [`key`]: block keys (opaque hashes) and where their files live;
-//! - [`format`]: the block file: a 4096-byte header, then the payload;
+//! - [`format`](mod@format): the block file: a 4096-byte header, then the payload;
 //! - [`tensors`]: the engine's registered KV tensors and the block-major
 //!   gather/scatter between them and a payload;
 //! - [`store`]: the asynchronous job engine ([`KvStore`]): lookup, load,

@@ -104,7 +104,7 @@ pub fn settle_allocation(
 
 /// Moves `from` to `to`, failing if `to` exists. Filesystems without
 /// renameat2 flags (NFS, CIFS, some FUSE mounts: EINVAL) get the same
-/// guarantee from [`move_noreplace_portably`].
+/// guarantee from a hard link and an unlink (see `move_noreplace_portably`).
 pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     match rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
         Err(e) if lacks_rename_flags(e) => move_noreplace_portably(from, to),
