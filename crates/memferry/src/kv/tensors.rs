@@ -4,7 +4,8 @@
 //! selects one page in every tensor. A stored file holds, for each block of
 //! its group, that block's page of every tensor, in registration order:
 //! `[b0: t0 t1 .. tn][b1: t0 t1 .. tn]...`. Memory may be host or device
-//! memory: pages move through [`Region::copy_in`]/[`Region::copy_out`].
+//! memory: pages move through [`Region::copy_in`]/[`Region::copy_out`], or
+//! for device memory as asynchronous copies on [`StreamCopies`] streams.
 
 use std::ops::Range;
 use std::sync::Arc;

@@ -21,8 +21,8 @@
 //! for one) is not ordered with memferry's: synchronise those streams
 //! before a job reads or writes their memory. In the other direction, a
 //! load waits until its bytes have landed on every device it wrote
-//! ([`synchronize_regions`]) before it reports success, so they may then be
-//! read on any stream.
+//! ([`synchronize_regions`], or a wait on its own streams) before it
+//! reports success, so they may then be read on any stream.
 
 use std::collections::HashMap;
 use std::ptr::NonNull;
@@ -202,11 +202,12 @@ pub fn context(ordinal: u32) -> Result<Arc<Context>> {
 ///
 /// The host cannot address it: the engine moves bytes with copies on the
 /// legacy default stream ([`Region::copy_in`]/[`Region::copy_out`]) or, in
-/// the `pinned` backend, with asynchronous copies from pinned staging
-/// buffers on streams of its own that first wait for the legacy stream.
-/// `copy_out` returns once the bytes are in host memory; `copy_in` may
-/// return before they have landed on the device: a job waits for them
-/// ([`synchronize_regions`]) before it reports success, and a direct
+/// the `pinned` backend and the KV engine, with asynchronous copies from
+/// pinned staging buffers on streams of its own that first wait for the
+/// legacy stream. `copy_out` returns once the bytes are in host memory;
+/// `copy_in` may return before they have landed on the device: a job waits
+/// for them ([`synchronize_regions`], or its own streams) before it
+/// reports success, and a direct
 /// caller of `copy_in` must call [`Context::synchronize`] before the bytes
 /// are read on a stream other than the legacy one.
 ///

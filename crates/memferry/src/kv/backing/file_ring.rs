@@ -983,7 +983,8 @@ impl Drop for FileRing<'_> {
 
 /// Streams for the device tensors of `files`' layout and the staging
 /// page-locked for their copies; `None` when every tensor is host memory.
-/// A device that refuses either leaves the synchronous copies (noted).
+/// Without a stream the copies stay synchronous; without page-locking
+/// they run on the streams from pageable memory (slower): both noted.
 fn device_staging(files: &BlockFiles, staging: &HostRegion) -> Option<DeviceStaging> {
     let layout = &files.codec.layout;
     let copies = match layout.stream_copies() {
@@ -1006,7 +1007,9 @@ fn device_staging(files: &BlockFiles, staging: &HostRegion) -> Option<DeviceStag
             Some(r)
         }
         Err(e) => {
-            tracing::debug!("KV staging not page-locked for cuda:{ordinal} ({e}); pageable copies");
+            files.note_pin_refused(format!(
+                "staging not page-locked for cuda:{ordinal} ({e}): pageable device copies"
+            ));
             None
         }
     };

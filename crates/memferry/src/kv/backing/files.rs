@@ -65,8 +65,10 @@ pub(crate) struct BlockFiles {
     /// What ran: zero-copy requests, requests through staging.
     ran_zero_copy: AtomicBool,
     ran_staged: AtomicBool,
-    /// A staging slot was page-locked for copies to and from a device.
+    /// A worker's staging was page-locked for copies to and from a device.
     ran_pinned: AtomicBool,
+    /// A worker's staging could not be page-locked.
+    pin_refused: AtomicBool,
     /// Why something ran otherwise than asked (first reason).
     fallback: Mutex<Option<String>>,
 }
@@ -117,6 +119,7 @@ impl BlockFiles {
             ran_zero_copy: AtomicBool::new(false),
             ran_staged: AtomicBool::new(false),
             ran_pinned: AtomicBool::new(false),
+            pin_refused: AtomicBool::new(false),
             fallback: Mutex::new(None),
         })
     }
@@ -170,6 +173,12 @@ impl BlockFiles {
     /// Records that staging was page-locked for device copies.
     pub(super) fn note_pinned(&self) {
         self.ran_pinned.store(true, Ordering::Relaxed);
+    }
+
+    /// Records that a worker's staging could not be page-locked, and why.
+    pub(super) fn note_pin_refused(&self, why: String) {
+        self.pin_refused.store(true, Ordering::Relaxed);
+        self.note_fallback(why);
     }
 
     /// Records why something ran otherwise than asked (the first reason is
@@ -248,7 +257,8 @@ impl Backing for BlockFiles {
                 _ => ", staged",
             },
         );
-        if self.ran_pinned.load(Ordering::Relaxed) {
+        // Only when every worker's staging is page-locked.
+        if self.ran_pinned.load(Ordering::Relaxed) && !self.pin_refused.load(Ordering::Relaxed) {
             mode.push_str(" through pinned memory");
         }
         if let Some(why) = fallback {
