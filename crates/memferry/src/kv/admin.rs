@@ -143,8 +143,20 @@ pub struct EvictReport {
 
 /// Removes the least recently used blocks across every namespace at `dir`
 /// until at most `to_bytes` of block files remain. A block used since the
-/// scan (its access record moved) is kept.
+/// scan (its access record moved) is kept, and so is one republished since
+/// the scan (another file at its path): only the file scanned is removed,
+/// and only removed files count as evicted and freed.
 pub fn evict(dir: &Path, to_bytes: u64) -> Result<EvictReport> {
+    evict_with(dir, to_bytes, &mut |_| {})
+}
+
+/// [`evict`], calling `before_remove` with each victim's path between
+/// checking its access record and removing it (tests republish it there).
+fn evict_with(
+    dir: &Path,
+    to_bytes: u64,
+    before_remove: &mut dyn FnMut(&Path),
+) -> Result<EvictReport> {
     let namespaces = namespaces_under(dir)?;
     let mut all: Vec<(usize, ScannedBlock)> = Vec::new();
     for (i, ns) in namespaces.iter().enumerate() {
@@ -163,21 +175,29 @@ pub fn evict(dir: &Path, to_bytes: u64) -> Result<EvictReport> {
         if held <= to_bytes {
             break;
         }
+        // A directory scan records every inode; without one the file
+        // scanned could not be told from a newer one, so it is kept.
+        let Some(inode) = block.inode else { continue };
         match last_access(&block.path) {
             None => held -= block.file_bytes,
             Some(t) if t > block.accessed => {}
-            Some(_) => match std::fs::remove_file(&block.path) {
-                Ok(()) => {
-                    held -= block.file_bytes;
-                    report.evicted += 1;
-                    report.freed_bytes += block.file_bytes;
-                    per_ns[ns] += 1;
+            Some(_) => {
+                before_remove(&block.path);
+                match remove_if_read(&block.path, inode) {
+                    Ok(true) => {
+                        held -= block.file_bytes;
+                        report.evicted += 1;
+                        report.freed_bytes += block.file_bytes;
+                        per_ns[ns] += 1;
+                    }
+                    // Republished since the scan: the new file stays, held.
+                    Ok(false) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => held -= block.file_bytes,
+                    Err(e) => {
+                        return Err(Error::io(format!("removing {}", block.path.display()), e));
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => held -= block.file_bytes,
-                Err(e) => {
-                    return Err(Error::io(format!("removing {}", block.path.display()), e));
-                }
-            },
+            }
         }
     }
     for (ns, n) in namespaces.iter().zip(per_ns) {
@@ -260,7 +280,7 @@ fn verify_with(
                 Err(Problem::Corrupt(reason)) => {
                     if repair && let Some(inode) = inode {
                         before_repair(&block.path);
-                        if remove_if_read(&block.path, inode) {
+                        if matches!(remove_if_read(&block.path, inode), Ok(true)) {
                             report.removed += 1;
                         }
                     }
@@ -427,5 +447,46 @@ mod tests {
         let report = verify(root.path(), true).unwrap();
         assert_eq!(report.removed, 1, "{report:?}");
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn evict_leaves_a_block_republished_after_the_scan_and_frees_another() {
+        use crate::kv::access::record_access;
+        use std::time::{Duration, SystemTime};
+        let root = tempfile::tempdir().unwrap();
+        let payload = vec![0x5a; 5000];
+        let bytes = |k: &BlockKey| block_bytes(k, &payload, crc32c(&payload));
+        let (old, new) = (
+            BlockKey::new(b"old".to_vec()).unwrap(),
+            BlockKey::new(b"new".to_vec()).unwrap(),
+        );
+        let old_path = block_file(root.path(), &old, &bytes(&old));
+        let new_path = block_file(root.path(), &new, &bytes(&new));
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert!(record_access(&old_path, t0));
+        assert!(record_access(&new_path, t0 + Duration::from_secs(10)));
+        let file = bytes(&old).len() as u64;
+        let mut victims = Vec::new();
+        let republish = &mut |p: &Path| {
+            victims.push(p.to_path_buf());
+            if p == old_path {
+                // A live store publishes the key again by rename.
+                let tmp = root.path().join("fresh.kvb");
+                std::fs::write(&tmp, bytes(&old)).unwrap();
+                std::fs::rename(&tmp, p).unwrap();
+            }
+        };
+        let report = evict_with(root.path(), file, republish).unwrap();
+        assert!(old_path.exists(), "the republished block was removed");
+        assert_eq!(victims, [old_path.clone(), new_path.clone()]);
+        assert!(!new_path.exists(), "the next victim was kept");
+        assert_eq!(
+            (report.evicted, report.freed_bytes, report.remaining_bytes),
+            (1, file, file),
+            "{report:?}"
+        );
+        let after = stats(root.path()).unwrap();
+        assert_eq!((after.blocks, after.bytes), (1, file), "{after:?}");
+        assert_eq!(after.counters.evictions, 1);
     }
 }

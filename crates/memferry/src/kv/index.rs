@@ -217,6 +217,7 @@ mod tests {
             path: "x".into(),
             file_bytes: 10,
             accessed: now,
+            inode: None,
         };
         idx.replace_with_scan(vec![scanned(1)], Instant::now());
         assert!(idx.is_refused(&key(1)) && !idx.fresh(&key(1), Instant::now()));
@@ -244,6 +245,7 @@ mod tests {
                 path: "x".into(),
                 file_bytes: 7,
                 accessed: SystemTime::now(),
+                inode: None,
             }],
             started,
         );

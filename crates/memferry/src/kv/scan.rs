@@ -1,6 +1,7 @@
 //! Walking a namespace directory: every block file with its size and last
 //! access, and temporary files left behind by interrupted stores.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -26,6 +27,9 @@ pub struct ScannedBlock {
     pub file_bytes: u64,
     /// Last access (the file's mtime, see [`super::access`]).
     pub accessed: SystemTime,
+    /// The file's inode when scanned (`None` where the backing has none):
+    /// a later removal can check the file at `path` is still this one.
+    pub inode: Option<u64>,
 }
 
 /// Everything a scan found.
@@ -84,6 +88,7 @@ pub fn scan(dir: &Path) -> Result<Scan> {
                     path,
                     file_bytes: meta.len(),
                     accessed: mtime,
+                    inode: Some(meta.ino()),
                 });
             }
         }

@@ -362,7 +362,7 @@ pub(super) fn temp_path(block: &Path) -> PathBuf {
 /// skips keys whose header is valid). Only the file that was read goes
 /// ([`remove_if_read`]). Returns `reason`, saying whether it was removed.
 pub(super) fn quarantine(path: &Path, inode: u64, reason: String) -> String {
-    if remove_if_read(path, inode) {
+    if matches!(remove_if_read(path, inode), Ok(true)) {
         format!("{reason}; the file was removed")
     } else {
         reason
@@ -373,17 +373,17 @@ pub(super) fn quarantine(path: &Path, inode: u64, reason: String) -> String {
 /// (inode `inode`): it is first moved aside (a temporary name the scan
 /// cleans up), and when it is another file (a concurrent store republished
 /// the key) it is put back, never over a newer copy. A good block is
-/// therefore never lost to a removal meant for a damaged one. True when
-/// the file that was read is gone from `path`.
-pub(crate) fn remove_if_read(path: &Path, inode: u64) -> bool {
+/// therefore never lost to a removal meant for a damaged one. `Ok(true)`
+/// when the file that was read is gone from `path`, `Ok(false)` when
+/// another file was there, and the error of moving it aside otherwise
+/// (`NotFound`: nothing was at `path`).
+pub(crate) fn remove_if_read(path: &Path, inode: u64) -> std::io::Result<bool> {
     let aside = temp_path(path);
-    if std::fs::rename(path, &aside).is_err() {
-        return false;
-    }
+    std::fs::rename(path, &aside)?;
     let same = std::fs::metadata(&aside).is_ok_and(|m| m.ino() == inode);
     if same {
         let _ = std::fs::remove_file(&aside);
-        return true;
+        return Ok(true);
     }
     if crate::storage::durable::rename_noreplace(&aside, path).is_err() {
         // Another copy was published meanwhile, or the move back failed:
@@ -391,7 +391,7 @@ pub(crate) fn remove_if_read(path: &Path, inode: u64) -> bool {
         // removal fails).
         let _ = std::fs::remove_file(&aside);
     }
-    false
+    Ok(false)
 }
 
 pub(crate) fn outcome_of(e: Error) -> KeyOutcome {

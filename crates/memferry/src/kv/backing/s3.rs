@@ -513,6 +513,7 @@ impl Backing for BlockObjects {
                     key,
                     file_bytes: size,
                     accessed: to_time(accessed),
+                    inode: None,
                 }
             })
             .collect())
