@@ -274,6 +274,16 @@ impl Manifest {
                         e.offset
                     ));
                 }
+                // Only the last extent may end between aligned offsets:
+                // whole-block reads of an earlier one would reach the next.
+                if e.length % self.alignment != 0
+                    && e.alloc_offset.saturating_add(e.length) < a.allocation.size
+                {
+                    return Err(format!(
+                        "allocation {id}: extent at {} of {} bytes is not the last, so its length must be a multiple of {}",
+                        e.alloc_offset, e.length, self.alignment
+                    ));
+                }
                 let overflows = || {
                     format!(
                         "allocation {id}: extent {}+{} runs past the largest file offset",
@@ -396,6 +406,24 @@ mod tests {
         edit(&mut v);
         let e = parse(&v).expect_err(needle).to_string();
         assert!(e.contains(needle), "{e}");
+    }
+
+    /// Only an allocation's last extent may have an unaligned length.
+    #[test]
+    fn an_unaligned_extent_before_the_last_is_rejected() {
+        let split = |first: u64| {
+            move |v: &mut serde_json::Value| {
+                v["allocations"][0]["extents"] = serde_json::json!([
+                    { "shard": 0, "offset": 0, "length": first, "alloc_offset": 0, "crc32c": [1] },
+                    { "shard": 0, "offset": 4096, "length": 5000 - first,
+                      "alloc_offset": first, "crc32c": [1] }
+                ]);
+            }
+        };
+        rejected(split(3000), "is not the last");
+        let mut v = valid();
+        split(4096)(&mut v);
+        parse(&v).expect("an aligned first extent and an unaligned last one");
     }
 
     #[test]

@@ -106,11 +106,35 @@ struct Engine {
     files: Vec<Option<File>>,
     /// Bytes the kernel may move per request (test hook), multiple of 4096.
     cap: u64,
+    /// Requests the kernel holds: waited for before the engine (its
+    /// staging, and the caller's memory) goes, also when unwinding.
+    in_flight: usize,
+}
+
+impl Engine {
+    /// Waits for every request the kernel still holds (after a ring error,
+    /// or while unwinding from a panic).
+    fn drain(&mut self) {
+        self.ring.drain(std::mem::take(&mut self.in_flight));
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if self.in_flight > 0 {
+            self.drain();
+        }
+    }
 }
 
 /// Where a request can run in place, with no staging: host memory that is
 /// 4096-aligned at the op's offset with room for the aligned length. Loads
 /// land in the destination; stores write straight from the source.
+///
+/// The request moves whole 4096-byte blocks, so an op of unaligned length
+/// runs in place only when it ends the region: its padding then falls in
+/// the region's slack, never on bytes another op loads (or, for a store,
+/// never writes a neighbour's bytes where the file holds zero padding).
 fn in_place_target(job: &TransferJob<'_>, op_index: usize) -> Option<*mut u8> {
     let op = &job.plan.ops[op_index];
     let region = job.regions[op.region];
@@ -119,8 +143,10 @@ fn in_place_target(job: &TransferJob<'_>, op_index: usize) -> Option<*mut u8> {
         Direction::Store => region.host_ptr()?.cast_mut(),
     };
     let want = align_up(op.len, IO_ALIGN);
+    let padding_stays_in_slack = op.len == want || op.mem_offset + op.len == region.len();
     if !(base as usize + op.mem_offset as usize).is_multiple_of(IO_ALIGN as usize)
         || op.mem_offset + want > region.host_capacity()
+        || !padding_stays_in_slack
     {
         return None;
     }
@@ -245,6 +271,7 @@ impl Engine {
             slots: vec![Slot::default(); depth],
             files,
             cap,
+            in_flight: 0,
         }))
     }
 
@@ -282,7 +309,7 @@ impl Engine {
         let plan = job.plan;
         let mut free: Vec<usize> = (0..self.slots.len()).rev().collect();
         let mut next = 0;
-        let mut in_flight = 0usize;
+        self.in_flight = 0;
         let mut error: Option<Error> = None;
         // Loads that landed in place, to verify once the requests that
         // replace them are with the kernel: (op index, where it landed).
@@ -323,16 +350,16 @@ impl Engine {
                     staged,
                 };
                 self.submit_rest(job, slot);
-                in_flight += 1;
+                self.in_flight += 1;
             }
             if !landed.is_empty() {
                 // Checksumming takes CPU time; hand the refilled requests to
                 // the kernel first so the device's queue stays full meanwhile.
-                if in_flight > 0
+                if self.in_flight > 0
                     && !matches!(job.checksums, Checksums::Skip)
                     && let Err(e) = self.ring.submit_and_wait(0)
                 {
-                    self.ring.drain(in_flight);
+                    self.drain();
                     return Err(Error::io("submitting io_uring requests", e));
                 }
                 for (op_index, at) in landed.drain(..) {
@@ -350,17 +377,17 @@ impl Engine {
                     }
                 }
             }
-            if in_flight == 0 {
+            if self.in_flight == 0 {
                 break;
             }
             if let Err(e) = self.ring.submit_and_wait(1) {
                 // Requests may write the caller's memory in place: return
                 // only once none is outstanding.
-                self.ring.drain(in_flight);
+                self.drain();
                 return Err(Error::io("waiting for io_uring completions", e));
             }
             for (user_data, res) in self.ring.completions() {
-                in_flight -= 1;
+                self.in_flight -= 1;
                 let slot = user_data as usize;
                 let s = self.slots[slot];
                 let op = &plan.ops[s.req.op];
@@ -375,7 +402,7 @@ impl Engine {
                     Ok(Outcome::Complete) => {}
                     Ok(Outcome::Short) => {
                         self.submit_rest(job, slot);
-                        in_flight += 1;
+                        self.in_flight += 1;
                         continue;
                     }
                     Err(e) => {
