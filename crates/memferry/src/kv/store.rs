@@ -28,6 +28,10 @@
 //!   removal request (a key protected while that request runs is reported
 //!   missing by its load, never as wrong bytes); `protect`, `unprotect`
 //!   and `cancel` never wait for an eviction's I/O;
+//! - on a filesystem, an eviction removes only the block file whose access
+//!   record it checked: one another process stored again meanwhile is kept
+//!   and not counted as evicted (on S3, with no cheap conditional delete,
+//!   it may go: its next load then reports it missing);
 //! - a block a load refuses as foreign (another namespace, format version
 //!   or page layout) or damaged leaves the answers of `lookup` and
 //!   `contains` (also when a rescan finds its file again) until a valid
@@ -43,7 +47,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::backing::{Backing, BlockFiles, BlockObjects, NoEngine};
+use super::backing::{Backing, BlockFiles, BlockObjects, Evicted, NoEngine};
 use super::config::{CAPACITY_LOW_FRACTION, KvConfig};
 use super::index::Index;
 use super::job::{JobId, JobKind, JobResult, KeyOutcome, KeyResult, KeyTask, split_groups};
@@ -159,8 +163,8 @@ struct EvictPass {
     /// Blocks kept because this process protects them (or evicts them
     /// already).
     protected: u64,
-    /// Blocks kept because another process used them since the index
-    /// looked.
+    /// Blocks kept because another process used (or stored again) them
+    /// since the index looked.
     used_elsewhere: u64,
     /// Blocks that could not be removed, with the first error.
     errors: u64,
@@ -1005,35 +1009,41 @@ impl Shared {
 
     /// Evicts `key`'s block, which the index last saw used at `accessed`,
     /// unless someone used it since (another process: its access record
-    /// moved; this one: it protected the key while the record was read).
-    /// The caller holds the key's removal mark.
+    /// moved, or it stored the key again before the removal, where the
+    /// backing can tell; this one: it protected the key while the record
+    /// was read). The caller holds the key's removal mark.
     fn evict_one(&self, key: &BlockKey, accessed: SystemTime, pass: &mut EvictPass) {
-        match self.blocks.last_access(key) {
+        let seen = match self.blocks.last_access(key) {
             None => {
                 lock(&self.index).index.remove(key);
                 return;
             }
-            Some(t) if t > accessed + ACCESS_SLACK => {
+            Some(seen) if seen.at > accessed + ACCESS_SLACK => {
                 pass.used_elsewhere += 1;
-                lock(&self.index).index.touch(key, t);
+                lock(&self.index).index.touch(key, seen.at);
                 return;
             }
-            Some(_) => {}
-        }
+            Some(seen) => seen,
+        };
         // The last moment a protection can save the block: from here on,
         // a load of the key reports it missing (never wrong bytes).
         if lock(&self.guards).protected.contains_key(key) {
             pass.protected += 1;
             return;
         }
-        match self.blocks.evict(key) {
-            Ok(true) => {
+        match self.blocks.evict(key, &seen) {
+            Ok(Evicted::Removed) => {
                 pass.evicted += 1;
                 self.counters.evictions.fetch_add(1, Ordering::Relaxed);
                 lock(&self.index).index.remove(key);
             }
-            Ok(false) => {
+            Ok(Evicted::Gone) => {
                 lock(&self.index).index.remove(key);
+            }
+            Ok(Evicted::Replaced) => {
+                // Stored again by another process since the check: a use.
+                pass.used_elsewhere += 1;
+                lock(&self.index).index.touch(key, SystemTime::now());
             }
             Err(e) => {
                 tracing::warn!("cannot evict block {key}: {e}");
@@ -1250,18 +1260,33 @@ mod tests {
     use std::sync::mpsc::{Receiver, Sender, channel};
 
     use super::*;
-    use crate::kv::backing::{Found, KeyPipeline};
+    use crate::kv::backing::{Accessed, Found, KeyPipeline};
     use crate::kv::codec::BlockCodec;
     use crate::kv::scan::ScannedBlock;
     use crate::kv::stats::Counters;
     use crate::kv::tensors::testing::patterned_layout;
 
-    /// Block files whose first access-record read (an eviction's first
-    /// request) says it started and waits until the test lets it go.
+    /// Block files with two seams: the first access-record read (an
+    /// eviction's first request) says it started (`entered`) and waits
+    /// until the test lets it go (`release`); the eviction of `republish`
+    /// first publishes a fresh copy of its block by rename, as a store in
+    /// another process sharing the root would.
     struct Gated {
         files: BlockFiles,
         entered: Mutex<Option<Sender<()>>>,
         release: Mutex<Option<Receiver<()>>>,
+        republish: Mutex<Option<BlockKey>>,
+    }
+
+    impl Gated {
+        fn new(files: BlockFiles) -> Self {
+            Self {
+                files,
+                entered: Mutex::new(None),
+                release: Mutex::new(None),
+                republish: Mutex::new(None),
+            }
+        }
     }
 
     impl Backing for Gated {
@@ -1292,10 +1317,19 @@ mod tests {
         fn remove(&self, key: &BlockKey) -> Result<bool> {
             self.files.remove(key)
         }
+        fn evict(&self, key: &BlockKey, seen: &Accessed) -> Result<Evicted> {
+            if lock(&self.republish).as_ref() == Some(key) {
+                let path = self.files.path(key);
+                let fresh = path.with_extension("fresh");
+                std::fs::copy(&path, &fresh).unwrap();
+                std::fs::rename(&fresh, &path).unwrap();
+            }
+            self.files.evict(key, seen)
+        }
         fn record_access(&self, keys: &[BlockKey], when: SystemTime) {
             self.files.record_access(keys, when)
         }
-        fn last_access(&self, key: &BlockKey) -> Option<SystemTime> {
+        fn last_access(&self, key: &BlockKey) -> Option<Accessed> {
             if let Some(entered) = lock(&self.entered).take() {
                 entered.send(()).unwrap();
                 let release = lock(&self.release).take().unwrap();
@@ -1329,11 +1363,9 @@ mod tests {
         let (layout, _mem) = patterned_layout(&[8192, 4096], 8, 0x17);
         let (entered_tx, entered) = channel();
         let (release, release_rx) = channel();
-        let gated = Gated {
-            files: BlockFiles::open(&config, root.path(), layout).unwrap(),
-            entered: Mutex::new(Some(entered_tx)),
-            release: Mutex::new(Some(release_rx)),
-        };
+        let gated = Gated::new(BlockFiles::open(&config, root.path(), layout).unwrap());
+        *lock(&gated.entered) = Some(entered_tx);
+        *lock(&gated.release) = Some(release_rx);
         let store = KvStore::start(config, Box::new(gated)).unwrap();
         for i in 0..2u8 {
             // SAFETY: nothing writes the pages while the job runs.
@@ -1368,5 +1400,41 @@ mod tests {
         assert!(!dir.join(key(1).rel_path()).exists());
         store.unprotect(&[key(0)]);
         assert_eq!(store.remove(&[key(0)]).unwrap(), 1);
+    }
+
+    #[test]
+    fn eviction_keeps_a_block_republished_after_its_access_check() {
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().unwrap();
+        let mut config = KvConfig::new(
+            root.path(),
+            crate::kv::namespace::testing::namespace("test/republish", 1, 1),
+        );
+        config.backend = crate::transfer::BackendKind::Buffered;
+        let (layout, _mem) = patterned_layout(&[8192, 4096], 8, 0x17);
+        let gated = Gated::new(BlockFiles::open(&config, root.path(), layout).unwrap());
+        // Another process stores key 0 again while it is being evicted.
+        *lock(&gated.republish) = Some(key(0));
+        let store = KvStore::start(config, Box::new(gated)).unwrap();
+        for i in 0..2u8 {
+            // SAFETY: nothing writes the pages while the job runs.
+            let job = unsafe { store.submit_store(&[key(i)], &[u64::from(i)]) }.unwrap();
+            assert!(store.wait(&[job], Duration::from_secs(30))[0].succeeded());
+            // Key 0 is the least recently used.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let dir = store.dir().unwrap().to_path_buf();
+        let (old, next) = (dir.join(key(0).rel_path()), dir.join(key(1).rel_path()));
+        let stored = std::fs::metadata(&old).unwrap().ino();
+        let file = store.file_bytes();
+        // Room for one block: key 0 goes first, is republished, is kept.
+        assert_eq!(store.evict_to(file), 1);
+        let kept = std::fs::metadata(&old).expect("the republished block was evicted");
+        assert_ne!(kept.ino(), stored, "the file stored first is still there");
+        assert!(!next.exists(), "the next victim was kept");
+        let stats = store.stats();
+        assert_eq!((stats.blocks, stats.bytes), (1, file));
+        assert_eq!(stats.counters.evictions, 1);
+        assert_eq!(store.lookup(&[key(0)]), 1, "the index forgot the block");
     }
 }

@@ -31,8 +31,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use super::file_ring::FileRing;
-use super::{Backing, Found, KeyPipeline};
-use crate::kv::access::{last_access, record_access_now};
+use super::{Accessed, Backing, Evicted, Found, KeyPipeline};
+use crate::kv::access::record_access_now;
 use crate::kv::codec::BlockCodec;
 use crate::kv::config::KvConfig;
 use crate::kv::format::HEADER_BYTES;
@@ -302,6 +302,23 @@ impl Backing for BlockFiles {
         }
     }
 
+    /// Removes the file only while it is the inode `seen` was read from
+    /// ([`remove_if_read`]); a file republished since stays.
+    fn evict(&self, key: &BlockKey, seen: &Accessed) -> Result<Evicted> {
+        // `last_access` always records the inode; without one the file
+        // seen could not be told from a newer one.
+        let Some(inode) = seen.identity else {
+            return Ok(Evicted::Replaced);
+        };
+        let path = self.path(key);
+        match remove_if_read(&path, inode) {
+            Ok(true) => Ok(Evicted::Removed),
+            Ok(false) => Ok(Evicted::Replaced),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Evicted::Gone),
+            Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+        }
+    }
+
     fn record_access(&self, keys: &[BlockKey], _when: SystemTime) {
         // The filesystem's clock: on a shared one, every node's accesses
         // are ordered by the same clock.
@@ -310,8 +327,13 @@ impl Backing for BlockFiles {
         }
     }
 
-    fn last_access(&self, key: &BlockKey) -> Option<SystemTime> {
-        last_access(&self.path(key))
+    fn last_access(&self, key: &BlockKey) -> Option<Accessed> {
+        // One stat: the access and the inode it belongs to.
+        let m = std::fs::metadata(self.path(key)).ok()?;
+        Some(Accessed {
+            at: m.modified().ok()?,
+            identity: Some(m.ino()),
+        })
     }
 
     fn scan(&self) -> Result<Vec<ScannedBlock>> {

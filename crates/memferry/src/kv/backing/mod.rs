@@ -40,6 +40,29 @@ pub(crate) struct Found {
     pub accessed: SystemTime,
 }
 
+/// A block's last recorded access, as [`Backing::last_access`] read it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Accessed {
+    /// The access.
+    pub at: SystemTime,
+    /// The stored object it was read from (files: the inode), where the
+    /// backing can tell one from another stored under the same key.
+    pub identity: Option<u64>,
+}
+
+/// What [`Backing::evict`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Evicted {
+    /// The block that was seen is removed.
+    Removed,
+    /// It was gone already (where the backing can tell without another
+    /// request).
+    Gone,
+    /// Another block was stored under the key since it was seen: that one
+    /// is kept.
+    Replaced,
+}
+
 /// What the job engine needs from the place blocks live. Every method is
 /// safe to call from several threads at once.
 pub(crate) trait Backing: Send + Sync {
@@ -72,18 +95,17 @@ pub(crate) trait Backing: Send + Sync {
     fn pipeline(&self, depth: usize) -> Result<Box<dyn KeyPipeline + '_>>;
     /// Removes `key`'s block; false when it was not there.
     fn remove(&self, key: &BlockKey) -> Result<bool>;
-    /// Removes the block of `key` that [`Backing::last_access`] has just
-    /// found; false when it turned out to be gone already (where the
-    /// backing can tell without another request).
-    fn evict(&self, key: &BlockKey) -> Result<bool> {
-        self.remove(key)
-    }
+    /// Removes the block of `key` that [`Backing::last_access`] returned
+    /// `seen` for, and only that one where `seen` has its identity: a block
+    /// stored again under the key since is kept ([`Evicted::Replaced`]).
+    fn evict(&self, key: &BlockKey, seen: &Accessed) -> Result<Evicted>;
     /// Records a use of every key now: at `when` (this process's clock), or
     /// by the storage's own clock where it has one (files: `UTIME_NOW`).
     /// Best effort: a key evicted meanwhile is skipped.
     fn record_access(&self, keys: &[BlockKey], when: SystemTime);
-    /// The last recorded access of `key`'s block; `None` when it is gone.
-    fn last_access(&self, key: &BlockKey) -> Option<SystemTime>;
+    /// The last recorded access of `key`'s block, with the identity of the
+    /// object it was read from; `None` when it is gone.
+    fn last_access(&self, key: &BlockKey) -> Option<Accessed>;
     /// Every block of the namespace (and clean-up of leftovers of stores
     /// that died).
     fn scan(&self) -> Result<Vec<ScannedBlock>>;

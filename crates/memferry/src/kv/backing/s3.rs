@@ -38,7 +38,7 @@ use object_store::{
     GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 };
 
-use super::{Backing, Found, KeyPipeline};
+use super::{Accessed, Backing, Evicted, Found, KeyPipeline};
 use crate::kv::codec::BlockCodec;
 use crate::kv::config::KvConfig;
 use crate::kv::format::HEADER_BYTES;
@@ -211,6 +211,12 @@ impl BlockObjects {
             Err(r) if r.damaged => KeyOutcome::Failed(self.quarantine(&key, e_tag, r.reason).await),
             Err(r) => KeyOutcome::Failed(r.reason),
         }
+    }
+
+    /// Deletes `key`'s block object and its access marker.
+    fn delete_block(&self, key: &BlockKey) -> Result<()> {
+        self.client.delete(&self.block_key(key))?;
+        self.client.delete(&self.marker_key(key))
     }
 
     /// Deletes a damaged block object, unless it was replaced since it was
@@ -396,16 +402,18 @@ impl Backing for BlockObjects {
 
     fn remove(&self, key: &BlockKey) -> Result<bool> {
         let existed = self.client.head(&self.block_key(key))?.is_some();
-        self.evict(key)?;
+        self.delete_block(key)?;
         Ok(existed)
     }
 
-    fn evict(&self, key: &BlockKey) -> Result<bool> {
+    /// Deletes whatever block object is under `key` now: there is no cheap
+    /// conditional DELETE here, so a block stored again since `seen` was
+    /// read goes too (its next load reports it missing, never wrong bytes).
+    fn evict(&self, key: &BlockKey, _seen: &Accessed) -> Result<Evicted> {
         // A DELETE succeeds whether or not the object is there: the HEAD of
         // `last_access` is the evidence that it was.
-        self.client.delete(&self.block_key(key))?;
-        self.client.delete(&self.marker_key(key))?;
-        Ok(true)
+        self.delete_block(key)?;
+        Ok(Evicted::Removed)
     }
 
     fn record_access(&self, keys: &[BlockKey], _when: SystemTime) {
@@ -442,7 +450,7 @@ impl Backing for BlockObjects {
         }
     }
 
-    fn last_access(&self, key: &BlockKey) -> Option<SystemTime> {
+    fn last_access(&self, key: &BlockKey) -> Option<Accessed> {
         let names = [self.block_key(key), self.marker_key(key)];
         let mut heads = self.client.head_many(&names).into_iter();
         let block = heads.next()?.ok()??;
@@ -450,7 +458,11 @@ impl Backing for BlockObjects {
         let ms = marker.map_or(block.modified_unix_ms, |m| {
             m.modified_unix_ms.max(block.modified_unix_ms)
         });
-        Some(to_time(ms))
+        // `evict` cannot make use of an identity (see there).
+        Some(Accessed {
+            at: to_time(ms),
+            identity: None,
+        })
     }
 
     fn scan(&self) -> Result<Vec<ScannedBlock>> {
