@@ -245,3 +245,35 @@ fn small_memlock_limit_for_an_unprivileged_user() {
         assert_eq!(r["mode"].as_str(), Some("odirect-uring"), "{r}");
     }
 }
+
+/// Staging the address-space limit cannot hold (16 requests of 16 MiB
+/// under `ulimit -v` of about 585 MiB): verify runs buffered and says why,
+/// instead of failing.
+#[test]
+fn staging_too_large_to_allocate_falls_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("snap");
+    run(save_args(64, &snap, &[])).ok();
+    let mut c = command_for(Path::new("sh"));
+    c.args(["-c", "ulimit -v 600000 && exec \"$0\" \"$@\""]);
+    c.arg(bin());
+    let a = [
+        "verify",
+        &arg(&snap),
+        "--json",
+        "--backend",
+        "direct",
+        "--queue-depth",
+        "64",
+        "--chunk-size",
+        "16MiB",
+    ];
+    let v = run_cmd(c, a).ok().json();
+    assert_fell_back(
+        &v,
+        "verify",
+        &["staging could not be allocated", "--queue-depth"],
+    );
+    assert_eq!(v["bytes"].as_u64(), Some(64 * MIB), "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+}

@@ -248,11 +248,20 @@ impl Engine {
         let slot_size = slot_size(job, ops);
         let needs_staging = ops.iter().any(|&i| in_place_target(job, i).is_none());
         let staging = if needs_staging {
-            let mut staging = AlignedBuf::new(slot_size * depth)?;
+            let mut staging = match AlignedBuf::new(slot_size * depth) {
+                Ok(buf) => buf,
+                Err(e) => {
+                    return Ok(Err(format!(
+                        "{} of O_DIRECT staging could not be allocated ({e}); lower --queue-depth or --chunk-size",
+                        crate::units::format_bytes((slot_size * depth) as u64)
+                    )));
+                }
+            };
             // SAFETY: the staging buffer holds `depth` slots of `slot_size`
             // bytes and is owned by the engine with the ring, and `run`
-            // returns only when no request is in flight, so the buffers
-            // outlive every use the kernel makes of them.
+            // (or the engine's drop) returns only when no request is in
+            // flight, so the buffers outlive every use the kernel makes of
+            // them.
             if let Err(e) = unsafe { ring.register_slots(staging.as_mut_ptr(), slot_size, depth) } {
                 let hint = register_hint(&e, (slot_size * depth) as u64);
                 return Ok(Err(format!(
