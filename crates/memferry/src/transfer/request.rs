@@ -34,6 +34,7 @@ pub(super) struct Request {
 }
 
 /// What a completion left of its request.
+#[derive(Debug)]
 pub(super) enum Outcome {
     /// The op's bytes have all moved.
     Complete,
@@ -90,6 +91,21 @@ impl Request {
         let plan = job.plan;
         let op = &plan.ops[self.op];
         if res < 0 {
+            // On a device with logical blocks larger than 512 bytes, the
+            // read that resumes a short one at the end of the file fails
+            // with EINVAL instead of returning 0: where the file does end
+            // there, it is the end of the file, not an I/O error.
+            if res == -libc::EINVAL
+                && plan.direction == Direction::Load
+                && self.done > 0
+                && let Some(size) = file_size(files, op.file)
+                && op.file_offset + self.done >= size
+            {
+                if self.done >= op.len {
+                    return Ok(Outcome::Complete);
+                }
+                return Err(ended_early(plan, op, size, String::new()));
+            }
             let e = std::io::Error::from_raw_os_error(-res);
             return Err(io_error(plan, op, "", self.done, self.want - self.done, e));
         }
@@ -102,10 +118,7 @@ impl Request {
                 return Ok(Outcome::Short);
             }
             if plan.direction == Direction::Store || done < op.len {
-                let file_size = files[op.file]
-                    .as_ref()
-                    .and_then(|f| f.metadata().ok())
-                    .map_or(0, |m| m.len());
+                let file_size = file_size(files, op.file).unwrap_or(0);
                 let path = &plan.files[op.file].path;
                 return Err(ended_early(
                     plan,
@@ -121,6 +134,11 @@ impl Request {
         }
         Ok(Outcome::Complete)
     }
+}
+
+/// The size of open file `index` now, if it can be read.
+fn file_size(files: &[Option<File>], index: usize) -> Option<u64> {
+    files[index].as_ref()?.metadata().ok().map(|m| m.len())
 }
 
 /// The error for moving `op`'s bytes that failed with `e`, `done` bytes
@@ -171,5 +189,64 @@ pub(super) fn ended_early(plan: &TransferPlan, op: &IoOp, file_size: u64, write:
             file_size,
         },
         Direction::Store => Error::io(write, std::io::ErrorKind::WriteZero.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{HostRegion, Region};
+    use crate::transfer::{Checksums, FileTarget, PlanBuilder};
+
+    /// Feeds `completions` to a request for an op of `len` bytes at offset
+    /// 0 of a file of `file_len` bytes; the last outcome.
+    fn complete_all(file_len: usize, len: u64, completions: &[i32]) -> Result<Outcome> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard");
+        std::fs::write(&path, vec![7u8; file_len]).unwrap();
+        let mut pb = PlanBuilder::new(Direction::Load, 4096, 1 << 20);
+        let f = pb.add_file(FileTarget {
+            path: path.clone(),
+            root: 0,
+            size: 8192,
+        });
+        pb.add_extent(f, 0, len, 0, 0);
+        let plan = pb.build();
+        let region = HostRegion::new(len).unwrap();
+        let regions: [&dyn Region; 1] = [&region];
+        let job = TransferJob::new(&plan, &regions, Checksums::Skip);
+        let files = vec![Some(File::open(&path).unwrap())];
+        let mut r = Request {
+            op: 0,
+            done: 0,
+            want: align_up(len, IO_ALIGN),
+        };
+        let mut last = Ok(Outcome::Short);
+        for &res in completions {
+            last = r.complete(&job, &files, u64::MAX, res);
+        }
+        last
+    }
+
+    /// A read resumed at the end of a file on a 4096-byte-sector device
+    /// fails with EINVAL: that is the end of the file, not an I/O error.
+    #[test]
+    fn einval_where_the_file_ends_is_its_end() {
+        let short = 4608;
+        // The payload (4600 bytes) is in: complete, padding missing.
+        assert!(matches!(
+            complete_all(4608, 4600, &[short, -libc::EINVAL]),
+            Ok(Outcome::Complete)
+        ));
+        // The payload (8000 bytes) is not: truncated, with the file's size.
+        match complete_all(4608, 8000, &[short, -libc::EINVAL]) {
+            Err(Error::Truncated { file_size, .. }) => assert_eq!(file_size, 4608),
+            other => panic!("expected Truncated, got {other:?}"),
+        }
+        // Where the file goes on, EINVAL stays an I/O error.
+        match complete_all(8192, 8000, &[short, -libc::EINVAL]) {
+            Err(Error::Io { .. }) => {}
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
     }
 }
