@@ -1352,20 +1352,19 @@ mod tests {
         BlockKey::new(vec![b'k', i]).unwrap()
     }
 
-    #[test]
-    fn protect_never_waits_for_eviction_io_and_saves_the_block() {
-        let root = tempfile::tempdir().unwrap();
-        let mut config = KvConfig::new(
-            root.path(),
-            crate::kv::namespace::testing::namespace("test/gated", 1, 1),
-        );
+    /// A store under `root` on a [`Gated`] backing that `arm` sets up,
+    /// holding blocks of keys 0 and 1, key 0 the least recently used; with
+    /// the tensors it stored from (keep them while the store lives).
+    fn gated_store_of_two(
+        root: &Path,
+        model: &str,
+        arm: impl FnOnce(&Gated),
+    ) -> (KvStore, Vec<Arc<crate::memory::HostRegion>>) {
+        let mut config = KvConfig::new(root, crate::kv::namespace::testing::namespace(model, 1, 1));
         config.backend = crate::transfer::BackendKind::Buffered;
-        let (layout, _mem) = patterned_layout(&[8192, 4096], 8, 0x17);
-        let (entered_tx, entered) = channel();
-        let (release, release_rx) = channel();
-        let gated = Gated::new(BlockFiles::open(&config, root.path(), layout).unwrap());
-        *lock(&gated.entered) = Some(entered_tx);
-        *lock(&gated.release) = Some(release_rx);
+        let (layout, mem) = patterned_layout(&[8192, 4096], 8, 0x17);
+        let gated = Gated::new(BlockFiles::open(&config, root, layout).unwrap());
+        arm(&gated);
         let store = KvStore::start(config, Box::new(gated)).unwrap();
         for i in 0..2u8 {
             // SAFETY: nothing writes the pages while the job runs.
@@ -1374,6 +1373,18 @@ mod tests {
             // Key 0 is the least recently used.
             std::thread::sleep(Duration::from_millis(20));
         }
+        (store, mem)
+    }
+
+    #[test]
+    fn protect_never_waits_for_eviction_io_and_saves_the_block() {
+        let root = tempfile::tempdir().unwrap();
+        let (entered_tx, entered) = channel();
+        let (release, release_rx) = channel();
+        let (store, _mem) = gated_store_of_two(root.path(), "test/gated", |gated| {
+            *lock(&gated.entered) = Some(entered_tx);
+            *lock(&gated.release) = Some(release_rx);
+        });
         std::thread::scope(|s| {
             let evictor = s.spawn(|| store.evict_to(0));
             // The eviction of key 0 is reading its access record.
@@ -1406,23 +1417,10 @@ mod tests {
     fn eviction_keeps_a_block_republished_after_its_access_check() {
         use std::os::unix::fs::MetadataExt;
         let root = tempfile::tempdir().unwrap();
-        let mut config = KvConfig::new(
-            root.path(),
-            crate::kv::namespace::testing::namespace("test/republish", 1, 1),
-        );
-        config.backend = crate::transfer::BackendKind::Buffered;
-        let (layout, _mem) = patterned_layout(&[8192, 4096], 8, 0x17);
-        let gated = Gated::new(BlockFiles::open(&config, root.path(), layout).unwrap());
         // Another process stores key 0 again while it is being evicted.
-        *lock(&gated.republish) = Some(key(0));
-        let store = KvStore::start(config, Box::new(gated)).unwrap();
-        for i in 0..2u8 {
-            // SAFETY: nothing writes the pages while the job runs.
-            let job = unsafe { store.submit_store(&[key(i)], &[u64::from(i)]) }.unwrap();
-            assert!(store.wait(&[job], Duration::from_secs(30))[0].succeeded());
-            // Key 0 is the least recently used.
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (store, _mem) = gated_store_of_two(root.path(), "test/republish", |gated| {
+            *lock(&gated.republish) = Some(key(0));
+        });
         let dir = store.dir().unwrap().to_path_buf();
         let (old, next) = (dir.join(key(0).rel_path()), dir.join(key(1).rel_path()));
         let stored = std::fs::metadata(&old).unwrap().ino();
