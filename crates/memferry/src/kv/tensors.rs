@@ -134,6 +134,19 @@ impl KvLayout {
         Ok(out)
     }
 
+    /// Every page of `ids` in block-major order: its tensor's memory, its
+    /// offset there and its length (ids must be checked).
+    fn pages_of<'s>(
+        &'s self,
+        ids: &'s [u64],
+    ) -> impl Iterator<Item = (&'s dyn Region, u64, usize)> {
+        ids.iter().flat_map(move |&id| {
+            self.tensors
+                .iter()
+                .map(move |t| (&*t.region, id * t.page_bytes, t.page_bytes as usize))
+        })
+    }
+
     /// Copies the pages of `ids` into `dst` in block-major order
     /// (`dst.len() == ids.len() * block_bytes`). With `copies`, pages on a
     /// device are queued on its streams and awaited together (fastest into
@@ -149,29 +162,20 @@ impl KvLayout {
     ) -> Result<()> {
         self.check_ids(ids)?;
         self.check_len(ids.len(), dst.len())?;
-        let mut queued = Ok(());
         let mut pos = 0;
-        'all: for &id in ids {
-            for t in &self.tensors {
-                let n = t.page_bytes as usize;
-                let page = &mut dst[pos..pos + n];
-                let offset = id * t.page_bytes;
-                // SAFETY: in range (ids checked, region sized at
-                // registration); the caller rules out writers; `dst` stays
-                // borrowed until the queued copies finish below.
-                let r = unsafe {
-                    match copies.as_deref_mut() {
-                        Some(c) => c.copy_out(&*t.region, offset, page),
-                        None => t.region.copy_out(offset, page),
-                    }
-                };
-                if r.is_err() {
-                    queued = r;
-                    break 'all;
+        let queued = self.pages_of(ids).try_for_each(|(region, offset, n)| {
+            let page = &mut dst[pos..pos + n];
+            pos += n;
+            // SAFETY: in range (ids checked, region sized at
+            // registration); the caller rules out writers; `dst` stays
+            // borrowed until the queued copies finish below.
+            unsafe {
+                match copies.as_deref_mut() {
+                    Some(c) => c.copy_out(region, offset, page),
+                    None => region.copy_out(offset, page),
                 }
-                pos += n;
             }
-        }
+        });
         // Queued copies land (or fail) before `dst` is handed back.
         let finished = copies.map_or(Ok(()), |c| c.finish());
         queued.and(finished)
@@ -203,29 +207,20 @@ impl KvLayout {
                 ids.len()
             )));
         }
-        let mut queued = Ok(());
         let mut pos = file_blocks.start * self.block_bytes as usize;
-        'all: for &id in ids {
-            for t in &self.tensors {
-                let n = t.page_bytes as usize;
-                let page = &payload[pos..pos + n];
-                let offset = id * t.page_bytes;
-                // SAFETY: in range; the caller guarantees exclusive access
-                // to the pages, and `payload` stays borrowed until the
-                // queued copies finish below.
-                let r = unsafe {
-                    match copies.as_deref_mut() {
-                        Some(c) => c.copy_in(&*t.region, offset, page),
-                        None => t.region.copy_in(offset, page),
-                    }
-                };
-                if r.is_err() {
-                    queued = r;
-                    break 'all;
+        let queued = self.pages_of(ids).try_for_each(|(region, offset, n)| {
+            let page = &payload[pos..pos + n];
+            pos += n;
+            // SAFETY: in range; the caller guarantees exclusive access to
+            // the pages, and `payload` stays borrowed until the queued
+            // copies finish below.
+            unsafe {
+                match copies.as_deref_mut() {
+                    Some(c) => c.copy_in(region, offset, page),
+                    None => region.copy_in(offset, page),
                 }
-                pos += n;
             }
-        }
+        });
         match copies {
             Some(c) => queued.and(c.finish()),
             None => {

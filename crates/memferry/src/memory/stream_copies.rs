@@ -42,14 +42,6 @@ impl StreamCopies {
         Ok((!streams.is_empty()).then_some(Self { streams }))
     }
 
-    /// The devices the streams belong to.
-    pub fn devices(&self) -> Vec<u32> {
-        self.streams
-            .iter()
-            .map(|(s, _)| s.context().ordinal())
-            .collect()
-    }
-
     /// The stream of `region`'s device, made to wait for the legacy stream
     /// when it is the batch's first copy there.
     fn stream(&mut self, ordinal: u32) -> Result<&Stream> {

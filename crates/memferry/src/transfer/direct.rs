@@ -111,14 +111,6 @@ struct Engine {
     in_flight: usize,
 }
 
-impl Engine {
-    /// Waits for every request the kernel still holds (after a ring error,
-    /// or while unwinding from a panic).
-    fn drain(&mut self) {
-        self.ring.drain(std::mem::take(&mut self.in_flight));
-    }
-}
-
 impl Drop for Engine {
     fn drop(&mut self) {
         if self.in_flight > 0 {
@@ -230,6 +222,12 @@ pub(super) fn register_hint(e: &std::io::Error, bytes: u64) -> String {
 }
 
 impl Engine {
+    /// Waits for every request the kernel still holds (after a ring error,
+    /// or while unwinding from a panic).
+    fn drain(&mut self) {
+        self.ring.drain(std::mem::take(&mut self.in_flight));
+    }
+
     /// Opens files with O_DIRECT, builds the ring and registers staging.
     /// `Ok(Err(reason))` means "fall back to buffered"; `Err` is fatal.
     fn setup(
